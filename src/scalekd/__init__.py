@@ -1,0 +1,20 @@
+"""ScaleKD: distil strong pre-trained vision transformers into CNN, MLP and ViT students (NeurIPS 2024)."""
+from . import zoo  # registers the paper's extra timm architectures
+from .adapters import ScaleKDTeacher, StudentAdapter, UnsupportedModelError
+from .builder import build_distiller
+from .dct import Dct2d, dct_matrix, keep_dc, remove_dc, remove_dc_by_dct
+from .distiller import DistillationModule, Distiller
+from .losses import feature_distance, logit_kd_loss
+from .models import UnknownModelError, create_timm_model
+from .options import METHODS, DistillOptions
+from .projectors import ConvProjector, CrossAttentionProjector, LinearProjector, build_projector
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'build_distiller', 'Distiller', 'DistillationModule', 'DistillOptions', 'METHODS',
+    'ScaleKDTeacher', 'StudentAdapter', 'UnsupportedModelError', 'UnknownModelError', 'create_timm_model',
+    'CrossAttentionProjector', 'LinearProjector', 'ConvProjector', 'build_projector',
+    'Dct2d', 'dct_matrix', 'remove_dc', 'keep_dc', 'remove_dc_by_dct',
+    'feature_distance', 'logit_kd_loss',
+]

@@ -1,0 +1,70 @@
+"""Helpers shared by the student and teacher adapters."""
+from contextlib import contextmanager
+from typing import Iterator, Sequence, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+Shape = Tuple[int, int, int]  # (C, H, W) of one sample
+
+
+class UnsupportedModelError(ValueError):
+    """A model whose family the adapters do not know, or that lacks an API they need."""
+
+
+def model_label(model: nn.Module) -> str:
+    """``name (Class)`` for error messages; the timm architecture name when known."""
+    name = getattr(model, 'pretrained_cfg', {}).get('architecture') if hasattr(model, 'pretrained_cfg') else None
+    cls = type(model).__name__
+    return f'{name} ({cls})' if name else cls
+
+
+def find_family(model: nn.Module, families: Sequence[Tuple[str, Tuple[Type[nn.Module], ...]]], role: str) -> str:
+    """The family name whose classes ``model`` is an instance of, or an error naming what is supported."""
+    for name, classes in families:
+        if isinstance(model, classes):
+            if not hasattr(model, 'forward_intermediates'):
+                raise UnsupportedModelError(
+                    f'{model_label(model)} cannot be a ScaleKD {role}: it has no forward_intermediates() '
+                    f'(update timm to >= 1.0.23)')
+            return name
+    supported = ', '.join(f'{n} ({"/".join(c.__name__ for c in cls)})' for n, cls in families)
+    raise UnsupportedModelError(
+        f'{model_label(model)} is not a supported ScaleKD {role}: its family has no {role} adapter. '
+        f'Supported {role} families: {supported}.')
+
+
+def tokens_to_map(tokens: torch.Tensor, grid: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:
+    """(N, P + H*W, C) tokens in raster order -> (N, C, H, W) map, dropping P prefix tokens."""
+    tokens = tokens[:, num_prefix:]
+    n, length, c = tokens.shape
+    if length != grid[0] * grid[1]:
+        raise ValueError(f'{length} patch tokens do not fill a {grid[0]}x{grid[1]} grid')
+    return tokens.transpose(1, 2).reshape(n, c, *grid)
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) map -> (N, H*W, C) tokens in raster order."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def shape_of(x: torch.Tensor) -> Shape:
+    return tuple(int(s) for s in x.shape[1:])
+
+
+@contextmanager
+def probing(model: nn.Module) -> Iterator[None]:
+    """Run a dummy forward in eval mode without autograd, restoring the training mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def dummy_input(model: nn.Module, img_size: Tuple[int, int], in_chans: int, batch: int = 2) -> torch.Tensor:
+    """A zero batch on the model's device and dtype at the configured resolution."""
+    p = next(model.parameters())
+    return torch.zeros(batch, in_chans, *img_size, device=p.device, dtype=p.dtype)

@@ -1,0 +1,90 @@
+"""Student adapter: the s3 / s4 taps and the logits of a timm student, from one forward.
+
+s3 is the second-to-last stage output (hierarchical students, from ``feature_info``) or the
+block output three quarters deep (plain ViT / Mixer students, configurable). s4 is the
+student's final feature map: the output of ``forward_features`` read as a map, with the final
+norm that timm keeps in the head (ConvNeXt) applied.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.models.convnext import ConvNeXt
+from timm.models.efficientnet import EfficientNet
+from timm.models.mlp_mixer import MlpMixer
+from timm.models.resnet import ResNet
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+
+from .common import Shape, dummy_input, find_family, model_label, probing, shape_of, tokens_to_map
+
+__all__ = ['StudentAdapter', 'STUDENT_FAMILIES']
+
+# (family, timm classes); MobileNet-V1 is built by timm's EfficientNet class.
+STUDENT_FAMILIES = (
+    ('resnet', (ResNet,)),
+    ('mobilenet', (EfficientNet,)),
+    ('convnext', (ConvNeXt,)),
+    ('swin', (SwinTransformer,)),
+    ('mixer', (MlpMixer,)),
+    ('vit', (VisionTransformer,)),
+)
+_PLAIN = ('mixer', 'vit')
+
+
+@dataclass(frozen=True)
+class StudentTaps:
+    """Per-sample shapes (C, H, W) of the two taps."""
+    s3: Shape
+    s4: Shape
+
+
+class StudentAdapter:
+    """Reads (logits, s3, s4) from a timm student; holds no reference to the model.
+
+    Args:
+        model: the timm student.
+        img_size: (H, W) the pair trains at.
+        in_chans: input channels.
+        s3_block: 1-based block whose output is s3, plain students only
+            (default: three quarters deep, e.g. block 9 of 12).
+    """
+
+    def __init__(self, model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3, s3_block: Optional[int] = None):
+        self.family = find_family(model, STUDENT_FAMILIES, 'student')
+        self.label = model_label(model)
+        if self.family in _PLAIN:
+            depth = len(model.blocks)
+            s3_block = s3_block if s3_block is not None else round(depth * 3 / 4)
+            if not 1 <= s3_block < depth:
+                raise ValueError(f'student_s3_block must be in [1, {depth - 1}] for {self.label}, got {s3_block}')
+            self.s3_index = s3_block - 1
+        else:
+            if s3_block is not None:
+                raise ValueError(
+                    f'student_s3_block applies to plain ViT / Mixer students only; {self.label} '
+                    f'is hierarchical and uses its second-to-last stage')
+            self.s3_index = len(model.feature_info) - 2
+        self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0)
+        self.projector_norm = 'ln' if self.family == 'convnext' else 'bn'
+        with probing(model):
+            _, s3, s4 = self(model, dummy_input(model, img_size, in_chans))
+        self.taps = StudentTaps(shape_of(s3), shape_of(s4))
+
+    def final_map(self, model: nn.Module, final: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """``forward_features`` output -> the s4 map (N, C, H, W)."""
+        if self.family in _PLAIN:
+            return tokens_to_map(final, grid, self.num_prefix_tokens)
+        if self.family == 'swin':
+            return final.permute(0, 3, 1, 2)
+        if self.family == 'convnext':
+            return model.head.norm(final)
+        return final
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One student forward: (logits, s3 map, s4 map)."""
+        final, (s3,) = model.forward_intermediates(
+            x, indices=[self.s3_index], norm=False, output_fmt='NCHW', intermediates_only=False)
+        s4 = self.final_map(model, final, tuple(s3.shape[-2:]))
+        return model.forward_head(final), s3, s4

@@ -1,0 +1,144 @@
+"""Teacher adapter: a frozen timm ViT teacher's final feature, logits and last stage.
+
+Built on timm's :class:`~timm.task.DistillationTeacher` (eval mode, normalisation buffers).
+Swin teachers: the last stage is ``layers[-1]`` (PatchMerging first in timm) plus the final
+norm. Plain ViT / DeiT / BEiT / EVA teachers have no spatial stages; the last stage is the
+last ``last_blocks`` blocks (default depth / 4) plus the final norm, run on the patch tokens
+with the image's own prefix tokens re-attached, and with the extra block inputs timm passes
+at that depth (rotary embeddings, shared relative position bias) captured once at build time.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.models.beit import Beit
+from timm.models.eva import Eva
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+from timm.task import DistillationTeacher
+
+from .common import Shape, dummy_input, find_family, map_to_tokens, model_label, probing, shape_of, tokens_to_map
+
+__all__ = ['ScaleKDTeacher', 'TeacherFeatures', 'TEACHER_FAMILIES']
+
+TEACHER_FAMILIES = (
+    ('swin', (SwinTransformer,)),
+    ('vit', (VisionTransformer, Beit, Eva)),
+)
+
+
+@dataclass
+class TeacherFeatures:
+    """What one no-grad teacher forward provides to the distiller."""
+    logits: torch.Tensor
+    final: torch.Tensor          # T_n, (N, C_t, H_t, W_t)
+    stage_input: torch.Tensor    # T_{n-1}: the last stage's input, (N, C, H, W)
+    prefix: Optional[torch.Tensor] = None  # plain ViTs: prefix tokens at the last stage's input
+
+
+class ScaleKDTeacher(DistillationTeacher):
+    """A frozen teacher that also exposes its last stage as a differentiable callable.
+
+    Args:
+        model: the timm teacher (its parameters are frozen here).
+        img_size: (H, W) the pair trains at.
+        in_chans: input channels.
+        last_blocks: plain ViTs only, number of final blocks forming the last stage.
+    """
+
+    def __init__(self, model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3, last_blocks: Optional[int] = None):
+        family = find_family(model, TEACHER_FAMILIES, 'teacher')
+        super().__init__(model)
+        self.family = family
+        self.label = model_label(model)
+        model.requires_grad_(False)
+        self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0) if family == 'vit' else 0
+        self._stage_kwargs: List[Dict[str, Any]] = []
+        if family == 'swin':
+            if last_blocks is not None:
+                raise ValueError(f'teacher_last_blocks applies to plain ViT teachers only, not {self.label}')
+            self.stage_start = len(model.layers) - 1
+            self.patch_norm = nn.Identity()
+        else:
+            depth = len(model.blocks)
+            last_blocks = last_blocks if last_blocks is not None else depth // 4
+            if not 1 <= last_blocks < depth:
+                raise ValueError(f'teacher_last_blocks must be in [1, {depth - 1}] for {self.label}, got {last_blocks}')
+            self.stage_start = depth - last_blocks
+            # avg-pool models (BEiT, EVA) keep their final norm in the head as fc_norm
+            fc_norm = getattr(model, 'fc_norm', None)
+            self.patch_norm = fc_norm if isinstance(model.norm, nn.Identity) and fc_norm is not None else nn.Identity()
+        with probing(model):
+            feats = self._probe(dummy_input(model, img_size, in_chans))
+        self.final_shape: Shape = shape_of(feats.final)
+        self.stage_input_shape: Shape = shape_of(feats.stage_input)
+
+    def _probe(self, x: torch.Tensor) -> TeacherFeatures:
+        """Dummy forward that records the extra inputs timm gives each last-stage block."""
+        if self.family == 'swin':
+            return self.extract(x)
+        captured: List[Tuple[tuple, dict]] = []
+        hooks = [blk.register_forward_pre_hook(lambda m, a, kw: captured.append((a[1:], kw)), with_kwargs=True)
+                 for blk in self.model.blocks[self.stage_start:]]
+        try:
+            feats = self.extract(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        for i, (args, kwargs) in enumerate(captured):
+            if args:
+                raise NotImplementedError(f'{self.label}: blocks take positional extra inputs, not supported')
+            block_kwargs = {}
+            for key, value in kwargs.items():
+                if isinstance(value, torch.Tensor):
+                    self.register_buffer(f'stage_kw_{i}_{key}', value.detach().clone(), persistent=False)
+                    value = f'stage_kw_{i}_{key}'  # resolved to the (device-moved) buffer at call time
+                    block_kwargs[key] = ('buffer', value)
+                else:
+                    block_kwargs[key] = ('value', value)
+            self._stage_kwargs.append(block_kwargs)
+        return feats
+
+    def _block_kwargs(self, i: int) -> Dict[str, Any]:
+        return {k: getattr(self, v) if kind == 'buffer' else v for k, (kind, v) in self._stage_kwargs[i].items()}
+
+    @torch.no_grad()
+    def extract(self, x: torch.Tensor) -> TeacherFeatures:
+        """No-grad forward: logits, final feature map and the last stage's input."""
+        model = self.model
+        if self.family == 'swin':
+            final, (stage_input,) = model.forward_intermediates(
+                x, indices=[self.stage_start - 1], norm=False, output_fmt='NCHW')
+            return TeacherFeatures(model.forward_head(final), final.permute(0, 3, 1, 2), stage_input)
+        p = self.num_prefix_tokens
+        final, (inter,) = model.forward_intermediates(
+            x, indices=[self.stage_start - 1], return_prefix_tokens=p > 0, norm=False, output_fmt='NCHW')
+        stage_input, prefix = inter if p > 0 else (inter, None)
+        grid = tuple(stage_input.shape[-2:])
+        final_map = tokens_to_map(self.patch_norm(final[:, p:]), grid)
+        return TeacherFeatures(model.forward_head(final), final_map, stage_input, prefix)
+
+    def last_stage(self, x: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The teacher's last stage on a (N, C, H, W) map shaped like its input; differentiable in ``x``.
+
+        ``prefix``: the prefix tokens of the images (plain ViTs); a batch that stacks several
+        projections of the same images repeats them.
+        """
+        model = self.model
+        if tuple(x.shape[1:]) != self.stage_input_shape:
+            raise ValueError(
+                f'{self.label} last stage takes {self.stage_input_shape} maps, got {tuple(x.shape[1:])}')
+        if self.family == 'swin':
+            return model.norm(model.layers[-1](x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        tokens = map_to_tokens(x)
+        p = self.num_prefix_tokens
+        if p:
+            if prefix is None:
+                raise ValueError(f'{self.label} last stage needs the prefix tokens of the images')
+            prefix = prefix.repeat(x.shape[0] // prefix.shape[0], 1, 1).to(tokens.dtype)
+            tokens = torch.cat([prefix, tokens], dim=1)
+        for i, blk in enumerate(model.blocks[self.stage_start:]):
+            tokens = blk(tokens, **self._block_kwargs(i))
+        tokens = self.patch_norm(model.norm(tokens)[:, p:])
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, *x.shape[-2:])

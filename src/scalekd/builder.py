@@ -1,0 +1,92 @@
+"""``build_distiller``: a ready :class:`~scalekd.Distiller` from timm names or modules."""
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .adapters import ScaleKDTeacher
+from .distiller import Distiller
+from .models import create_timm_model, default_img_size
+from .options import DistillOptions
+
+__all__ = ['build_distiller']
+
+ModelSpec = Union[str, nn.Module]
+
+
+def _as_size(img_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+
+
+def _resolve_img_size(img_size, teacher: ModelSpec, student: ModelSpec) -> Tuple[int, int]:
+    if img_size is not None:
+        return _as_size(img_size)
+    for spec in (teacher, student):
+        if isinstance(spec, str) and default_img_size(spec):
+            return _as_size(default_img_size(spec))
+    return 224, 224
+
+
+def _model(spec: ModelSpec, img_size, role: str, kwargs: Optional[Dict[str, Any]], **common) -> nn.Module:
+    if isinstance(spec, nn.Module):
+        if kwargs:
+            raise ValueError(f'{role}_kwargs only apply when the {role} is given by name')
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f'{role} must be a timm model name or an nn.Module, got {type(spec).__name__}')
+    common = {k: v for k, v in common.items() if v is not None}
+    return create_timm_model(spec, img_size, role=role, **{**common, **(kwargs or {})})
+
+
+def build_distiller(
+        teacher: Optional[ModelSpec],
+        student: ModelSpec,
+        method: str = 'scalekd',
+        *,
+        img_size: Optional[Union[int, Tuple[int, int]]] = None,
+        num_classes: Optional[int] = None,
+        in_chans: int = 3,
+        teacher_kwargs: Optional[Dict[str, Any]] = None,
+        student_kwargs: Optional[Dict[str, Any]] = None,
+        teacher_pretrained: bool = False,
+        criterion: Optional[nn.Module] = None,
+        device: Optional[torch.device] = None,
+        **options: Any,
+) -> Distiller:
+    """Build a teacher-student distiller.
+
+    Args:
+        teacher: timm name (``swin_large_patch4_window7_224.ms_in22k_ft_in1k``) or module;
+            may be ``None`` for ``method='none'``.
+        student: timm name or module, trained from scratch.
+        method: ``none``, ``kd``, ``fd`` or ``scalekd``.
+        img_size: training resolution (default: the teacher's pretrained input size).
+        num_classes, in_chans: passed to both models when created by name.
+        teacher_kwargs, student_kwargs: extra ``timm.create_model`` kwargs.
+        teacher_pretrained: load the teacher's hub weights (needs network).
+        criterion: task loss (default cross entropy).
+        **options: :class:`~scalekd.DistillOptions` fields (``projector``, ``tpp``, ``beta``, ...).
+    """
+    opts = DistillOptions.from_kwargs(method=method, **options).resolve()
+    size = _resolve_img_size(img_size, teacher, student)
+    student_model = _model(student, size, 'student', student_kwargs, num_classes=num_classes, in_chans=in_chans)
+    teacher_adapter = None
+    if opts.kd or opts.uses_features:
+        if teacher is None:
+            raise ValueError(f'method {method!r} needs a teacher')
+        teacher_model = _model(teacher, size, 'teacher', teacher_kwargs, num_classes=num_classes,
+                               in_chans=in_chans, pretrained=teacher_pretrained)
+        if device is not None:
+            teacher_model.to(device)
+        teacher_adapter = ScaleKDTeacher(teacher_model, size, in_chans, opts.teacher_last_blocks)
+        _check_classes(teacher_model, student_model, opts.kd)
+    if device is not None:
+        student_model.to(device)
+    distiller = Distiller(student_model, teacher_adapter, opts, size, in_chans, criterion=criterion, device=device)
+    return distiller.to(device) if device is not None else distiller
+
+
+def _check_classes(teacher: nn.Module, student: nn.Module, kd: bool) -> None:
+    t, s = getattr(teacher, 'num_classes', None), getattr(student, 'num_classes', None)
+    if kd and t is not None and s is not None and t != s:
+        raise ValueError(f'logit KD needs the same classes: teacher has {t}, student {s} (set num_classes)')

@@ -1,0 +1,202 @@
+"""The ScaleKD training task: a frozen teacher and one trainable module (student + projectors).
+
+Follows timm's ``TrainingTask`` protocol: ``task(images, targets)`` returns a dict with the
+weighted ``loss``, the student logits as ``output`` and every unweighted term; only the
+trainable module is wrapped in DDP; projector weights are task state beside a clean student
+state dict.
+
+Loss terms (paper Eq. 5, release weights): ``task_loss`` (weight ``1 - kd_weight`` with KD,
+else 1), ``kd_loss`` (``kd_weight``), and per tap and view ``{tap}_{view}``:
+``proxy_ori`` = L_s, ``proxy_alt`` = L_s^alt, ``s4_ori`` = L_st, ``s4_alt`` = L_st^alt (TPP), or
+``s3_*`` / ``s4_*`` against T_(n-1) / T_n without TPP; ``*_ori`` weigh ``w_ori``, ``*_alt`` ``w_alt``.
+"""
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.task import TrainingTask
+from timm.task.classification import resolve_classification_loss
+from timm.utils import unwrap_model
+
+from .adapters import ScaleKDTeacher, StudentAdapter, TeacherFeatures
+from .adapters.common import Shape
+from .losses import logit_kd_loss
+from .mimicking import FeatureMimicking
+from .options import DistillOptions
+from .projectors import build_projector
+from .proxy import LastStage, ProxyPath
+from .views import build_views
+
+__all__ = ['Distiller', 'DistillationModule']
+
+
+class DistillationModule(nn.Module):
+    """The trainable part: the student and the distillation modules (projectors), nothing else.
+
+    ``forward(images, teacher_features, last_stage)`` returns (student logits, unweighted
+    feature losses). The teacher's last stage is passed in, never registered here, so the
+    module's parameters and state dict hold no teacher weight.
+    """
+
+    def __init__(self, student: nn.Module, taps: StudentAdapter, options: DistillOptions,
+                 teacher: Optional[ScaleKDTeacher] = None):
+        super().__init__()
+        self.student = student
+        self.taps = taps
+        self.tpp = options.tpp
+        self.adaptive_queries = options.adaptive_queries
+        self.proxy: Optional[ProxyPath] = None
+        self.s3: Optional[FeatureMimicking] = None
+        self.s4: Optional[FeatureMimicking] = None
+        if not options.uses_features:
+            return
+        views = build_views(options.views, options.original_view)
+
+        def projector_factory(src: Shape, dst: Shape, heads: int, query_chs: Optional[int] = None):
+            cap_kwargs = dict(num_heads=heads, softmax_scale=options.softmax_scale,
+                              student_norm=taps.projector_norm, query_chs=query_chs)
+            kwargs = cap_kwargs if options.projector == 'cap' else {}
+            return lambda: build_projector(options.projector, src[0], dst[0], src[1:], dst[1:], **kwargs)
+
+        s3_target = teacher.stage_input_shape
+        s3_factory = projector_factory(taps.taps.s3, s3_target, options.s3_heads)
+        query_chs = teacher.final_shape[0] if options.adaptive_queries else None
+        self.s4 = FeatureMimicking(views, projector_factory(taps.taps.s4, teacher.final_shape, options.s4_heads, query_chs))
+        if options.tpp:
+            self.proxy = ProxyPath(FeatureMimicking(views, s3_factory))
+        elif 's3' in options.stages:
+            self.s3 = FeatureMimicking(views, s3_factory)
+
+    def forward(self, x: torch.Tensor, teacher: Optional[TeacherFeatures] = None,
+                last_stage: Optional[LastStage] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        logits, s3, s4 = self.taps(self.student, x)
+        losses: Dict[str, torch.Tensor] = {}
+        if self.s4 is None:
+            return logits, losses
+        queries = None
+        if self.proxy is not None:
+            proxies = self.proxy(s3, last_stage, teacher.prefix)
+            losses.update(self.proxy.mimicking.losses(proxies, teacher.final, 'proxy'))
+            queries = proxies if self.adaptive_queries else None
+        elif self.s3 is not None:
+            losses.update(self.s3.losses(self.s3.project(s3), teacher.stage_input, 's3'))
+        losses.update(self.s4.losses(self.s4.project(s4, queries), teacher.final, 's4'))
+        return logits, losses
+
+
+class Distiller(TrainingTask):
+    """ScaleKD (and its baselines) as a timm training task.
+
+    Args:
+        student: the timm student (trained from scratch; its state dict stays plain timm).
+        teacher: the frozen teacher, or ``None`` for ``method='none'``.
+        options: the distillation options (resolved here).
+        img_size: (H, W) the pair trains at.
+        in_chans: input channels.
+        criterion: the task loss (default: timm's classification loss, cross entropy).
+    """
+
+    def __init__(
+            self,
+            student: nn.Module,
+            teacher: Optional[ScaleKDTeacher],
+            options: DistillOptions,
+            img_size: Tuple[int, int],
+            in_chans: int = 3,
+            criterion: Optional[nn.Module] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = False,
+    ):
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        self.options = options.resolve()
+        self.img_size = tuple(img_size)
+        self.in_chans = in_chans
+        self.needs_teacher = self.options.kd or self.options.uses_features
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f'method {self.options.method!r} needs a teacher')
+        self.teacher = teacher if self.needs_teacher else None
+        taps = StudentAdapter(student, img_size, in_chans, self.options.student_s3_block)
+        self.trainable_module = DistillationModule(student, taps, self.options, self.teacher)
+        self.criterion = resolve_classification_loss(criterion, self.device)
+        cfg = getattr(student, 'pretrained_cfg', None) or {}
+        self.register_buffer('student_mean', torch.tensor(cfg.get('mean', IMAGENET_DEFAULT_MEAN)).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer('student_std', torch.tensor(cfg.get('std', IMAGENET_DEFAULT_STD)).view(1, -1, 1, 1),
+                             persistent=False)
+        self.train()
+
+    @property
+    def student(self) -> nn.Module:
+        """The plain timm student."""
+        return unwrap_model(self.trainable_module).student
+
+    @property
+    def taps(self) -> StudentAdapter:
+        return unwrap_model(self.trainable_module).taps
+
+    def distill_modules(self) -> nn.Module:
+        """The trainable module without the student: what ScaleKD adds only for training."""
+        module = unwrap_model(self.trainable_module)
+        return nn.ModuleList([m for m in (module.proxy, module.s3, module.s4) if m is not None])
+
+    def loss_weights(self, names) -> Dict[str, float]:
+        """The weight of each named loss term in the total."""
+        opts = self.options
+        weights = {'task_loss': 1.0 - opts.kd_weight if opts.kd else 1.0, 'kd_loss': opts.kd_weight}
+        return {n: weights.get(n, opts.w_ori if n.endswith('_ori') else opts.w_alt) for n in names}
+
+    def train(self, mode: bool = True) -> 'Distiller':
+        """Train mode for the trainable module; the teacher stays in eval mode unless
+        ``teacher_train_mode`` asks for the release's (accidental) train-mode teacher."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.train(mode and self.options.teacher_train_mode)
+        return self
+
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'Distiller':
+        """Wrap the trainable module (student + projectors) in DDP; the frozen teacher is not wrapped."""
+        from torch.nn.parallel import DistributedDataParallel
+        self.trainable_module = DistributedDataParallel(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        resolved = super().get_eval_model(module=module, ema=ema)
+        if resolved is None:
+            return None
+        inner = unwrap_model(resolved)
+        return inner.student if isinstance(inner, DistillationModule) else resolved
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        if module is None:
+            return {}
+        state = {k: v for k, v in unwrap_model(module).state_dict().items() if not k.startswith('student.')}
+        return {'distill': state} if state else {}
+
+    def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
+                        module: Optional[nn.Module] = None, ema: bool = False) -> None:
+        if not state:
+            return
+        module = unwrap_model(module if module is not None else self.get_trainable_module(ema=ema))
+        own = {k for k in module.state_dict() if not k.startswith('student.')}
+        given = state.get('distill', {})
+        if strict and set(given) != own:
+            missing, unexpected = sorted(own - set(given)), sorted(set(given) - own)
+            raise RuntimeError(f'distillation state does not match: missing {missing}, unexpected {unexpected}')
+        module.load_state_dict(given, strict=False)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One training forward: ``loss`` (weighted total), ``output`` (student logits) and each term."""
+        teacher = None
+        if self.teacher is not None:
+            teacher = self.teacher.extract(self.teacher.normalize_input(input, self.student_mean, self.student_std))
+        last_stage = self.teacher.last_stage if self.teacher is not None else None
+        logits, terms = self.trainable_module(input, teacher, last_stage)
+        terms = {'task_loss': self.criterion(logits, target), **terms}
+        if self.options.kd:
+            terms['kd_loss'] = logit_kd_loss(logits, teacher.logits, self.options.kd_temperature)
+        weights = self.loss_weights(terms)
+        total = sum(weights[n] * v for n, v in terms.items())
+        return {'loss': total, 'output': logits, **terms}

@@ -1,0 +1,31 @@
+"""The two distances ScaleKD trains with: the normalised feature distance D and logit KD."""
+import torch
+import torch.nn.functional as F
+
+__all__ = ['feature_distance', 'logit_kd_loss']
+
+
+def feature_distance(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Normalised feature distance D of the reference release.
+
+    Both (N, C, H, W) maps are L2-normalised along C independently at every (n, h, w);
+    the squared differences are summed over C*H*W and divided by N (so D grows with H*W).
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f'feature_distance needs equal shapes, got student {tuple(student.shape)} '
+            f'and teacher {tuple(teacher.shape)}')
+    s = F.normalize(student, dim=1, eps=eps)
+    t = F.normalize(teacher, dim=1, eps=eps)
+    return (s - t).pow(2).sum() / student.shape[0]
+
+
+def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Soft-target cross entropy of the release, ``T^2 * mean_n(-sum_k p_t log p_s)``, unweighted.
+
+    ``p_t = softmax(teacher / T)``; ``log p_s = log_softmax(student / T)``. It differs from
+    the KL form by the teacher's entropy only, a constant for the student.
+    """
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
+    p_t = F.softmax(teacher_logits.to(log_p_s.dtype) / temperature, dim=-1)
+    return -(p_t * log_p_s).sum(dim=-1).mean() * temperature ** 2

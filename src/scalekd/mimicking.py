@@ -1,0 +1,33 @@
+"""Feature mimicking at one tap: one projector per view, and the distance D in each view."""
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .losses import feature_distance
+from .views import View
+
+__all__ = ['FeatureMimicking']
+
+
+class FeatureMimicking(nn.Module):
+    """Independent projectors (own parameters, own queries) for each view of one student tap.
+
+    With one view this is plain feature mimicking (FD, CAP only); with the ``ori`` and
+    ``alt`` views it is dual-view feature mimicking (DFM).
+    """
+
+    def __init__(self, views: Sequence[View], make_projector: Callable[[], nn.Module]):
+        super().__init__()
+        self.views = tuple(views)
+        self.projectors = nn.ModuleDict({v.name: make_projector() for v in self.views})
+
+    def project(self, x: torch.Tensor, queries: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Project the student map once per view; ``queries`` maps a view name to its CAP queries."""
+        if queries is None:
+            return {v.name: self.projectors[v.name](x) for v in self.views}
+        return {v.name: self.projectors[v.name](x, queries[v.name]) for v in self.views}
+
+    def losses(self, projected: Dict[str, torch.Tensor], target: torch.Tensor, prefix: str) -> Dict[str, torch.Tensor]:
+        """D(view(projected), view(target)) for each view, named ``{prefix}_{view}``."""
+        return {f'{prefix}_{v.name}': feature_distance(v(projected[v.name]), v(target)) for v in self.views}

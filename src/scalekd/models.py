@@ -1,0 +1,46 @@
+"""Creating timm models by name, with errors that say what is wrong."""
+import difflib
+from typing import Any, Optional, Tuple
+
+import timm
+import torch.nn as nn
+from timm.models import get_pretrained_cfg_value, split_model_name_tag
+
+__all__ = ['create_timm_model', 'default_img_size', 'UnknownModelError']
+
+
+class UnknownModelError(ValueError):
+    """A model name that timm does not know."""
+
+
+def _check_name(name: str, role: str) -> None:
+    arch, _ = split_model_name_tag(name)
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models()'
+    raise UnknownModelError(f'unknown {role} model {name!r}: timm has no architecture {arch!r}{hint}')
+
+
+def default_img_size(name: str) -> Optional[int]:
+    """The input size of a timm name's pretrained config, if it has one."""
+    _check_name(name, 'model')
+    size = get_pretrained_cfg_value(name, 'input_size')
+    return int(size[-1]) if size else None
+
+
+def create_timm_model(
+        name: str,
+        img_size: Tuple[int, int],
+        role: str = 'model',
+        pretrained: bool = False,
+        **kwargs: Any,
+) -> nn.Module:
+    """``timm.create_model`` that passes ``img_size`` to fixed-size models (ViT, Swin, Mixer, EVA, ...).
+
+    Convolutional models adapt to any input and get no ``img_size``.
+    """
+    _check_name(name, role)
+    if get_pretrained_cfg_value(name, 'fixed_input_size') and 'img_size' not in kwargs:
+        kwargs['img_size'] = tuple(img_size)
+    return timm.create_model(name, pretrained=pretrained, **kwargs)

@@ -1,0 +1,134 @@
+"""Distillation options: the method, its component switches and loss weights, validated.
+
+``method`` picks defaults; every switch can be set on its own to reach the paper's
+ablations (Tables 1, 9, 13, 17, Fig. 4):
+
+============  =========  ======  =====  ===  ================  ==
+method        projector  stages  views  tpp  adaptive_queries  kd
+============  =========  ======  =====  ===  ================  ==
+``none``      -          -       -      -    -                 no
+``kd``        -          -       -      -    -                 yes
+``fd``        linear     s4      single no   no                no
+``scalekd``   cap        s3, s4  dfm    yes  yes               yes
+============  =========  ======  =====  ===  ================  ==
+
+Loss weights: ``w_ori`` / ``w_alt`` (release: 0.08 / 0.06) or the paper's ``alpha`` / ``beta``
+(``w_ori = alpha * beta``, ``w_alt = alpha * (1 - beta)``), not both.
+"""
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Tuple
+
+from .projectors import PROJECTORS
+from .views import ORIGINAL_VIEWS, VIEW_MODES
+
+__all__ = ['DistillOptions', 'METHODS', 'FEATURE_METHODS']
+
+METHODS = ('none', 'kd', 'fd', 'scalekd')
+FEATURE_METHODS = ('fd', 'scalekd')
+STAGES = ('s3', 's4')
+
+_PRESETS: Dict[str, Dict[str, Any]] = {
+    'none': dict(kd=False),
+    'kd': dict(kd=True),
+    'fd': dict(projector='linear', stages=('s4',), views='single', tpp=False, adaptive_queries=False, kd=False),
+    'scalekd': dict(projector='cap', stages=STAGES, views='dfm', tpp=True, adaptive_queries=True, kd=True),
+}
+_FEATURE_SWITCHES = ('projector', 'stages', 'views', 'tpp', 'adaptive_queries')
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """Every option of a distiller; ``None`` means "the method's default" until :meth:`resolve`."""
+    method: str = 'scalekd'
+    # components
+    projector: Optional[str] = None
+    stages: Optional[Tuple[str, ...]] = None
+    views: Optional[str] = None
+    original_view: str = 'all'
+    tpp: Optional[bool] = None
+    adaptive_queries: Optional[bool] = None
+    kd: Optional[bool] = None
+    # loss weights
+    w_ori: Optional[float] = None
+    w_alt: Optional[float] = None
+    alpha: Optional[float] = None
+    beta: Optional[float] = None
+    kd_weight: float = 0.5
+    kd_temperature: float = 1.0
+    # projector shape
+    s3_heads: int = 8
+    s4_heads: int = 8
+    softmax_scale: float = 5.0
+    # taps
+    student_s3_block: Optional[int] = None
+    teacher_last_blocks: Optional[int] = None
+    teacher_train_mode: bool = False
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> 'DistillOptions':
+        """Build from keyword options; an unknown name is an error that lists the valid ones."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f'unknown distillation option(s) {", ".join(unknown)}; valid options: {", ".join(sorted(names))}')
+        if isinstance(kwargs.get('stages'), (list, str)):
+            stages = kwargs['stages']
+            kwargs['stages'] = (stages,) if isinstance(stages, str) else tuple(stages)
+        return cls(**kwargs)
+
+    def resolve(self) -> 'DistillOptions':
+        """Fill every ``None`` from the method's preset and check the combination."""
+        if self.method not in METHODS:
+            raise ValueError(f'unknown method {self.method!r}; choose one of {", ".join(METHODS)}')
+        preset = _PRESETS[self.method]
+        if self.method not in FEATURE_METHODS:
+            set_switches = [k for k in _FEATURE_SWITCHES if getattr(self, k) is not None]
+            if set_switches:
+                raise ValueError(f'option(s) {", ".join(set_switches)} need a feature method (fd or scalekd), '
+                                 f'not method {self.method!r}')
+        values = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in preset.items()}
+        w_ori, w_alt = self._weights()
+        opts = dataclasses.replace(self, **values, w_ori=w_ori, w_alt=w_alt, alpha=None, beta=None)
+        opts._check()
+        return opts
+
+    @property
+    def uses_features(self) -> bool:
+        return self.method in FEATURE_METHODS
+
+    def _weights(self) -> Tuple[float, float]:
+        if self.alpha is not None or self.beta is not None:
+            if self.w_ori is not None or self.w_alt is not None:
+                raise ValueError('give the DFM weights as (w_ori, w_alt) or as (alpha, beta), not both')
+            alpha = 1.0 if self.alpha is None else self.alpha
+            beta = 0.6 if self.beta is None else self.beta
+            if not 0.0 <= beta <= 1.0:
+                raise ValueError(f'beta must be in [0, 1], got {beta}')
+            return alpha * beta, alpha * (1.0 - beta)
+        return (0.08 if self.w_ori is None else self.w_ori), (0.06 if self.w_alt is None else self.w_alt)
+
+    def _check(self) -> None:
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f'kd_weight must be in [0, 1], got {self.kd_weight}')
+        if self.kd_temperature <= 0:
+            raise ValueError(f'kd_temperature must be > 0, got {self.kd_temperature}')
+        if not self.uses_features:
+            return
+        if self.projector not in PROJECTORS:
+            raise ValueError(f'unknown projector {self.projector!r}; choose one of {", ".join(PROJECTORS)}')
+        if self.views not in VIEW_MODES:
+            raise ValueError(f'unknown views {self.views!r}; choose one of {", ".join(VIEW_MODES)}')
+        if self.original_view not in ORIGINAL_VIEWS:
+            raise ValueError(f'unknown original_view {self.original_view!r}; choose one of {", ".join(ORIGINAL_VIEWS)}')
+        bad = [s for s in self.stages if s not in STAGES] if self.stages else ['(none)']
+        if bad or len(set(self.stages)) != len(self.stages):
+            raise ValueError(f'stages must be s4 or s3 and s4, got {self.stages}')
+        if 's4' not in self.stages:
+            raise ValueError(f'stages must include s4, got {self.stages}')
+        if self.tpp and tuple(sorted(self.stages)) != STAGES:
+            raise ValueError('tpp uses both s3 (proxy path) and s4 (original path): set stages to [s3, s4]')
+        if self.adaptive_queries and not self.tpp:
+            raise ValueError('adaptive_queries come from the TPP proxy path: they need tpp')
+        if self.adaptive_queries and self.projector != 'cap':
+            raise ValueError(f'adaptive_queries need the cap projector, not {self.projector!r}')
