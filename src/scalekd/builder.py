@@ -21,9 +21,10 @@ def _as_size(img_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
 def _resolve_img_size(img_size, teacher: ModelSpec, student: ModelSpec) -> Tuple[int, int]:
     if img_size is not None:
         return _as_size(img_size)
-    for spec in (teacher, student):
-        if isinstance(spec, str) and default_img_size(spec):
-            return _as_size(default_img_size(spec))
+    for spec, role in ((teacher, 'teacher'), (student, 'student')):
+        size = default_img_size(spec, role) if isinstance(spec, str) else None
+        if size:
+            return _as_size(size)
     return 224, 224
 
 

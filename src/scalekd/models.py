@@ -22,9 +22,9 @@ def _check_name(name: str, role: str) -> None:
     raise UnknownModelError(f'unknown {role} model {name!r}: timm has no architecture {arch!r}{hint}')
 
 
-def default_img_size(name: str) -> Optional[int]:
+def default_img_size(name: str, role: str = 'model') -> Optional[int]:
     """The input size of a timm name's pretrained config, if it has one."""
-    _check_name(name, 'model')
+    _check_name(name, role)
     size = get_pretrained_cfg_value(name, 'input_size')
     return int(size[-1]) if size else None
 

@@ -1,0 +1,163 @@
+"""Methods, ablation switches, loss weighting, task state and errors of the distiller."""
+import pytest
+import torch
+import torch.nn as nn
+
+from scalekd import (ConvProjector, CrossAttentionProjector, DistillOptions, LinearProjector, UnknownModelError,
+                     UnsupportedModelError, build_distiller, remove_dc)
+from scalekd.mimicking import FeatureMimicking
+from scalekd.views import build_views
+from tiny_models import IMG, make_student, make_teacher
+
+X, Y = torch.randn(2, 3, IMG, IMG), torch.tensor([3, 4])
+
+
+def _distiller(method='scalekd', student='resnet', **options):
+    return build_distiller(make_teacher('vit', IMG), make_student(student, IMG), method, img_size=IMG, **options)
+
+
+def _projectors(distiller):
+    return [m for m in distiller.distill_modules().modules()
+            if isinstance(m, (CrossAttentionProjector, LinearProjector, ConvProjector))]
+
+
+# (method, options) -> (feature loss names, projector class, projector count): the paper's rows
+ROWS = {
+    'baseline': ('none', {}, set(), None, 0),
+    'kd': ('kd', {}, set(), None, 0),
+    'fd_s4': ('fd', {}, {'s4_ori'}, LinearProjector, 1),
+    'fd_s3_s4': ('fd', dict(stages=['s3', 's4']), {'s3_ori', 's4_ori'}, LinearProjector, 2),
+    'projector_conv': ('fd', dict(projector='conv'), {'s4_ori'}, ConvProjector, 1),
+    'cap': ('scalekd', dict(views='single', tpp=False, adaptive_queries=False, kd=False, stages=['s4']),
+            {'s4_ori'}, CrossAttentionProjector, 1),
+    'dual_path_cap': ('scalekd', dict(views='dual', tpp=False, adaptive_queries=False, kd=False, stages=['s4']),
+                      {'s4_ori', 's4_alt'}, CrossAttentionProjector, 2),
+    'cap_dfm': ('scalekd', dict(tpp=False, adaptive_queries=False, kd=False, stages=['s4']),
+                {'s4_ori', 's4_alt'}, CrossAttentionProjector, 2),
+    'cap_tpp_proxy_only': ('scalekd', dict(views='single', adaptive_queries=False, kd=False),
+                           {'proxy_ori', 's4_ori'}, CrossAttentionProjector, 2),
+    'cap_tpp': ('scalekd', dict(views='single', kd=False), {'proxy_ori', 's4_ori'}, CrossAttentionProjector, 2),
+    'cap_dfm_tpp': ('scalekd', dict(kd=False), {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'},
+                    CrossAttentionProjector, 4),
+    'scalekd': ('scalekd', {}, {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'}, CrossAttentionProjector, 4),
+    'dir_alt': ('scalekd', dict(original_view='dc'), {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'},
+                CrossAttentionProjector, 4),
+}
+
+
+@pytest.mark.parametrize('row', sorted(ROWS))
+def test_ablation_rows_build_what_they_say(row):
+    method, options, feature_terms, projector_cls, count = ROWS[row]
+    distiller = _distiller(method, **options)
+    out = distiller(X, Y)
+    kd = distiller.options.kd
+    assert set(out) == {'loss', 'output', 'task_loss'} | ({'kd_loss'} if kd else set()) | feature_terms
+    projectors = _projectors(distiller)
+    assert len(projectors) == count and all(isinstance(p, projector_cls) for p in projectors)
+    out['loss'].backward()
+    # every trainable parameter is used (DDP needs no find_unused_parameters)
+    unused = [n for n, p in distiller.trainable_module.named_parameters() if p.grad is None]
+    assert unused == []
+
+
+def test_total_is_the_release_weighting_of_eq5():
+    out = _distiller()(X, Y)
+    expected = (0.5 * out['task_loss'] + 0.5 * out['kd_loss'] + 0.08 * (out['proxy_ori'] + out['s4_ori'])
+                + 0.06 * (out['proxy_alt'] + out['s4_alt']))
+    torch.testing.assert_close(out['loss'], expected)
+    out = _distiller('none')(X, Y)
+    torch.testing.assert_close(out['loss'], out['task_loss'])
+    out = _distiller('fd', w_ori=2.0)(X, Y)
+    torch.testing.assert_close(out['loss'], out['task_loss'] + 2.0 * out['s4_ori'])
+
+
+def test_alpha_beta_weights_are_the_paper_form():
+    opts = DistillOptions(alpha=1.0, beta=0.6).resolve()
+    assert (opts.w_ori, opts.w_alt) == pytest.approx((0.6, 0.4))
+    opts = DistillOptions(alpha=0.1, beta=0.8).resolve()
+    assert (opts.w_ori, opts.w_alt) == pytest.approx((0.08, 0.02))
+    assert (DistillOptions().resolve().w_ori, DistillOptions().resolve().w_alt) == (0.08, 0.06)
+    out = _distiller(alpha=1.0, beta=0.25, kd=False)(X, Y)
+    expected = out['task_loss'] + 0.25 * (out['proxy_ori'] + out['s4_ori']) + 0.75 * (out['proxy_alt'] + out['s4_alt'])
+    torch.testing.assert_close(out['loss'], expected)
+
+
+def test_views_apply_phi_only_to_the_alternative_path():
+    x, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    from scalekd import feature_distance as d
+    dfm = FeatureMimicking(build_views('dfm'), nn.Identity)
+    losses = dfm.losses(dfm.project(x), t, 's4')
+    torch.testing.assert_close(losses['s4_ori'], d(x, t))
+    torch.testing.assert_close(losses['s4_alt'], d(remove_dc(x), remove_dc(t)))
+    dual = FeatureMimicking(build_views('dual'), nn.Identity)
+    torch.testing.assert_close(dual.losses(dual.project(x), t, 's4')['s4_alt'], d(x, t))
+    dir_alt = FeatureMimicking(build_views('dfm', original='dc'), nn.Identity)
+    dc = dir_alt.losses(dir_alt.project(x), t, 's4')['s4_ori']
+    torch.testing.assert_close(dc, d(x.mean((2, 3), keepdim=True), t.mean((2, 3), keepdim=True)) * 9)
+
+
+@pytest.mark.parametrize('options,message', [
+    (dict(projectr='cap'), 'unknown distillation option.*projectr.*valid options'),
+    (dict(method='crd'), "unknown method 'crd'"),
+    (dict(method='kd', tpp=True), r'tpp need a feature method'),
+    (dict(tpp=False), 'adaptive_queries come from the TPP proxy path'),
+    (dict(stages=['s4']), r'tpp uses both s3 \(proxy path\) and s4'),
+    (dict(projector='linear'), "adaptive_queries need the cap projector, not 'linear'"),
+    (dict(w_ori=0.1, beta=0.5), r'\(w_ori, w_alt\) or as \(alpha, beta\), not both'),
+    (dict(beta=1.5), r'beta must be in \[0, 1\]'),
+    (dict(views='triple'), "unknown views 'triple'"),
+    (dict(method='fd', stages=['s3']), 'stages must include s4'),
+])
+def test_bad_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        DistillOptions.from_kwargs(**options).resolve()
+
+
+def test_task_state_holds_projectors_beside_a_clean_student():
+    distiller = _distiller().eval()
+    state = distiller.get_task_state()['distill']
+    assert state and not any(k.startswith('student.') for k in state)
+    assert distiller.get_eval_model() is distiller.student
+    ckpt = distiller.get_checkpoint_state()
+    assert set(ckpt['state_dict']) == set(distiller.student.state_dict())
+
+    other = build_distiller(distiller.teacher.model, make_student('resnet', IMG), img_size=IMG).eval()
+    other.student.load_state_dict(ckpt['state_dict'])
+    other.load_task_state(ckpt['task_state'])
+    a, b = distiller(X, Y), other(X, Y)
+    for key in ('loss', 'proxy_ori', 's4_alt'):
+        torch.testing.assert_close(a[key], b[key])
+    with pytest.raises(RuntimeError, match='distillation state does not match'):
+        _distiller(views='single').load_task_state(ckpt['task_state'])
+
+
+def test_unsupported_models_are_named_with_what_is_missing():
+    with pytest.raises(UnsupportedModelError, match=r'Sequential is not a supported ScaleKD student.*resnet \(ResNet\)'):
+        build_distiller(make_teacher('vit', IMG), nn.Sequential(nn.Conv2d(3, 8, 3)), img_size=IMG)
+    with pytest.raises(UnsupportedModelError, match=r'resnet18 \(ResNet\) is not a supported ScaleKD teacher.*swin'):
+        build_distiller('resnet18', 'resnet18', img_size=IMG)
+    with pytest.raises(UnknownModelError, match="unknown teacher model 'swin_lage_patch4_window7_224'.*did you mean "
+                                                 'swin_large_patch4_window7_224'):
+        build_distiller('swin_lage_patch4_window7_224', 'resnet18')
+
+
+def test_tap_options_are_checked_against_the_models():
+    with pytest.raises(ValueError, match='student_s3_block applies to plain ViT / Mixer students only'):
+        _distiller(student_s3_block=3)
+    distiller = _distiller(student='vit', student_s3_block=2)
+    assert distiller.taps.s3_index == 1
+    with pytest.raises(ValueError, match=r'student_s3_block must be in \[1, 3\]'):
+        _distiller(student='vit', student_s3_block=4)
+    with pytest.raises(ValueError, match=r'teacher_last_blocks must be in \[1, 3\]'):
+        _distiller(teacher_last_blocks=4)
+    assert _distiller(teacher_last_blocks=2).teacher.stage_start == 2
+
+
+def test_kd_needs_matching_classes():
+    with pytest.raises(ValueError, match='teacher has 10, student 5'):
+        build_distiller(make_teacher('vit', IMG), 'resnet18', 'kd', img_size=IMG, student_kwargs=dict(num_classes=5))
+
+
+def test_method_none_needs_no_teacher():
+    distiller = build_distiller(None, make_student('resnet', IMG), 'none', img_size=IMG)
+    assert distiller.teacher is None and distiller(X, Y)['loss'].item() > 0
