@@ -1,5 +1,5 @@
 """``build_distiller``: a ready :class:`~scalekd.Distiller` from timm names or modules."""
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -51,6 +51,10 @@ def build_distiller(
         student_kwargs: Optional[Dict[str, Any]] = None,
         teacher_pretrained: bool = False,
         criterion: Optional[nn.Module] = None,
+        input_mean: Optional[Sequence[float]] = None,
+        input_std: Optional[Sequence[float]] = None,
+        teacher_mean: Optional[Sequence[float]] = None,
+        teacher_std: Optional[Sequence[float]] = None,
         device: Optional[torch.device] = None,
         **options: Any,
 ) -> Distiller:
@@ -66,6 +70,8 @@ def build_distiller(
         teacher_kwargs, student_kwargs: extra ``timm.create_model`` kwargs.
         teacher_pretrained: load the teacher's hub weights (needs network).
         criterion: task loss (default cross entropy).
+        input_mean, input_std: normalisation of the images the distiller gets (default: the student's).
+        teacher_mean, teacher_std: normalisation the teacher expects (default: its pretrained cfg).
         **options: :class:`~scalekd.DistillOptions` fields (``projector``, ``tpp``, ``beta``, ...).
     """
     opts = DistillOptions.from_kwargs(method=method, **options).resolve()
@@ -80,10 +86,13 @@ def build_distiller(
         if device is not None:
             teacher_model.to(device)
         teacher_adapter = ScaleKDTeacher(teacher_model, size, in_chans, opts.teacher_last_blocks)
+        if teacher_mean is not None or teacher_std is not None:
+            teacher_adapter.set_normalization(teacher_mean, teacher_std)
         _check_classes(teacher_model, student_model, opts.kd)
     if device is not None:
         student_model.to(device)
-    distiller = Distiller(student_model, teacher_adapter, opts, size, in_chans, criterion=criterion, device=device)
+    distiller = Distiller(student_model, teacher_adapter, opts, size, in_chans, criterion=criterion,
+                          input_mean=input_mean, input_std=input_std, device=device)
     return distiller.to(device) if device is not None else distiller
 
 

@@ -77,11 +77,80 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0 if report.get('train_step', {}).get('ok', True) else 1
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser('train', help='train a student from a YAML config (torchrun for several processes)')
+    p.add_argument('config', help='YAML run config')
+    p.add_argument('-o', '--override', action='append', metavar='KEY=VALUE', help='dotted override, repeatable')
+    p.add_argument('--resume', metavar='auto|PATH', help="continue the newest run in the output folder ('auto') "
+                                                        'or from a checkpoint')
+    p.add_argument('--force', action='store_true', help='start afresh in an output folder that holds another run')
+    p.add_argument('--dry-run', action='store_true', help='build at full size with random weights, run one step '
+                                                          'on a synthetic batch, write nothing')
+    p.add_argument('--dry-run-batch', type=int, default=2, help='batch of the dry-run step (default 2)')
+    p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .distributed import cleanup, init_distributed
+    from .engine import Trainer, dry_run
+    cfg = load_config(args.config, args.override)
+    env = init_distributed(args.device)
+    try:
+        if args.dry_run:
+            report = dry_run(cfg, env.device, args.dry_run_batch)
+            if env.is_main:
+                print(json.dumps(report, indent=2))
+            return 0 if report['finite'] else 1
+        Trainer(cfg, env, resume=args.resume, force=args.force).fit()
+        return 0
+    finally:
+        cleanup(env)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser('eval', help='top-1 / top-5 of a checkpoint or exported student on an image folder')
+    p.add_argument('checkpoint', help='training checkpoint (.pth) or export folder')
+    p.add_argument('--data', required=True, help='folder with one sub-folder per class')
+    p.add_argument('--batch', type=int, default=64)
+    p.add_argument('--workers', type=int, default=4)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_path
+    metrics = evaluate_path(args.checkpoint, args.data, args.batch, args.workers, args.device)
+    print(json.dumps(metrics) if args.json else
+          f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  ({metrics['count']} images)")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser('export', help='write the student (EMA if present) as model.safetensors + config.json')
+    p.add_argument('checkpoint', help='training checkpoint (.pth)')
+    p.add_argument('--out', required=True, help='output folder')
+    p.add_argument('--no-ema', action='store_true', help='export the raw weights even when an EMA exists')
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+    path, ema = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema)
+    print(f"exported {'EMA ' if ema else ''}student to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='scalekd', description='ScaleKD: distil a vision transformer teacher '
                                                                  'into a CNN, MLP or ViT student')
     sub = parser.add_subparsers(dest='command', required=True)
     _add_inspect(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_export(sub)
     return parser
 
 
@@ -91,7 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, FloatingPointError) as e:
         print(f'scalekd {args.command}: error: {e}', file=sys.stderr)
         return 2
 

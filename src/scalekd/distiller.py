@@ -10,7 +10,7 @@ else 1), ``kd_loss`` (``kd_weight``), and per tap and view ``{tap}_{view}``:
 ``proxy_ori`` = L_s, ``proxy_alt`` = L_s^alt, ``s4_ori`` = L_st, ``s4_alt`` = L_st^alt (TPP), or
 ``s3_*`` / ``s4_*`` against T_(n-1) / T_n without TPP; ``*_ori`` weigh ``w_ori``, ``*_alt`` ``w_alt``.
 """
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -68,6 +68,12 @@ class DistillationModule(nn.Module):
         elif 's3' in options.stages:
             self.s3 = FeatureMimicking(views, s3_factory)
 
+    def no_weight_decay(self) -> Set[str]:
+        """Student names timm exempts from weight decay, plus the projectors' embeddings."""
+        student = unwrap_model(self.student)
+        names = {f'student.{n}' for n in getattr(student, 'no_weight_decay', set)()}
+        return names | {n for n, _ in self.named_parameters() if n.endswith(('pos_embed', 'query_embed'))}
+
     def forward(self, x: torch.Tensor, teacher: Optional[TeacherFeatures] = None,
                 last_stage: Optional[LastStage] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         logits, s3, s4 = self.taps(self.student, x)
@@ -95,6 +101,8 @@ class Distiller(TrainingTask):
         img_size: (H, W) the pair trains at.
         in_chans: input channels.
         criterion: the task loss (default: timm's classification loss, cross entropy).
+        input_mean, input_std: the normalisation of the images given to ``forward`` (default: the
+            student's pretrained cfg); the teacher gets them re-normalised to its own.
     """
 
     def __init__(
@@ -105,6 +113,8 @@ class Distiller(TrainingTask):
             img_size: Tuple[int, int],
             in_chans: int = 3,
             criterion: Optional[nn.Module] = None,
+            input_mean: Optional[Sequence[float]] = None,
+            input_std: Optional[Sequence[float]] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = False,
@@ -121,10 +131,10 @@ class Distiller(TrainingTask):
         self.trainable_module = DistillationModule(student, taps, self.options, self.teacher)
         self.criterion = resolve_classification_loss(criterion, self.device)
         cfg = getattr(student, 'pretrained_cfg', None) or {}
-        self.register_buffer('student_mean', torch.tensor(cfg.get('mean', IMAGENET_DEFAULT_MEAN)).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer('student_std', torch.tensor(cfg.get('std', IMAGENET_DEFAULT_STD)).view(1, -1, 1, 1),
-                             persistent=False)
+        mean = input_mean if input_mean is not None else cfg.get('mean', IMAGENET_DEFAULT_MEAN)
+        std = input_std if input_std is not None else cfg.get('std', IMAGENET_DEFAULT_STD)
+        self.register_buffer('student_mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('student_std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.train()
 
     @property

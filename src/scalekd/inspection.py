@@ -4,6 +4,7 @@ from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
+from timm.utils import unwrap_model
 
 from .distiller import Distiller
 
@@ -14,8 +15,8 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _tap_rows(distiller: Distiller) -> List[Dict[str, Any]]:
-    module = distiller.trainable_module
+def tap_rows(distiller: Distiller) -> List[Dict[str, Any]]:
+    module = unwrap_model(distiller.trainable_module)
     taps = distiller.taps.taps
     opts = distiller.options
     teacher = distiller.teacher
@@ -60,7 +61,7 @@ def inspect_distiller(distiller: Distiller, step: bool = True, batch: int = 2) -
         img_size=list(distiller.img_size),
         student=distiller.taps.label,
         teacher=teacher.label if teacher is not None else None,
-        taps=_tap_rows(distiller),
+        taps=tap_rows(distiller),
         params=dict(
             student=count_params(distiller.student),
             teacher=count_params(teacher.model) if teacher is not None else 0,

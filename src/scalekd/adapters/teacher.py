@@ -8,7 +8,7 @@ with the image's own prefix tokens re-attached, and with the extra block inputs 
 at that depth (rotary embeddings, shared relative position bias) captured once at build time.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -73,6 +73,12 @@ class ScaleKDTeacher(DistillationTeacher):
             feats = self._probe(dummy_input(model, img_size, in_chans))
         self.final_shape: Shape = shape_of(feats.final)
         self.stage_input_shape: Shape = shape_of(feats.stage_input)
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The normalisation the teacher was trained with, when its pretrained cfg does not say it."""
+        p = next(self.model.parameters())
+        self.mean_kd = torch.tensor(mean, device=p.device, dtype=p.dtype).view(1, -1, 1, 1)
+        self.std_kd = torch.tensor(std, device=p.device, dtype=p.dtype).view(1, -1, 1, 1)
 
     def _probe(self, x: torch.Tensor) -> TeacherFeatures:
         """Dummy forward that records the extra inputs timm gives each last-stage block."""

@@ -1,0 +1,267 @@
+"""Run configuration: plain YAML validated into typed dataclasses.
+
+A config file may start from others with ``base: path.yaml`` (or a list), relative to the
+file; later values win and mappings merge. Command-line overrides are dotted
+``key=value`` pairs (``train.epochs=3``, values parsed as YAML). An unknown key or a value of
+the wrong type is an error that names the key and the file.
+"""
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import yaml
+
+from .options import DistillOptions
+
+__all__ = ['ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'SchedConfig', 'TrainConfig',
+           'LogConfig', 'RunConfig', 'load_config', 'config_to_dict', 'save_config']
+
+
+class ConfigError(ValueError):
+    """A config that cannot be read, with the key and file at fault."""
+
+
+@dataclass
+class ModelConfig:
+    """A timm model: name, ``create_model`` kwargs, and where its weights come from."""
+    model: str = ''
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False          # hub weights by timm name (needs network)
+    checkpoint: Optional[str] = None  # local safetensors / torch file
+    mean: Optional[Tuple[float, ...]] = None  # teacher only: its input normalisation, if not timm's
+    std: Optional[Tuple[float, ...]] = None
+
+
+@dataclass
+class DataConfig:
+    """Dataset and the augmentation recipe (Table 10)."""
+    dataset: str = 'folder'           # 'folder' (ImageNet-style train/ val/) or 'fashion_mnist'
+    root: str = ''
+    train_split: str = 'train'
+    val_split: str = 'val'
+    train_subset: Optional[int] = None  # first-N fixed, seeded subset of the training split
+    img_size: int = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    scale: Tuple[float, float] = (0.08, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    auto_augment: Optional[str] = None    # e.g. 'rand-m9-mstd0.5'
+    re_prob: float = 0.0
+    re_mode: str = 'pixel'
+    label_smoothing: float = 0.0
+    bce_loss: bool = False
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    interpolation: str = 'bicubic'
+    crop_pct: float = 0.875
+    mean: Optional[Tuple[float, ...]] = None   # default: the student's pretrained cfg
+    std: Optional[Tuple[float, ...]] = None
+    workers: int = 4
+    skip_unreadable: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """timm ``create_optimizer_v2`` arguments; no weight decay on norms, biases, embeddings."""
+    opt: str = 'sgd'
+    lr: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    clip_grad: Optional[float] = None
+
+
+@dataclass
+class SchedConfig:
+    """timm ``create_scheduler_v2`` arguments, stepped per update."""
+    sched: str = 'cosine'   # 'cosine', 'step', 'multistep', 'onecycle'-like via warmup + cosine
+    epochs: int = 100
+    decay_milestones: List[int] = field(default_factory=lambda: [30, 60, 90])
+    decay_epochs: float = 30
+    decay_rate: float = 0.1
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Batch, precision and speed switches."""
+    batch_size: int = 256        # global batch over all processes and accumulation steps
+    accum_steps: int = 1
+    precision: str = 'fp32'      # 'fp32', 'bf16', 'fp16', or 'auto' (bf16 where the hardware has it)
+    channels_last: bool = False
+    compile: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    eval_every: int = 1
+    keep_checkpoints: int = 2    # newest per-epoch checkpoints kept (best.pth is kept apart)
+    deterministic: bool = False
+
+
+@dataclass
+class LogConfig:
+    """Where and how progress is reported."""
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = 'scalekd'
+    progress: bool = True
+    interval: int = 50           # optimizer steps between train lines in metrics.jsonl (step 1 always)
+
+
+@dataclass
+class RunConfig:
+    """One training run: models, distillation, data, optimisation and logging."""
+    output: str = 'runs/default'
+    seed: int = 0
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillOptions = field(default_factory=DistillOptions)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def distill_options(self) -> DistillOptions:
+        """The ``distill`` section, resolved against its method's defaults."""
+        return self.distill.resolve()
+
+
+def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f'config file {path} does not exist')
+    if path.resolve() in seen:
+        raise ConfigError(f'config {path} includes itself through base:')
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f'config {path} is not valid YAML: {e}') from None
+    if not isinstance(data, dict):
+        raise ConfigError(f'config {path} must be a mapping at the top level')
+    bases = data.pop('base', None) or []
+    merged: Dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, _read_yaml(path.parent / base, seen + (path.resolve(),)))
+    return _merge(merged, data)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
+
+
+def _coerce(value: Any, tp, key: str, where: str) -> Any:
+    """Check ``value`` against the type hint ``tp``; ints are accepted for floats, lists for tuples."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f'{key} in {where} must be a mapping, got {value!r}')
+        return _build(tp, value, key, where)
+    if origin in (list, tuple, List, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f'{key} in {where} must be a list, got {value!r}')
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f'{key} in {where} must have {len(args)} items, got {value!r}')
+            return tuple(_coerce(v, a, key, where) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, key, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f'{key} in {where} must be a mapping, got {value!r}')
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f'{key} in {where} must be int, got {value!r}')
+    if isinstance(value, tp):
+        return value
+    raise ConfigError(f'{key} in {where} must be {_type_name(tp)}, got {type(value).__name__} {value!r}')
+
+
+def _build(cls, data: Dict[str, Any], prefix: str, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f'{prefix}.{key}' if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f'; did you mean {close[0]!r}?' if close else f'; valid keys: {", ".join(names)}'
+            raise ConfigError(f'unknown config key {full!r} in {where}{hint}')
+        kwargs[key] = _coerce(value, hints[key], full, where)
+    return cls(**kwargs)
+
+
+def _apply_override(data: Dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition('=')
+    if not sep or not key:
+        raise ConfigError(f'override {override!r} must look like key.path=value')
+    node = data
+    parts = key.strip().split('.')
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f'override {override!r}: {part!r} is not a section')
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -> RunConfig:
+    """Read, merge, override and validate a run config; the distill section is checked too."""
+    path = Path(path)
+    data = _read_yaml(path)
+    for override in overrides or []:
+        _apply_override(data, override)
+    where = f'{path} (with overrides)' if overrides else str(path)
+    cfg = _build(RunConfig, data, '', where)
+    try:
+        cfg.distill_options()
+    except ValueError as e:
+        raise ConfigError(f'distill section of {where}: {e}') from None
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> Dict[str, Any]:
+    """The config as plain YAML-able data (tuples as lists)."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: RunConfig, path: Union[str, Path]) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(data: Dict[str, Any], where: str = 'checkpoint') -> RunConfig:
+    """Validate a resolved config stored in a checkpoint."""
+    return _build(RunConfig, data, '', where)

@@ -1,0 +1,79 @@
+"""Exporting and re-loading the distilled student: ``model.safetensors`` + timm's ``config.json``."""
+from pathlib import Path
+from typing import Any, Dict, Tuple, Union
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from timm.models._hub import save_config_for_hf
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import RunConfig, config_from_dict
+from .models import create_timm_model
+from .weights import WeightsError
+
+__all__ = ['export_student', 'student_from_checkpoint', 'load_student']
+
+
+def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: Dict[str, Any]) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``out_dir``; returns the weights path.
+
+    Load it back with ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), ...)``
+    or ``timm.create_model('local-dir:' + out_dir, pretrained=True)``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / 'model.safetensors'
+    state = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
+    save_file(state, str(weights), metadata={'format': 'pt'})
+    save_config_for_hf(student, str(out_dir / 'config.json'), data_config=data_config)
+    return weights
+
+
+def _data_config(cfg: RunConfig) -> Dict[str, Any]:
+    d = cfg.data
+    out = dict(input_size=(d.in_chans, d.img_size, d.img_size), interpolation=d.interpolation, crop_pct=d.crop_pct)
+    if d.mean is not None and d.std is not None:
+        out.update(mean=tuple(d.mean), std=tuple(d.std))
+    return out
+
+
+def student_from_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Tuple[nn.Module, RunConfig, bool]:
+    """The student of a training checkpoint (its EMA weights when present and asked for)."""
+    state = load_checkpoint(path)
+    if 'config' not in state or 'student' not in state:
+        raise CheckpointError(f'{path} is not a scalekd training checkpoint (no config / student entries)')
+    cfg = config_from_dict(state['config'])
+    d = cfg.data
+    student = create_timm_model(cfg.student.model, (d.img_size, d.img_size), role='student',
+                                num_classes=d.num_classes, in_chans=d.in_chans, **cfg.student.kwargs)
+    ema = use_ema and state.get('ema') is not None
+    student.load_state_dict(state['ema'] if ema else state['student'])
+    return student, cfg, ema
+
+
+def export_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], use_ema: bool = True) -> Tuple[Path, bool]:
+    """Export the student of a training checkpoint; returns (weights path, whether EMA weights were used)."""
+    student, cfg, ema = student_from_checkpoint(path, use_ema)
+    return export_student(student, out_dir, _data_config(cfg)), ema
+
+
+def load_student(path: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A student from a training checkpoint (``.pth``) or an export folder / its ``model.safetensors``.
+
+    Returns the model and its data config (input size, interpolation, crop, mean, std).
+    """
+    path = Path(path)
+    if path.suffix == '.pth':
+        student, cfg, _ = student_from_checkpoint(path)
+        data_config = _data_config(cfg)
+        data_config.setdefault('mean', tuple(student.pretrained_cfg.get('mean', (0.485, 0.456, 0.406))))
+        data_config.setdefault('std', tuple(student.pretrained_cfg.get('std', (0.229, 0.224, 0.225))))
+        return student, data_config
+    folder = path.parent if path.suffix == '.safetensors' else path
+    if not (folder / 'config.json').is_file() or not (folder / 'model.safetensors').is_file():
+        raise WeightsError(f'{path} is neither a training checkpoint (.pth) nor an export folder with '
+                           f'config.json and model.safetensors')
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    return model, timm.data.resolve_data_config({}, model=model)

@@ -1,0 +1,36 @@
+"""Mixed precision: which dtype a run uses, and its autocast context."""
+from contextlib import nullcontext
+from typing import ContextManager, Optional
+
+import torch
+
+__all__ = ['resolve_precision', 'autocast', 'cpu_has_fast_bf16']
+
+PRECISIONS = ('fp32', 'bf16', 'fp16', 'auto')
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16); plain AVX2 emulates bf16 slowly."""
+    checks = ('_is_amx_tile_supported', '_is_avx512_bf16_supported')
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the hardware runs it fast, else ``fp32``; others are checked."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'unknown precision {precision!r}; choose one of {", ".join(PRECISIONS)}')
+    if precision == 'auto':
+        if device.type == 'cuda':
+            return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+        return 'bf16' if cpu_has_fast_bf16() else 'fp32'
+    if precision == 'fp16' and device.type != 'cuda':
+        raise ValueError('fp16 autocast needs a CUDA device; use bf16 on CPU')
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> ContextManager:
+    """The autocast context of a resolved precision (a no-op for fp32)."""
+    dtype: Optional[torch.dtype] = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

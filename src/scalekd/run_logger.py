@@ -1,0 +1,90 @@
+"""Run logging: console and ``train.log``, a JSON-lines metrics file, TensorBoard and (optional) W&B.
+
+Only the main process writes; other ranks get a logger that stays silent.
+"""
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+from tqdm import tqdm
+
+from .config import LogConfig
+
+__all__ = ['RunLogger']
+
+
+class RunLogger:
+    """Writes what a run reports. ``out_dir=None`` (non-main ranks, dry runs) writes no file."""
+
+    def __init__(self, out_dir: Optional[Path], cfg: LogConfig, enabled: bool = True, wandb_config: Optional[dict] = None):
+        self.enabled = enabled
+        self.cfg = cfg
+        self.log = logging.getLogger('scalekd')
+        self.log.setLevel(logging.INFO)
+        self.log.handlers.clear()
+        self.log.propagate = False
+        self.metrics_file = None
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter('%(message)s'))
+        self.log.addHandler(handler)
+        if out_dir is None:
+            return
+        file_handler = logging.FileHandler(out_dir / 'train.log')
+        file_handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+        self.log.addHandler(file_handler)
+        self.metrics_file = open(out_dir / 'metrics.jsonl', 'a')
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=str(out_dir / 'tensorboard'))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError('log.wandb is on but the wandb package is not installed (pip install wandb)') from None
+            self.wandb = wandb.init(project=cfg.wandb_project, dir=str(out_dir), config=wandb_config,
+                                    name=out_dir.name, resume='allow')
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            self.log.info(message)
+
+    def progress(self, iterable: Iterable, total: int, desc: str):
+        """A progress bar on the main process when enabled."""
+        if not (self.enabled and self.cfg.progress):
+            return iterable
+        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stdout)
+
+    def metrics(self, record: Dict[str, Any], step: int, prefix: str) -> None:
+        """One JSON line, plus TensorBoard / W&B scalars under ``prefix/``."""
+        if not self.enabled:
+            return
+        record = dict(record, time=round(time.time(), 3))
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + '\n')
+            self.metrics_file.flush()
+        scalars = {f'{prefix}/{k}': v for k, v in record.items()
+                   if isinstance(v, (int, float)) and k not in ('epoch', 'step', 'time')}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        for handler in list(self.log.handlers):
+            handler.close()
+            self.log.removeHandler(handler)

@@ -1,0 +1,52 @@
+"""Loading weight files safely: safetensors, or torch files with ``weights_only`` (no pickle code runs)."""
+from pathlib import Path
+from typing import Dict, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ['WeightsError', 'read_state_dict', 'load_weights']
+
+
+class WeightsError(ValueError):
+    """A weight file that is missing, unreadable, unsafe or does not fit its model."""
+
+
+def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a torch file (its ``state_dict`` / ``model`` entry if nested)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f'weight file {path} does not exist')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise WeightsError(f'{path} is not a readable safetensors file: {e}') from None
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # UnpicklingError for unsafe content, RuntimeError / EOFError for truncated files
+        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {str(e).splitlines()[0]}') from None
+    for key in ('state_dict', 'model', 'state_dict_ema'):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise WeightsError(f'{path} holds no state dict of tensors')
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in data.items()}
+
+
+def load_weights(model: nn.Module, path: Union[str, Path], what: str = 'model') -> None:
+    """Load a weight file into ``model``; mismatched keys or shapes are an error that lists them."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        def show(keys):
+            return ', '.join(keys[:8]) + (f' (+{len(keys) - 8} more)' if len(keys) > 8 else '')
+        problems = [f'{label} keys: {show(keys)}' for label, keys in
+                    (('missing', missing), ('unexpected', unexpected), ('shape-mismatched', shapes)) if keys]
+        raise WeightsError(f'{path} does not fit the {what} ({type(model).__name__}): ' + '; '.join(problems))
+    model.load_state_dict(state)

@@ -1,0 +1,167 @@
+"""The training engine end to end on a tiny generated ImageFolder (CPU, fp32)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from engine_fixtures import make_image_folder, tiny_config
+from scalekd.checkpoint import load_checkpoint
+from scalekd.cli import main
+from scalekd.engine import build_task
+from scalekd.config import load_config
+from scalekd.export import load_student
+from scalekd.weights import WeightsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('data'), train_per_class=8, val_per_class=4)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data_root):
+    tmp = tmp_path_factory.mktemp('trained')
+    cfg = tiny_config(tmp, data_root)
+    assert main(['train', str(cfg)]) == 0
+    return tmp / 'run', cfg
+
+
+def _records(run: Path):
+    return [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_train_writes_checkpoints_metrics_tensorboard_and_config(trained):
+    run, _ = trained
+    assert {'checkpoint-0001.pth', 'checkpoint-0002.pth', 'best.pth', 'config.yaml', 'metrics.jsonl',
+            'train.log'} <= set(os.listdir(run))
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(run / 'tensorboard'))
+    records = _records(run)
+    epochs = [r for r in records if 'val_top1' in r]
+    assert [r['epoch'] for r in epochs] == [1, 2]
+    steps = [r for r in records if 'val_top1' not in r]
+    assert steps[0]['step'] == 1 and {'loss', 'task_loss', 'kd_loss', 'proxy_ori', 's4_alt', 'lr'} <= set(steps[0])
+    state = load_checkpoint(run / 'checkpoint-0002.pth')
+    assert {'student', 'task_state', 'optimizer', 'scheduler', 'rng', 'config', 'epoch', 'step'} <= set(state)
+    assert state['epoch'] == 2 and state['step'] == 6
+    assert not any(k.startswith('student.') for k in state['task_state']['distill'])
+    log = (run / 'train.log').read_text()
+    assert 'params: student' in log and 'tap s4' in log and 'best top-1' in log
+
+
+def test_eval_reproduces_logged_top1_and_export_loads_in_timm(trained, data_root, tmp_path, capsys):
+    run, cfg_path = trained
+    best = max((r for r in _records(run) if 'val_top1' in r), key=lambda r: r['val_top1'])
+    assert main(['eval', str(run / 'best.pth'), '--data', str(data_root / 'val'), '--workers', '0', '--json']) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics['top1'] == pytest.approx(best['val_top1']) and metrics['count'] == 12
+
+    assert main(['export', str(run / 'best.pth'), '--out', str(tmp_path / 'export')]) == 0
+    assert 'exported student to' in capsys.readouterr().out
+    weights = tmp_path / 'export' / 'model.safetensors'
+    cfg = load_config(cfg_path)
+    model = timm.create_model('resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(weights), num_classes=3),
+                              num_classes=3, layers=[1, 1, 1, 1]).eval()
+    trained_student, _ = load_student(run / 'best.pth')
+    x = torch.randn(2, 3, cfg.data.img_size, cfg.data.img_size)
+    torch.testing.assert_close(model(x), trained_student.eval()(x))
+    assert main(['eval', str(tmp_path / 'export'), '--data', str(data_root / 'val'), '--workers', '0', '--json']) == 0
+    assert json.loads(capsys.readouterr().out)['top1'] == pytest.approx(best['val_top1'])
+
+
+def test_existing_output_is_refused_and_nothing_half_written(trained, data_root, tmp_path, capsys):
+    run, cfg_path = trained
+    assert main(['train', str(cfg_path)]) == 2
+    assert 'already holds a run; pass --resume auto' in capsys.readouterr().err
+    # a bad model name fails before the output folder exists
+    cfg = tiny_config(tmp_path, data_root, student=dict(model='resnet_18'))
+    assert main(['train', str(cfg)]) == 2
+    assert "unknown student model 'resnet_18'" in capsys.readouterr().err
+    assert not (tmp_path / 'run').exists()
+    cfg = tiny_config(tmp_path, tmp_path / 'nowhere')
+    assert main(['train', str(cfg)]) == 2
+    assert 'nowhere/train does not exist' in capsys.readouterr().err
+    assert not (tmp_path / 'run').exists()
+
+
+def _train_cmd(cfg, *extra):
+    return [sys.executable, '-m', 'scalekd.cli', 'train', str(cfg), *extra]
+
+
+def test_killed_run_resumes_to_the_same_weights(trained, data_root, tmp_path):
+    run, _ = trained
+    cfg = tiny_config(tmp_path, data_root)
+    proc = subprocess.Popen(_train_cmd(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / 'run' / 'checkpoint-0001.pth'
+    while proc.poll() is None and not first.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (tmp_path / 'run' / 'checkpoint-0002.pth').exists()
+    assert main(['train', str(cfg), '--resume', 'auto']) == 0
+    resumed = load_checkpoint(tmp_path / 'run' / 'checkpoint-0002.pth')
+    straight = load_checkpoint(run / 'checkpoint-0002.pth')
+    for key, value in straight['student'].items():
+        assert torch.equal(value, resumed['student'][key]), key
+    for key, value in straight['task_state']['distill'].items():
+        assert torch.equal(value, resumed['task_state']['distill'][key]), key
+    assert resumed['scheduler'] == straight['scheduler']
+
+
+def test_torchrun_two_processes_match_single_process_at_step_1(data_root, tmp_path):
+    # no BatchNorm anywhere (ConvNeXt student -> LayerNorm CAP) and deterministic crops, so the
+    # 2 x 4 split of the global batch of 8 must give the single-process loss
+    sections = dict(student=dict(model='convnext_tiny', kwargs=dict(depths=[1, 1, 1, 1], dims=[16, 32, 64, 128])),
+                    data=dict(scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0),
+                    sched=dict(epochs=1))
+    (tmp_path / 'single').mkdir()
+    single = tiny_config(tmp_path / 'single', data_root, output=str(tmp_path / 'single' / 'run'), **sections)
+    assert main(['train', str(single)]) == 0
+    (tmp_path / 'ddp').mkdir()
+    ddp = tiny_config(tmp_path / 'ddp', data_root, output=str(tmp_path / 'ddp' / 'run'), **sections)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                             '--master_port', '29517', '-m', 'scalekd.cli', 'train', str(ddp)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _records(tmp_path / 'single' / 'run'), _records(tmp_path / 'ddp' / 'run')
+    for key in ('loss', 'task_loss', 'kd_loss', 'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'):
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-4), key
+    assert two[-1]['val_count'] == one[-1]['val_count'] == 12  # every val image counted once over 2 ranks
+
+
+def test_teacher_checkpoint_loading(data_root, tmp_path):
+    cfg_path = tiny_config(tmp_path, data_root)
+    cfg = load_config(cfg_path)
+    teacher = build_task(cfg, torch.device('cpu')).teacher.model
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    save_file(state, str(tmp_path / 'teacher.safetensors'))
+    torch.save({'state_dict': state}, tmp_path / 'teacher.pth')
+    for name in ('teacher.safetensors', 'teacher.pth'):
+        cfg = load_config(cfg_path, [f'teacher.checkpoint={tmp_path / name}'])
+        loaded = build_task(cfg, torch.device('cpu')).teacher.model
+        assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    bad = dict(state)
+    bad.pop('head.weight')
+    bad['extra.weight'] = torch.zeros(1)
+    save_file(bad, str(tmp_path / 'bad.safetensors'))
+    cfg = load_config(cfg_path, [f'teacher.checkpoint={tmp_path / "bad.safetensors"}'])
+    with pytest.raises(WeightsError, match=r'missing keys: head.weight; unexpected keys: extra.weight'):
+        build_task(cfg, torch.device('cpu'))
+
+
+def test_dry_run_writes_nothing(data_root, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, tmp_path / 'no-data-needed')
+    assert main(['train', str(cfg), '--dry-run']) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['finite'] and {'proxy_ori', 's4_alt', 'kd_loss'} <= set(report['losses'])
+    assert not (tmp_path / 'run').exists()
