@@ -51,8 +51,9 @@ def test_train_writes_checkpoints_metrics_tensorboard_and_config(trained):
     steps = [r for r in records if 'val_top1' not in r]
     assert steps[0]['step'] == 1 and {'loss', 'task_loss', 'kd_loss', 'proxy_ori', 's4_alt', 'lr'} <= set(steps[0])
     state = load_checkpoint(run / 'checkpoint-0002.pth')
-    assert {'student', 'task_state', 'optimizer', 'scheduler', 'rng', 'config', 'epoch', 'step'} <= set(state)
-    assert state['epoch'] == 2 and state['step'] == 6
+    assert {'student', 'task_state', 'optimizer', 'scheduler', 'scaler', 'ema', 'rng', 'config',
+            'progress'} <= set(state)
+    assert state['progress']['epoch'] == 2 and state['progress']['step'] == 6
     assert not any(k.startswith('student.') for k in state['task_state']['distill'])
     log = (run / 'train.log').read_text()
     assert 'params: student' in log and 'tap s4' in log and 'best top-1' in log

@@ -4,15 +4,16 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ['save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'rng_state', 'set_rng_state',
-           'CheckpointError']
+__all__ = ['save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'checkpoints_by_age', 'rng_state',
+           'set_rng_state', 'CheckpointError']
 
-_EPOCH_FILE = re.compile(r'checkpoint-(\d+)\.pth$')
+# checkpoint-EEEE.pth after E epochs; checkpoint-EEEE-BBBBBB.pth after E epochs and B batches of the next
+_CHECKPOINT_FILE = re.compile(r'^checkpoint-(\d+)(?:-(\d+))?\.pth$')
 
 
 class CheckpointError(ValueError):
@@ -65,13 +66,19 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
         raise CheckpointError(f'checkpoint {path} cannot be loaded safely: {str(e).splitlines()[0]}') from None
 
 
-def latest_checkpoint(folder: Union[str, Path]) -> Optional[Path]:
-    """The newest ``checkpoint-NNNN.pth`` in ``folder`` that loads, or ``None``."""
+def checkpoints_by_age(folder: Union[str, Path]) -> List[Path]:
+    """The run's checkpoints in ``folder``, oldest first by (epochs, batches) done."""
     folder = Path(folder)
     if not folder.is_dir():
-        return None
-    found = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH_FILE.search(p.name))), reverse=True)
-    for _, path in found:
+        return []
+    found = [((int(m.group(1)), int(m.group(2) or 0)), p) for p in folder.iterdir()
+             if (m := _CHECKPOINT_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(folder: Union[str, Path]) -> Optional[Path]:
+    """The newest checkpoint in ``folder`` that loads completely, or ``None``."""
+    for path in reversed(checkpoints_by_age(folder)):
         try:
             load_checkpoint(path)
             return path

@@ -87,6 +87,9 @@ def _add_train(sub) -> None:
     p.add_argument('--dry-run', action='store_true', help='build at full size with random weights, run one step '
                                                           'on a synthetic batch, write nothing')
     p.add_argument('--dry-run-batch', type=int, default=2, help='batch of the dry-run step (default 2)')
+    p.add_argument('--deterministic', action='store_true', help='deterministic algorithms (same as '
+                                                                '-o train.deterministic=true)')
+    p.add_argument('--max-nan-skips', type=int, metavar='N', help='skip up to N batches whose loss is not finite')
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     p.set_defaults(func=_run_train)
 
@@ -94,16 +97,25 @@ def _add_train(sub) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .distributed import cleanup, init_distributed
-    from .engine import Trainer, dry_run
-    cfg = load_config(args.config, args.override)
-    env = init_distributed(args.device)
+    from .engine import RunInterrupted, Trainer, dry_run
+    overrides = list(args.override or [])
+    if args.deterministic:
+        overrides.append('train.deterministic=true')
+    if args.max_nan_skips is not None:
+        overrides.append(f'train.max_nan_skips={args.max_nan_skips}')
+    cfg = load_config(args.config, overrides)
+    env = init_distributed(args.device, cfg.train.dist_timeout_s)
     try:
         if args.dry_run:
             report = dry_run(cfg, env.device, args.dry_run_batch)
             if env.is_main:
                 print(json.dumps(report, indent=2))
             return 0 if report['finite'] else 1
-        Trainer(cfg, env, resume=args.resume, force=args.force).fit()
+        try:
+            Trainer(cfg, env, resume=args.resume, force=args.force).fit()
+        except RunInterrupted as e:
+            print(f'scalekd train: {e}', file=sys.stderr)
+            return 130
         return 0
     finally:
         cleanup(env)
@@ -160,7 +172,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FloatingPointError) as e:
+    except (ValueError, RuntimeError, FloatingPointError, FileNotFoundError) as e:
         print(f'scalekd {args.command}: error: {e}', file=sys.stderr)
         return 2
 

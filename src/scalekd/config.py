@@ -63,7 +63,8 @@ class DataConfig:
     mean: Optional[Tuple[float, ...]] = None   # default: the student's pretrained cfg
     std: Optional[Tuple[float, ...]] = None
     workers: int = 4
-    skip_unreadable: bool = False
+    check_images: Optional[bool] = None   # decode every image before training; None: when <= 50,000 images
+    skip_unreadable: bool = False         # skip (and count) unreadable images instead of stopping
 
 
 @dataclass
@@ -100,8 +101,11 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.9999
     eval_every: int = 1
-    keep_checkpoints: int = 2    # newest per-epoch checkpoints kept (best.pth is kept apart)
-    deterministic: bool = False
+    keep_checkpoints: int = 2    # newest checkpoints kept (best.pth is kept apart)
+    checkpoint_every_steps: int = 0  # also checkpoint within epochs, every N optimizer steps (0: epoch ends only)
+    max_nan_skips: int = 0       # batches with a non-finite loss that may be skipped before the run stops
+    deterministic: bool = False  # deterministic algorithms (with the seed: bit-identical CPU runs)
+    dist_timeout_s: int = 1800   # a collective waiting longer on a dead rank fails
 
 
 @dataclass

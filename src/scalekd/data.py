@@ -1,10 +1,12 @@
 """Datasets, transforms and loaders: ImageNet-style folders through timm's dataset and transform builders."""
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from PIL import Image
 from timm.data import ImageDataset, Mixup, create_transform
 from timm.data.readers.img_extensions import get_img_extensions
 
@@ -13,7 +15,9 @@ from .distributed import DistEnv
 
 __all__ = ['DataError', 'Datasets', 'build_datasets', 'build_loaders', 'build_mixup', 'seed_epoch', 'ShardSampler']
 
-DATASETS = ('folder',)
+DATASETS = ('folder', 'fashion_mnist')
+_CHECK_AUTO_LIMIT = 50_000
+_logger = logging.getLogger('scalekd')
 
 
 class DataError(ValueError):
@@ -25,6 +29,7 @@ class Datasets:
     train: Dataset
     val: Dataset
     classes: Sequence[str]
+    skipped: int = 0  # unreadable images dropped before training
 
 
 def build_transforms(cfg: DataConfig, mean: Tuple[float, ...], std: Tuple[float, ...]):
@@ -51,6 +56,61 @@ def class_folders(split_dir: Path) -> Sequence[str]:
     return classes
 
 
+class CheckedImageDataset(ImageDataset):
+    """timm's ``ImageDataset`` that names an unreadable image instead of silently skipping it
+    (with ``skip_unreadable``: skips it with a warning that names it)."""
+
+    def __init__(self, root: str, skip_unreadable: bool = False, **kwargs):
+        super().__init__(root, **kwargs)
+        self.skip_unreadable = skip_unreadable
+
+    def unreadable(self) -> List[Tuple[str, str]]:
+        """(file, error) of every image that does not decode (a full read of each file)."""
+        bad = []
+        for path, _ in self.reader.samples:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+            except (OSError, SyntaxError, ValueError) as e:
+                bad.append((str(path), str(e).splitlines()[0] if str(e) else type(e).__name__))
+        return bad
+
+    def drop(self, files: Sequence[str]) -> None:
+        drop = set(files)
+        self.reader.samples = [s for s in self.reader.samples if str(s[0]) not in drop]
+
+    def __getitem__(self, index):
+        path, target = self.reader.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.input_img_mode)
+        except (OSError, SyntaxError, ValueError) as e:
+            if not self.skip_unreadable:
+                raise DataError(f'unreadable image {path}: {e} (set data.skip_unreadable: true to skip such '
+                                f'images)') from None
+            _logger.warning(f'skipped unreadable image {path}: {e}')
+            return self[(index + 1) % len(self)]
+        return (self.transform(img) if self.transform is not None else img), target
+
+
+def _check_images(datasets: Sequence[CheckedImageDataset], cfg: DataConfig) -> int:
+    """Decode every image before training (``data.check_images``; ``auto``: when there are at most
+    ``_CHECK_AUTO_LIMIT`` images); refuse unreadable ones, or drop and count them with ``skip_unreadable``."""
+    total = sum(len(d) for d in datasets)
+    if cfg.check_images is False or (cfg.check_images is None and total > _CHECK_AUTO_LIMIT):
+        return 0
+    bad = [item for d in datasets for item in d.unreadable()]
+    if not bad:
+        return 0
+    if not cfg.skip_unreadable:
+        listed = '; '.join(f'{f}: {e}' for f, e in bad[:5]) + (f' (+{len(bad) - 5} more)' if len(bad) > 5 else '')
+        raise DataError(f'{len(bad)} unreadable image(s): {listed}. Fix or remove them, or set '
+                        f'data.skip_unreadable: true to skip them')
+    for d in datasets:
+        d.drop([f for f, _ in bad])
+    return len(bad)
+
+
 def _folder_datasets(cfg: DataConfig, train_tf, val_tf) -> Datasets:
     root = Path(cfg.root)
     classes = class_folders(root / cfg.train_split)
@@ -60,9 +120,17 @@ def _folder_datasets(cfg: DataConfig, train_tf, val_tf) -> Datasets:
         raise DataError(f'{root / cfg.val_split} and {root / cfg.train_split} have different classes: {extra[:10]}')
     class_map = {c: i for i, c in enumerate(classes)}
     mode = 'L' if cfg.in_chans == 1 else 'RGB'
-    train = ImageDataset(str(root / cfg.train_split), class_map=class_map, transform=train_tf, input_img_mode=mode)
-    val = ImageDataset(str(root / cfg.val_split), class_map=class_map, transform=val_tf, input_img_mode=mode)
-    return Datasets(train, val, classes)
+    train, val = (CheckedImageDataset(str(root / split), skip_unreadable=cfg.skip_unreadable, class_map=class_map,
+                                      transform=tf, input_img_mode=mode)
+                  for split, tf in ((cfg.train_split, train_tf), (cfg.val_split, val_tf)))
+    return Datasets(train, val, classes, skipped=_check_images((train, val), cfg))
+
+
+def _fashion_datasets(cfg: DataConfig, train_tf, val_tf) -> Datasets:
+    from .fashion_mnist import FashionMNIST, find_fashion_mnist
+    folder = find_fashion_mnist(cfg.root or None)
+    train = FashionMNIST(folder, cfg.train_split, train_tf)
+    return Datasets(train, FashionMNIST(folder, cfg.val_split, val_tf), train.classes)
 
 
 def build_datasets(cfg: DataConfig, mean: Tuple[float, ...], std: Tuple[float, ...], seed: int = 0) -> Datasets:
@@ -70,7 +138,8 @@ def build_datasets(cfg: DataConfig, mean: Tuple[float, ...], std: Tuple[float, .
     if cfg.dataset not in DATASETS:
         raise DataError(f'unknown dataset {cfg.dataset!r}; choose one of {", ".join(DATASETS)}')
     train_tf, val_tf = build_transforms(cfg, mean, std)
-    data = _folder_datasets(cfg, train_tf, val_tf)
+    make = _fashion_datasets if cfg.dataset == 'fashion_mnist' else _folder_datasets
+    data = make(cfg, train_tf, val_tf)
     if len(data.classes) != cfg.num_classes:
         raise DataError(f'{cfg.root} has {len(data.classes)} classes but data.num_classes is {cfg.num_classes}')
     if cfg.train_subset is not None:
@@ -95,8 +164,7 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def build_loaders(data: Datasets, cfg: DataConfig, batch_per_rank: int, env: DistEnv, seed: int):
     """Train loader (shuffled by seed and epoch through ``DistributedSampler.set_epoch``) and eval loader."""
-    sampler = DistributedSampler(data.train, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                 seed=seed, drop_last=True)
+    sampler = EpochSampler(data.train, batch_per_rank, env, seed)
     # workers are re-created each epoch from a generator seeded per epoch (see seed_epoch), so a
     # resumed run draws the same augmentations
     common = dict(num_workers=cfg.workers, pin_memory=env.device.type == 'cuda')
@@ -108,10 +176,29 @@ def build_loaders(data: Datasets, cfg: DataConfig, batch_per_rank: int, env: Dis
     return train, val
 
 
-def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Fix the shuffle order and the workers' augmentation seeds of one epoch."""
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch part-way, after ``start_batch`` batches (resume)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, env: DistEnv, seed: int):
+        super().__init__(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.start = 0
+
+    def set_start(self, start_batch: int) -> None:
+        self.start = start_batch * self.batch_size
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
+def seed_epoch(loader: DataLoader, seed: int, epoch: int, start_batch: int = 0) -> None:
+    """Fix the shuffle order and the workers' augmentation seeds of one epoch (from ``start_batch`` on)."""
     loader.sampler.set_epoch(epoch)
-    loader.generator.manual_seed(seed * 100_003 + epoch)
+    loader.sampler.set_start(start_batch)
+    loader.generator.manual_seed(seed * 100_003 + epoch * 1_009 + start_batch)
 
 
 def build_mixup(cfg: DataConfig) -> Optional[Mixup]:

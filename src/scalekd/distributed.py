@@ -1,5 +1,6 @@
 """Process group set-up from torchrun's environment, and the few collectives the engine needs."""
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Dict
 
@@ -26,7 +27,7 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device: str = 'auto') -> DistEnv:
+def init_distributed(device: str = 'auto', timeout_s: int = 1800) -> DistEnv:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``MASTER_ADDR``/``MASTER_PORT``); nccl on CUDA, gloo on CPU. One process without them."""
     use_cuda = torch.cuda.is_available() if device == 'auto' else device == 'cuda'
@@ -39,7 +40,7 @@ def init_distributed(device: str = 'auto') -> DistEnv:
     else:
         dev = torch.device('cpu')
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+        dist.init_process_group(backend='nccl' if use_cuda else 'gloo', timeout=timedelta(seconds=timeout_s))
     return DistEnv(rank, world_size, local_rank, dev)
 
 

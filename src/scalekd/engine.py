@@ -1,6 +1,9 @@
 """The training engine: builds a run from its config and trains, evaluates, checkpoints and resumes it."""
+import dataclasses
 import math
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,7 +19,8 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, random_seed
 
 from .builder import build_distiller
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (checkpoints_by_age, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import RunConfig, config_to_dict, save_config
 from .data import build_datasets, build_loaders, build_mixup, seed_epoch
 from .distiller import Distiller
@@ -27,7 +31,7 @@ from .precision import autocast, resolve_precision
 from .run_logger import RunLogger
 from .weights import load_weights
 
-__all__ = ['Trainer', 'build_task', 'evaluate', 'dry_run', 'input_normalization', 'RunError']
+__all__ = ['Trainer', 'build_task', 'evaluate', 'dry_run', 'input_normalization', 'RunError', 'RunInterrupted']
 
 
 class RunError(ValueError):
@@ -102,12 +106,21 @@ def evaluate(model: nn.Module, loader, env: DistEnv, precision: str, channels_la
 
 @dataclass
 class _Progress:
-    epoch: int = 0     # next epoch to run
+    """Where a run stands; saved in every checkpoint."""
+    epoch: int = 0     # epochs completed
+    batch: int = 0     # batches of the current epoch consumed (mid-epoch checkpoints)
     step: int = 0      # optimizer updates done
     best_top1: float = -1.0
     best_top5: float = 0.0
     best_epoch: int = -1
+    nan_skips: int = 0
+    totals: Dict[str, float] = field(default_factory=dict)  # loss sums of the current epoch
+    seen: int = 0                                            # images of the current epoch (this rank)
     history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+class RunInterrupted(RuntimeError):
+    """SIGTERM / SIGINT stopped the run after saving a checkpoint."""
 
 
 class Trainer:
@@ -116,7 +129,7 @@ class Trainer:
     Args:
         cfg: the validated run config.
         env: this process's place in the (possibly distributed) run.
-        resume: ``None``, ``'auto'`` (newest checkpoint in the output folder, if any) or a path.
+        resume: ``None``, ``'auto'`` (newest complete checkpoint in the output folder, if any) or a path.
         force: start afresh in an output folder that holds another run.
     """
 
@@ -129,7 +142,7 @@ class Trainer:
                            f'x {tcfg.accum_steps} accumulation step(s)')
         self.batch_per_rank = tcfg.batch_size // (env.world_size * tcfg.accum_steps)
         if tcfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.use_deterministic_algorithms(True)
         self.out_dir = Path(cfg.output)
         resume_path = self._resume_path(resume, force)  # checks the output folder; writes nothing
 
@@ -169,35 +182,34 @@ class Trainer:
         barrier(env)
         self.logger = RunLogger(self.out_dir, cfg.log, enabled=env.is_main, wandb_config=config_to_dict(cfg))
         if resume_path is not None:
-            self.logger.info(f'resumed from {resume_path} at epoch {self.progress.epoch}, step {self.progress.step}')
+            self.logger.info(f'resumed from {resume_path} at epoch {self.progress.epoch} + '
+                             f'{self.progress.batch} batches, step {self.progress.step}')
+        self._stop_signal: Optional[int] = None
 
-    # -- output folder and resume -------------------------------------------------------------
+    # -- output folder, checkpoints and resume ---------------------------------------------------
     def _resume_path(self, resume: Optional[str], force: bool) -> Optional[Path]:
-        saved = self.out_dir / 'config.yaml'
         if resume == 'auto':
             return latest_checkpoint(self.out_dir)
         if resume:
             return Path(resume)
-        if saved.exists() and not force:
+        if (self.out_dir / 'config.yaml').exists() and not force:
             raise RunError(f'output folder {self.out_dir} already holds a run; pass --resume auto to continue '
                            f'it or --force to start over')
         return None
 
-    def _state(self, epoch_done: int) -> Dict[str, Any]:
+    def _state(self) -> Dict[str, Any]:
         rngs = [None] * self.env.world_size
         if self.env.distributed:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        p = self.progress
         return dict(
-            epoch=epoch_done + 1, step=p.step, world_size=self.env.world_size,
+            progress=dataclasses.asdict(self.progress), world_size=self.env.world_size,
             student=self.task.student.state_dict(), task_state=self.task.get_task_state(),
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             ema=self.ema.module.state_dict() if self.ema is not None else None,
-            rng=rngs, config=config_to_dict(self.cfg),
-            best=dict(top1=p.best_top1, top5=p.best_top5, epoch=p.best_epoch), history=p.history)
+            rng=rngs, config=config_to_dict(self.cfg))
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -209,22 +221,28 @@ class Trainer:
             self.scaler.load_state_dict(state['scaler'])
         if self.ema is not None and state.get('ema'):
             self.ema.module.load_state_dict(state['ema'])
+        self.progress = _Progress(**state['progress'])
         rngs = state['rng']
-        set_rng_state(rngs[self.env.rank] if len(rngs) == self.env.world_size else rngs[0])
-        best = state['best']
-        self.progress = _Progress(state['epoch'], state['step'], best['top1'], best['top5'], best['epoch'],
-                                  list(state.get('history', [])))
+        if len(rngs) == self.env.world_size:
+            set_rng_state(rngs[self.env.rank])
+        else:  # a different number of processes: the global batch and schedule carry over, not the streams
+            random_seed(self.cfg.seed + self.progress.step, self.env.rank)
+            self.progress.batch = self.progress.batch * state['world_size'] // self.env.world_size
 
-    def _save(self, epoch: int, is_best: bool) -> None:
-        state = self._state(epoch)
+    def _save(self, is_best: bool = False) -> Optional[Path]:
+        """Checkpoint the current state (all ranks take part; rank 0 writes)."""
+        state = self._state()
         if not self.env.is_main:
-            return
-        path = self.out_dir / f'checkpoint-{epoch + 1:04d}.pth'
+            return None
+        p = self.progress
+        name = f'checkpoint-{p.epoch:04d}.pth' if p.batch == 0 else f'checkpoint-{p.epoch:04d}-{p.batch:06d}.pth'
+        path = self.out_dir / name
         save_checkpoint(state, path)
         if is_best:
             save_checkpoint(state, self.out_dir / 'best.pth')
-        for old in sorted(self.out_dir.glob('checkpoint-*.pth'))[:-self.cfg.train.keep_checkpoints]:
+        for old in checkpoints_by_age(self.out_dir)[:-self.cfg.train.keep_checkpoints]:
             old.unlink()
+        return path
 
     # -- training ------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -242,7 +260,8 @@ class Trainer:
                          f"{'x'.join(map(str, t['target_shape']))}, {t['projector']} x{len(t['views'])}, "
                          f"{t['params']:,} params")
         lines.append(f'data {cfg.data.dataset} {cfg.data.root}: {len(self.data.train)} train / {len(self.data.val)} '
-                     f'val images, {len(self.data.classes)} classes')
+                     f'val images, {len(self.data.classes)} classes'
+                     + (f', {self.data.skipped} unreadable image(s) skipped' if self.data.skipped else ''))
         lines.append(f'recipe: {cfg.optim.opt} lr {cfg.optim.lr} wd {cfg.optim.weight_decay}, {cfg.sched.sched} '
                      f'{self.epochs} epochs (warmup {cfg.sched.warmup_epochs}), batch {cfg.train.batch_size} '
                      f'({self.batch_per_rank} x {self.env.world_size} x {cfg.train.accum_steps}), '
@@ -258,44 +277,74 @@ class Trainer:
             images, targets = self.mixup(images, targets)
         return images, targets
 
+    def _check_finite(self, terms: Dict[str, float], epoch: int) -> bool:
+        """True to train on this batch; False to skip it (``max_nan_skips``); raises when out of skips."""
+        if math.isfinite(terms['loss']):
+            return True
+        p = self.progress
+        bad = ', '.join(k for k, v in terms.items() if not math.isfinite(v))
+        where = f'epoch {epoch + 1}, step {p.step + 1}'
+        if p.nan_skips < self.cfg.train.max_nan_skips:
+            p.nan_skips += 1
+            self.logger.info(f'non-finite loss at {where} ({bad}): batch skipped '
+                             f'({p.nan_skips}/{self.cfg.train.max_nan_skips} skips used)')
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        path = self._save()
+        raise FloatingPointError(f'non-finite loss at {where} in term(s) {bad}; the state before it is saved in '
+                                 f'{path}; lower the learning rate or allow --max-nan-skips')
+
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
-        task, cfg, env = self.task, self.cfg, self.env
+        task, cfg, env, p = self.task, self.cfg, self.env, self.progress
         accum = cfg.train.accum_steps
-        seed_epoch(self.train_loader, cfg.seed, epoch)
+        seed_epoch(self.train_loader, cfg.seed, epoch, start_batch=p.batch)
         task.train()
-        totals: Dict[str, float] = {}
         seen, start = 0, time.perf_counter()
-        bar = self.logger.progress(self.train_loader, len(self.train_loader), f'epoch {epoch + 1}/{self.epochs}')
-        for i, (images, targets) in enumerate(bar):
-            if i >= self.updates_per_epoch * accum:
+        total = self.updates_per_epoch * accum
+        bar = self.logger.progress(self.train_loader, total - p.batch, f'epoch {epoch + 1}/{self.epochs}')
+        for images, targets in bar:
+            if p.batch >= total:
                 break
             images, targets = self._step_inputs(images, targets)
-            boundary = (i + 1) % accum == 0
+            boundary = (p.batch + 1) % accum == 0
             with task.no_sync() if not boundary else nullcontext():
                 with autocast(self.precision, env.device):
                     out = task(images, targets)
-                loss = out['loss'] / accum
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            terms = {k: v.detach().float().item() for k, v in out.items() if k != 'output'}
-            if not math.isfinite(terms['loss']):
-                bad = [k for k, v in terms.items() if not math.isfinite(v)]
-                raise FloatingPointError(f'non-finite loss at epoch {epoch + 1}, step {self.progress.step + 1}: '
-                                         f'{", ".join(bad)}')
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + v
+                terms = {k: v.detach().float().item() for k, v in out.items() if k != 'output'}
+                if self._check_finite(terms, epoch):
+                    loss = out['loss'] / accum
+                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                    for k, v in terms.items():
+                        p.totals[k] = p.totals.get(k, 0.0) + v
+                    p.seen += images.shape[0]
             seen += images.shape[0]
+            p.batch += 1
             if boundary:
                 self._update()
-                if self.progress.step == 1 or self.progress.step % cfg.log.interval == 0:
+                if p.step == 1 or p.step % cfg.log.interval == 0:
                     self._log_step(epoch, terms)
+                self._maybe_checkpoint_or_stop(last=p.batch >= total)
             if bar is not self.train_loader:
                 rate = seen * env.world_size / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix({k: f'{v:.3g}' for k, v in terms.items()} | {'img/s': f'{rate:.0f}'}, refresh=False)
         self.scheduler.step(epoch + 1)
-        n = max(i + 1, 1)
-        means = all_reduce_mean({k: v / n for k, v in totals.items()}, env)
+        batches = max(p.seen // self.batch_per_rank, 1)
+        means = all_reduce_mean({k: v / batches for k, v in p.totals.items()}, env)
         means['img_per_s'] = seen * env.world_size / max(time.perf_counter() - start, 1e-9)
+        p.totals, p.seen, p.batch = {}, 0, 0
         return means
+
+    def _maybe_checkpoint_or_stop(self, last: bool) -> None:
+        """Mid-epoch checkpoints every ``train.checkpoint_every_steps``; save and stop on SIGTERM / SIGINT."""
+        stop = self._stop_signal is not None
+        if self.env.distributed:  # every rank must agree, or the checkpoint's collectives would hang
+            stop = all_reduce_sum({'stop': float(stop)}, self.env)['stop'] > 0
+        every = self.cfg.train.checkpoint_every_steps
+        if stop or (every and self.progress.step % every == 0 and not last):
+            path = self._save()
+            if stop:
+                raise RunInterrupted(f'stopped by signal {self._stop_signal or "on another rank"} at step '
+                                     f'{self.progress.step}; checkpoint {path}; continue with --resume auto')
 
     def _update(self) -> None:
         clip = self.cfg.optim.clip_grad
@@ -320,8 +369,25 @@ class Trainer:
         record.update(epoch=epoch + 1, step=self.progress.step, lr=self.optimizer.param_groups[0]['lr'])
         self.logger.metrics(record, self.progress.step, 'train')
 
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_signal = signum
+
     def fit(self) -> Dict[str, Any]:
-        """Train from the current epoch to the last; the best top-1 / top-5 and their epoch."""
+        """Train from where the run stands to the last epoch; the best top-1 / top-5 and their epoch.
+
+        SIGTERM and SIGINT finish the current step, save a checkpoint and raise :class:`RunInterrupted`.
+        """
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._fit()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.logger.close()
+
+    def _fit(self) -> Dict[str, Any]:
         cfg, p = self.cfg, self.progress
         self.logger.info(self.summary())
         for epoch in range(p.epoch, self.epochs):
@@ -342,10 +408,9 @@ class Trainer:
             p.epoch = epoch + 1
             self.logger.metrics(record, p.step, 'epoch')
             self.logger.info(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in record.items()))
-            self._save(epoch, is_best)
+            self._save(is_best)
         best = dict(top1=p.best_top1, top5=p.best_top5, epoch=p.best_epoch)
         self.logger.info(f'best top-1 {best["top1"]:.2f}  top-5 {best["top5"]:.2f}  (epoch {best["epoch"]})')
-        self.logger.close()
         return best
 
 

@@ -53,13 +53,21 @@ def shape_of(x: torch.Tensor) -> Shape:
 
 
 @contextmanager
-def probing(model: nn.Module) -> Iterator[None]:
-    """Run a dummy forward in eval mode without autograd, restoring the training mode after."""
+def probing(model: nn.Module, what: str) -> Iterator[None]:
+    """Run a dummy forward in eval mode without autograd, restoring the training mode after.
+
+    A failure (wrong input size for a fixed-size model, a window that does not fit, ...) becomes an
+    :class:`UnsupportedModelError` that starts with ``what``.
+    """
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             yield
+    except UnsupportedModelError:
+        raise
+    except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
+        raise UnsupportedModelError(f'{what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
     finally:
         model.train(was_training)
 

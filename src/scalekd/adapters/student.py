@@ -68,7 +68,7 @@ class StudentAdapter:
             self.s3_index = len(model.feature_info) - 2
         self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0)
         self.projector_norm = 'ln' if self.family == 'convnext' else 'bn'
-        with probing(model):
+        with probing(model, f'student {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
             _, s3, s4 = self(model, dummy_input(model, img_size, in_chans))
         self.taps = StudentTaps(shape_of(s3), shape_of(s4))
 

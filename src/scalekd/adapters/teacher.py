@@ -69,7 +69,7 @@ class ScaleKDTeacher(DistillationTeacher):
             # avg-pool models (BEiT, EVA) keep their final norm in the head as fc_norm
             fc_norm = getattr(model, 'fc_norm', None)
             self.patch_norm = fc_norm if isinstance(model.norm, nn.Identity) and fc_norm is not None else nn.Identity()
-        with probing(model):
+        with probing(model, f'teacher {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
             feats = self._probe(dummy_input(model, img_size, in_chans))
         self.final_shape: Shape = shape_of(feats.final)
         self.stage_input_shape: Shape = shape_of(feats.stage_input)
