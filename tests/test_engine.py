@@ -166,3 +166,37 @@ def test_dry_run_writes_nothing(data_root, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report['finite'] and {'proxy_ori', 's4_alt', 'kd_loss'} <= set(report['losses'])
     assert not (tmp_path / 'run').exists()
+
+
+def test_ema_accumulation_and_speed_switches(data_root, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, data_root, train=dict(batch_size=8, accum_steps=2, ema=True, ema_decay=0.5,
+                                                      channels_last=True), sched=dict(epochs=1))
+    assert main(['train', str(cfg)]) == 0
+    state = load_checkpoint(tmp_path / 'run' / 'checkpoint-0001.pth')
+    assert state['progress']['step'] == 3  # 24 images = 6 micro-batches of 4 = 3 updates of 2
+    assert state['ema'] is not None and any(not torch.equal(state['ema'][k], state['student'][k])
+                                            for k in state['student'] if state['student'][k].is_floating_point())
+    epoch = _records(tmp_path / 'run')[-1]
+    assert 'ema_top1' in epoch and 'val_top1' in epoch
+    assert main(['export', str(tmp_path / 'run' / 'checkpoint-0001.pth'), '--out', str(tmp_path / 'ema')]) == 0
+    assert 'exported EMA student' in capsys.readouterr().out
+    # bf16 autocast with channels_last runs a full ScaleKD step (slow without AMX, so a dry run only)
+    (tmp_path / 'bf16').mkdir()
+    report_cfg = tiny_config(tmp_path / 'bf16', data_root, train=dict(precision='bf16', channels_last=True))
+    assert main(['train', str(report_cfg), '--dry-run']) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['precision'] == 'bf16' and report['finite']
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings(data_root, tmp_path):
+    from timm.optim import create_optimizer_v2
+    cfg = load_config(tiny_config(tmp_path, data_root, student=dict(
+        model='vit_tiny_patch16_224', kwargs=dict(patch_size=8, embed_dim=64, depth=2, num_heads=2))))
+    task = build_task(cfg, torch.device('cpu'))
+    optimizer = create_optimizer_v2(task.trainable_module, opt='adamw', lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in task.trainable_module.named_parameters()}
+    no_decay = {names[id(p)] for g in optimizer.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    decay = {names[id(p)] for g in optimizer.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    assert {'student.pos_embed', 'student.cls_token', 'student.norm.weight', 'student.blocks.0.attn.qkv.bias',
+            's4.projectors.ori.pos_embed', 's4.projectors.ori.norm.weight'} <= no_decay
+    assert {'student.blocks.0.attn.qkv.weight', 's4.projectors.ori.student_conv.weight'} <= decay

@@ -56,7 +56,7 @@ class StudentAdapter:
         self.label = model_label(model)
         if self.family in _PLAIN:
             depth = len(model.blocks)
-            s3_block = s3_block if s3_block is not None else round(depth * 3 / 4)
+            s3_block = s3_block if s3_block is not None else max(1, min(round(depth * 3 / 4), depth - 1))
             if not 1 <= s3_block < depth:
                 raise ValueError(f'student_s3_block must be in [1, {depth - 1}] for {self.label}, got {s3_block}')
             self.s3_index = s3_block - 1
