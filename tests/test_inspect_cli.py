@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import scalekd.builder as builder
 from scalekd.cli import main
 from scalekd.paper_pairs import PAPER_PAIRS
 
@@ -48,8 +49,26 @@ EXPECTED_TAPS = {
 }
 
 
+@pytest.fixture(scope='module')
+def shared_teachers():
+    """The frozen teachers are built once (random weights) for all pairs that share them."""
+    create = builder.create_timm_model
+    cache = {}
+
+    def cached(name, img_size, role='model', **kwargs):
+        if role != 'teacher':
+            return create(name, img_size, role=role, **kwargs)
+        key = (name, tuple(img_size), tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache.clear()
+            cache[key] = create(name, img_size, role=role, **kwargs)
+        return cache[key]
+    return cached
+
+
 @pytest.mark.parametrize('pair', sorted(PAPER_PAIRS))
-def test_every_table3_pair_builds_at_224(capsys, pair):
+def test_every_table3_pair_builds_at_224(capsys, pair, shared_teachers, monkeypatch):
+    monkeypatch.setattr(builder, 'create_timm_model', shared_teachers)
     report = _inspect_json(capsys, '--pair', pair, '--no-step')
     s3, s4 = EXPECTED_TAPS[pair]
     taps = _taps(report)
@@ -82,7 +101,7 @@ def test_method_and_options_reach_the_report(capsys):
     assert set(report['train_step']['losses']) == {'loss', 'task_loss', 's3_ori', 's4_ori'}
 
 
-def test_text_report_and_errors_exit_non_zero():
+def test_text_report_and_errors_exit_non_zero(capsys):
     run = [sys.executable, '-m', 'scalekd.cli', 'inspect']
     ok = subprocess.run(run + ['--teacher', 'vit_tiny_patch16_224', '--student', 'resnet18', '--img-size', '32',
                                '--teacher-kwarg', 'patch_size=8', '--no-step'], capture_output=True, text=True)
@@ -92,9 +111,7 @@ def test_text_report_and_errors_exit_non_zero():
     assert bad.returncode == 2
     assert "unknown teacher model 'swin_lage_patch4_window7_224'" in bad.stderr and 'did you mean' in bad.stderr
     assert 'Traceback' not in bad.stderr
-    bad = subprocess.run(run + ['--teacher', 'resnet50', '--student', 'resnet18', '--no-step'],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and 'not a supported ScaleKD teacher' in bad.stderr
-    bad = subprocess.run(run + ['--pair', 'swin_l-resnet50', '--option', 'betta=0.5', '--no-step'],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and 'unknown distillation option(s) betta' in bad.stderr
+    assert main(['inspect', '--teacher', 'resnet50', '--student', 'resnet18', '--no-step']) == 2
+    assert 'not a supported ScaleKD teacher' in capsys.readouterr().err
+    assert main(['inspect', '--pair', 'swin_l-resnet50', '--option', 'betta=0.5', '--no-step']) == 2
+    assert 'unknown distillation option(s) betta' in capsys.readouterr().err

@@ -19,6 +19,7 @@ TEACHERS = {
 }
 
 _STUDENT_NAMES = {
+    'eva02': ('eva02_tiny_patch14_224', dict(patch_size=8, embed_dim=64, depth=4, num_heads=2)),
     'resnet': ('resnet18', dict(layers=[1, 1, 1, 1])),
     'resnet_d': ('resnet18d', dict(layers=[1, 1, 1, 1])),
     'convnext': ('convnext_tiny', dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))),

@@ -10,8 +10,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.models.beit import Beit
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
+from timm.models.eva import Eva
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
@@ -28,7 +30,7 @@ STUDENT_FAMILIES = (
     ('convnext', (ConvNeXt,)),
     ('swin', (SwinTransformer,)),
     ('mixer', (MlpMixer,)),
-    ('vit', (VisionTransformer,)),
+    ('vit', (VisionTransformer, Eva, Beit)),
 )
 _PLAIN = ('mixer', 'vit')
 
@@ -67,6 +69,9 @@ class StudentAdapter:
                     f'is hierarchical and uses its second-to-last stage')
             self.s3_index = len(model.feature_info) - 2
         self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0)
+        # avg-pool ViTs (EVA, BEiT) keep their final norm in the head as fc_norm
+        self.uses_fc_norm = isinstance(getattr(model, 'norm', None), nn.Identity) and \
+            not isinstance(getattr(model, 'fc_norm', nn.Identity()), nn.Identity)
         self.projector_norm = 'ln' if self.family == 'convnext' else 'bn'
         with probing(model, f'student {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
             _, s3, s4 = self(model, dummy_input(model, img_size, in_chans))
@@ -75,7 +80,8 @@ class StudentAdapter:
     def final_map(self, model: nn.Module, final: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """``forward_features`` output -> the s4 map (N, C, H, W)."""
         if self.family in _PLAIN:
-            return tokens_to_map(final, grid, self.num_prefix_tokens)
+            tokens = model.fc_norm(final[:, self.num_prefix_tokens:]) if self.uses_fc_norm else final
+            return tokens_to_map(tokens, grid, 0 if self.uses_fc_norm else self.num_prefix_tokens)
         if self.family == 'swin':
             return final.permute(0, 3, 1, 2)
         if self.family == 'convnext':

@@ -1,0 +1,52 @@
+"""Every experiment config of the paper loads and dry-runs at full size (random weights, batch 1)."""
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+import scalekd.engine as engine
+from scalekd.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+PARTIALS = ('recipes', 'teachers')
+EXPERIMENTS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob('*.yaml')
+                     if p.relative_to(CONFIGS).parts[0] not in PARTIALS)
+
+
+def test_every_paper_experiment_has_a_config():
+    folders = {Path(p).parts[0] for p in EXPERIMENTS}
+    assert {'table1', 'table2', 'table3', 'table4', 'table7', 'table9', 'table13', 'table17', 'fig4',
+            'baselines'} <= folders
+    assert len([p for p in EXPERIMENTS if p.startswith('table3/')]) == 11
+
+
+@pytest.fixture(scope='module')
+def shared_teachers():
+    """Teachers are frozen, so one random-weight build per architecture serves every config."""
+    create = engine._create
+
+    @functools.lru_cache(maxsize=2)
+    def teacher(name, kwargs, img_size, num_classes, in_chans):
+        from scalekd.config import DataConfig, ModelConfig
+        return create(ModelConfig(model=name, kwargs=dict(kwargs)),
+                      DataConfig(img_size=img_size, num_classes=num_classes, in_chans=in_chans), 'teacher', True)
+
+    def cached(model_cfg, data_cfg, role, random_weights):
+        if role != 'teacher':
+            return create(model_cfg, data_cfg, role, random_weights)
+        return teacher(model_cfg.model, tuple(sorted(model_cfg.kwargs.items())), data_cfg.img_size,
+                       data_cfg.num_classes, data_cfg.in_chans)
+    return cached
+
+
+# sorted by teacher so the cache holds while one teacher's configs run
+@pytest.mark.parametrize('name', sorted(EXPERIMENTS, key=lambda p: (load_config(CONFIGS / p).teacher.model, p)))
+def test_config_dry_runs(name, shared_teachers, monkeypatch):
+    monkeypatch.setattr(engine, '_create', shared_teachers)
+    cfg = load_config(CONFIGS / name)
+    report = engine.dry_run(cfg, torch.device('cpu'), batch=1)
+    assert report['finite'], report['losses']
+    options = cfg.distill_options()
+    assert ('kd_loss' in report['losses']) == options.kd
+    assert report['params']['distill'] > 0 or not options.uses_features
