@@ -12,7 +12,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from engine_fixtures import make_image_folder, tiny_config
+from engine_fixtures import tiny_config
 from scalekd.checkpoint import load_checkpoint
 from scalekd.cli import main
 from scalekd.engine import build_task
@@ -20,12 +20,6 @@ from scalekd.config import load_config
 from scalekd.export import load_student
 from scalekd.weights import WeightsError
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('data'), train_per_class=8, val_per_class=4)
 
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from engine_fixtures import make_image_folder, tiny_config
 import scalekd.checkpoint as checkpoint_module
@@ -21,11 +20,6 @@ from scalekd.cli import main
 from scalekd.distiller import Distiller
 from scalekd.weights import WeightsError, read_state_dict
 from tiny_models import IMG, make_teacher
-
-
-@pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('data'), train_per_class=8, val_per_class=4)
 
 
 @pytest.fixture(scope='module')

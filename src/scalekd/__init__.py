@@ -1,5 +1,5 @@
 """ScaleKD: distil strong pre-trained vision transformers into CNN, MLP and ViT students (NeurIPS 2024)."""
-from . import zoo  # registers the paper's extra timm architectures
+from . import zoo  # noqa: F401  (registers the paper's extra timm architectures)
 from .adapters import ScaleKDTeacher, StudentAdapter, UnsupportedModelError
 from .builder import build_distiller
 from .dct import Dct2d, dct_matrix, keep_dc, remove_dc, remove_dc_by_dct

@@ -155,6 +155,39 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser('bench', help='training-step time and peak memory of each ScaleKD component '
+                                     '(the paper\'s Table 15b), side by side')
+    p.add_argument('--teacher', default='swin_small_patch4_window7_224')
+    p.add_argument('--student', default='resnet50')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--steps', type=int, default=3, help='timed steps per variant, after one warm-up step')
+    p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16', 'auto'))
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--device', default='cuda' if _cuda() else 'cpu')
+    p.add_argument('--variants', help='comma-separated subset of: student, kd, fd, cap, cap_dfm, cap_tpp, '
+                                      'cap_dfm_tpp, scalekd')
+    p.add_argument('--option', action='append', metavar='KEY=VALUE', help='distillation option for every variant')
+    p.add_argument('--json', action='store_true', help='print one JSON object')
+    p.set_defaults(func=_run_bench)
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, run_bench
+    report = run_bench(args.teacher, args.student, args.img_size, args.batch, args.steps, args.precision,
+                       args.channels_last, args.device, args.variants.split(',') if args.variants else None,
+                       _key_values(args.option, '--option'),
+                       progress=None if args.json else lambda m: print(m, file=sys.stderr))
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='scalekd', description='ScaleKD: distil a vision transformer teacher '
                                                                  'into a CNN, MLP or ViT student')
@@ -163,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -55,18 +55,20 @@ class DistillationModule(nn.Module):
 
         def projector_factory(src: Shape, dst: Shape, heads: int, query_chs: Optional[int] = None):
             cap_kwargs = dict(num_heads=heads, softmax_scale=options.softmax_scale,
-                              student_norm=taps.projector_norm, query_chs=query_chs)
+                              student_norm=taps.projector_norm, query_chs=query_chs, student_conv=options.cap_conv)
             kwargs = cap_kwargs if options.projector == 'cap' else {}
             return lambda: build_projector(options.projector, src[0], dst[0], src[1:], dst[1:], **kwargs)
 
         s3_target = teacher.stage_input_shape
         s3_factory = projector_factory(taps.taps.s3, s3_target, options.s3_heads)
         query_chs = teacher.final_shape[0] if options.adaptive_queries else None
-        self.s4 = FeatureMimicking(views, projector_factory(taps.taps.s4, teacher.final_shape, options.s4_heads, query_chs))
+        ckpt = options.activation_checkpointing
+        self.s4 = FeatureMimicking(views, projector_factory(taps.taps.s4, teacher.final_shape, options.s4_heads, query_chs),
+                                   ckpt)
         if options.tpp:
-            self.proxy = ProxyPath(FeatureMimicking(views, s3_factory))
+            self.proxy = ProxyPath(FeatureMimicking(views, s3_factory, ckpt))
         elif 's3' in options.stages:
-            self.s3 = FeatureMimicking(views, s3_factory)
+            self.s3 = FeatureMimicking(views, s3_factory, ckpt)
 
     def no_weight_decay(self) -> Set[str]:
         """Student names timm exempts from weight decay, plus the projectors' embeddings."""

@@ -42,7 +42,7 @@ def input_normalization(cfg: RunConfig) -> Tuple[Tuple[float, ...], Tuple[float,
     """The mean / std the data is normalised with: the config's, else the student's pretrained cfg."""
     if cfg.data.mean is not None and cfg.data.std is not None:
         return tuple(cfg.data.mean), tuple(cfg.data.std)
-    from timm.models import get_pretrained_cfg_value, split_model_name_tag
+    from timm.models import get_pretrained_cfg_value
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     name = cfg.student.model
     mean = get_pretrained_cfg_value(name, 'mean') if name else None

@@ -3,7 +3,6 @@ from pathlib import Path
 from typing import Any, Dict, Tuple, Union
 
 import timm
-import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf

@@ -3,6 +3,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .losses import feature_distance
 from .views import View
@@ -17,16 +18,24 @@ class FeatureMimicking(nn.Module):
     ``alt`` views it is dual-view feature mimicking (DFM).
     """
 
-    def __init__(self, views: Sequence[View], make_projector: Callable[[], nn.Module]):
+    def __init__(self, views: Sequence[View], make_projector: Callable[[], nn.Module],
+                 activation_checkpointing: bool = False):
         super().__init__()
         self.views = tuple(views)
         self.projectors = nn.ModuleDict({v.name: make_projector() for v in self.views})
+        self.activation_checkpointing = activation_checkpointing
+
+    def run(self, fn: Callable, *args):
+        """``fn(*args)``, recomputed in backward instead of stored when activation checkpointing is on."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def project(self, x: torch.Tensor, queries: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """Project the student map once per view; ``queries`` maps a view name to its CAP queries."""
         if queries is None:
-            return {v.name: self.projectors[v.name](x) for v in self.views}
-        return {v.name: self.projectors[v.name](x, queries[v.name]) for v in self.views}
+            return {v.name: self.run(self.projectors[v.name], x) for v in self.views}
+        return {v.name: self.run(self.projectors[v.name], x, queries[v.name]) for v in self.views}
 
     def losses(self, projected: Dict[str, torch.Tensor], target: torch.Tensor, prefix: str) -> Dict[str, torch.Tensor]:
         """D(view(projected), view(target)) for each view, named ``{prefix}_{view}``."""

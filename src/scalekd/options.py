@@ -60,6 +60,8 @@ class DistillOptions:
     s3_heads: int = 8
     s4_heads: int = 8
     softmax_scale: float = 5.0
+    cap_conv: str = 'full'                   # 'separable': cheaper CAP student branch (beyond the paper)
+    activation_checkpointing: bool = False   # recompute projectors and the teacher stage in backward
     # taps
     student_s3_block: Optional[int] = None
     teacher_last_blocks: Optional[int] = None
@@ -130,5 +132,7 @@ class DistillOptions:
             raise ValueError('tpp uses both s3 (proxy path) and s4 (original path): set stages to [s3, s4]')
         if self.adaptive_queries and not self.tpp:
             raise ValueError('adaptive_queries come from the TPP proxy path: they need tpp')
+        if self.cap_conv not in ('full', 'separable'):
+            raise ValueError(f"cap_conv must be 'full' or 'separable', got {self.cap_conv!r}")
         if self.adaptive_queries and self.projector != 'cap':
             raise ValueError(f'adaptive_queries need the cap projector, not {self.projector!r}')

@@ -24,5 +24,5 @@ class ProxyPath(nn.Module):
     def forward(self, s3: torch.Tensor, last_stage: LastStage, prefix: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         projected = self.mimicking.project(s3)
         names = list(projected)
-        outputs = last_stage(torch.cat([projected[n] for n in names]), prefix).chunk(len(names))
+        outputs = self.mimicking.run(last_stage, torch.cat([projected[n] for n in names]), prefix).chunk(len(names))
         return dict(zip(names, outputs))

@@ -1,0 +1,147 @@
+"""``scalekd bench``: the training cost of each ScaleKD component, side by side (the paper's Table 15b).
+
+Each variant runs in a fresh process so that its peak memory is its own: on CUDA
+``torch.cuda.max_memory_allocated``, on CPU the process's peak resident set size (``ru_maxrss``,
+which includes the Python / torch runtime, the same for every variant). Step time is the median
+of ``steps`` timed training steps (forward, backward, SGD step) after one warm-up step.
+"""
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .builder import build_distiller
+from .inspection import count_params
+from .precision import autocast, resolve_precision
+
+__all__ = ['VARIANTS', 'measure_variant', 'run_bench', 'format_table']
+
+# name -> distillation options; every variant but ``student`` runs the teacher's forward
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    'student': dict(method='none'),
+    'kd': dict(method='kd'),
+    'fd': dict(method='fd'),
+    'cap': dict(views='single', tpp=False, adaptive_queries=False, kd=False, stages=['s4']),
+    'cap_dfm': dict(tpp=False, adaptive_queries=False, kd=False, stages=['s4']),
+    'cap_tpp': dict(views='single', kd=False),
+    'cap_dfm_tpp': dict(kd=False),
+    'scalekd': dict(),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Build one variant with random weights and time its training step (run in a fresh process)."""
+    device = torch.device(spec['device'])
+    torch.manual_seed(0)
+    options = {**spec.get('options', {}), **VARIANTS[spec['variant']]}
+    task = build_distiller(spec['teacher'], spec['student'], img_size=spec['img_size'], device=device, **options)
+    precision = resolve_precision(spec['precision'], device)
+    params = [p for p in task.trainable_module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    images = torch.randn(spec['batch'], 3, spec['img_size'], spec['img_size'], device=device)
+    targets = torch.randint(0, task.student.num_classes, (spec['batch'],), device=device)
+    if spec['channels_last']:
+        task.trainable_module.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    task.train()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> Dict[str, float]:
+        with autocast(precision, device):
+            out = task(images, targets)
+        out['loss'].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {k: float(v.detach()) for k, v in out.items() if k != 'output'}
+
+    losses = step()  # warm-up
+    times = []
+    for _ in range(spec['steps']):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    if device.type == 'cuda':
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return dict(name=spec['variant'], step_s=statistics.median(times), peak_mb=round(peak_mb, 1),
+                images_per_s=spec['batch'] / statistics.median(times), precision=precision,
+                params=dict(student=count_params(task.student), distill=count_params(task.distill_modules()),
+                            teacher=count_params(task.teacher.model) if task.teacher is not None else 0),
+                losses=losses)
+
+
+def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, steps: int = 3,
+              precision: str = 'fp32', channels_last: bool = False, device: str = 'cpu',
+              variants: Optional[Sequence[str]] = None, options: Optional[Dict[str, Any]] = None,
+              progress=None) -> Dict[str, Any]:
+    """Measure every variant, each in its own process; the JSON-ready result."""
+    names = list(variants or VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f'unknown bench variant(s) {", ".join(unknown)}; choose from {", ".join(VARIANTS)}')
+    rows: List[Dict[str, Any]] = []
+    for name in names:
+        spec = dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,
+                    precision=precision, channels_last=channels_last, device=device, variant=name,
+                    options=options or {})
+        if progress:
+            progress(f'measuring {name} ...')
+        result = subprocess.run([sys.executable, '-m', 'scalekd.bench', json.dumps(spec)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f'bench variant {name} failed: {result.stderr.strip().splitlines()[-1]}')
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    by_name = {r['name']: r for r in rows}
+    if 'kd' in by_name:
+        for r in rows:
+            r['step_x_kd'] = r['step_s'] / by_name['kd']['step_s']
+            r['peak_x_kd'] = r['peak_mb'] / by_name['kd']['peak_mb']
+    device_name = torch.cuda.get_device_name(0) if device.startswith('cuda') else 'cpu'
+    return dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,
+                precision=rows[0]['precision'] if rows else precision, channels_last=channels_last,
+                device=device_name, variants=rows, components=_components(by_name))
+
+
+def _components(rows: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, float]]:
+    """Component costs as increments (CAP over KD, DFM and TPP over CAP) and their sum against the full step."""
+    need = ('kd', 'cap', 'cap_dfm', 'cap_tpp', 'scalekd')
+    if not all(n in rows for n in need):
+        return None
+    t = {n: rows[n]['step_s'] for n in need}
+    parts = dict(kd=t['kd'], cap=t['cap'] - t['kd'], dfm=t['cap_dfm'] - t['cap'], tpp=t['cap_tpp'] - t['cap'])
+    total = sum(parts.values())
+    return dict(parts, sum=total, full=t['scalekd'], unexplained=(t['scalekd'] - total) / t['scalekd'])
+
+
+def format_table(report: Dict[str, Any]) -> str:
+    """The report shaped like the paper's Table 15(b)."""
+    lines = [f"{report['teacher']} -> {report['student']} at {report['img_size']}, batch {report['batch']}, "
+             f"{report['precision']}{' channels_last' if report['channels_last'] else ''} on {report['device']}",
+             f"{'variant':<12} {'step s':>8} {'x KD':>6} {'img/s':>7} {'peak MB':>9} {'x KD':>6} {'distill params':>15}"]
+    for r in report['variants']:
+        lines.append(f"{r['name']:<12} {r['step_s']:>8.3f} {r.get('step_x_kd', float('nan')):>6.2f} "
+                     f"{r['images_per_s']:>7.1f} {r['peak_mb']:>9.0f} {r.get('peak_x_kd', float('nan')):>6.2f} "
+                     f"{r['params']['distill']:>15,}")
+    c = report.get('components')
+    if c:
+        lines.append(f"components: kd {c['kd']:.3f} + cap {c['cap']:.3f} + dfm {c['dfm']:.3f} + tpp {c['tpp']:.3f} "
+                     f"= {c['sum']:.3f} s vs full {c['full']:.3f} s ({100 * c['unexplained']:+.1f}% unexplained)")
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':  # one variant, in its own process: python -m scalekd.bench SPEC_JSON
+    print(json.dumps(measure_variant(json.loads(sys.argv[1]))))

@@ -1,0 +1,129 @@
+"""The faithful path without waste: equal math, one batched teacher-stage call, cheaper options, the bench."""
+import json
+
+import pytest
+import torch
+
+from scalekd import CrossAttentionProjector, Dct2d, build_distiller, feature_distance, remove_dc_by_dct
+from scalekd.cli import main
+from scalekd.mimicking import FeatureMimicking
+from scalekd.proxy import ProxyPath
+from scalekd.views import View, build_views
+from test_projectors import _reference_cap
+from tiny_models import IMG, make_student, make_teacher
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _loss_and_grads(distiller, x, y):
+    distiller.zero_grad(set_to_none=True)
+    out = distiller(x, y)
+    out['loss'].backward()
+    return {k: v.detach() for k, v in out.items()}, _grads(distiller.trainable_module)
+
+
+def _assert_same(a, b, atol=1e-5):
+    (la, ga), (lb, gb) = a, b
+    for k in la:
+        torch.testing.assert_close(la[k], lb[k], atol=atol, rtol=1e-5)
+    assert ga.keys() == gb.keys()
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], atol=atol, rtol=1e-4)
+
+
+@pytest.fixture
+def pair():
+    torch.manual_seed(0)
+    distiller = build_distiller(make_teacher('deit', IMG), make_student('resnet', IMG), img_size=IMG).eval()
+    distiller.trainable_module.train()  # deterministic teacher, training student (BN batch stats)
+    return distiller, torch.randn(4, 3, IMG, IMG), torch.tensor([0, 1, 2, 3])
+
+
+def test_batched_and_unbatched_tpp_give_equal_losses_and_gradients(pair, monkeypatch):
+    distiller, x, y = pair
+    calls = []
+    stage = distiller.teacher.last_stage
+    monkeypatch.setattr(distiller.teacher, 'last_stage', lambda m, p: calls.append(m.shape[0]) or stage(m, p))
+    batched = _loss_and_grads(distiller, x, y)
+    assert calls == [8]  # both views of 4 images in one call
+
+    def unbatched(self, s3, last_stage, prefix=None):
+        projected = self.mimicking.project(s3)
+        return {name: last_stage(m, prefix) for name, m in projected.items()}
+    monkeypatch.setattr(ProxyPath, 'forward', unbatched)
+    calls.clear()
+    _assert_same(batched, _loss_and_grads(distiller, x, y))
+    assert calls == [4, 4]
+
+
+def test_sdpa_and_explicit_attention_give_equal_gradients():
+    torch.manual_seed(1)
+    cap = CrossAttentionProjector(12, 16, (5, 3), (2, 4), num_heads=4).double().eval()
+    x = torch.randn(3, 12, 5, 3, dtype=torch.float64)
+    target = torch.randn(3, 16, 2, 4, dtype=torch.float64)
+    grads = []
+    for forward in (cap, lambda t: _reference_cap(cap, t)):
+        cap.zero_grad()
+        feature_distance(forward(x), target).backward()
+        grads.append(_grads(cap))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-10, rtol=0)
+
+
+def test_mean_subtraction_and_dct_phi_give_equal_losses_and_gradients():
+    torch.manual_seed(2)
+    make = lambda: torch.nn.Conv2d(4, 6, 1).double()  # noqa: E731
+    mean_form = FeatureMimicking(build_views('dfm'), make)
+    dct_form = FeatureMimicking([View('ori', 'all'), View('alt', 'all')], make)
+    dct_form.load_state_dict(mean_form.state_dict())
+    x, t = torch.randn(2, 4, 5, 7, dtype=torch.float64), torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    dct = Dct2d(5, 7, dtype=torch.float64)
+    a = mean_form.losses(mean_form.project(x), t, 's4')
+    pb = dct_form.project(x)
+    b = dict(s4_ori=feature_distance(pb['ori'], t),
+             s4_alt=feature_distance(remove_dc_by_dct(pb['alt'], dct), remove_dc_by_dct(t, dct)))
+    sum(a.values()).backward()
+    sum(b.values()).backward()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-10, rtol=0)
+    ga, gb = _grads(mean_form), _grads(dct_form)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], atol=1e-10, rtol=0)
+
+
+def test_activation_checkpointing_changes_nothing_but_memory():
+    x, y = torch.randn(4, 3, IMG, IMG), torch.tensor([0, 1, 2, 3])
+    teacher = make_teacher('vit', IMG)
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        distiller = build_distiller(teacher, make_student('convnext', IMG), img_size=IMG,
+                                    activation_checkpointing=ckpt)
+        results.append(_loss_and_grads(distiller, x, y))
+    _assert_same(*results)
+
+
+def test_separable_cap_is_much_smaller():
+    full = CrossAttentionProjector(256, 64, (7, 7), (7, 7), num_heads=8)
+    cheap = CrossAttentionProjector(256, 64, (7, 7), (7, 7), num_heads=8, student_conv='separable')
+    conv = lambda m: sum(p.numel() for p in m.student_conv.parameters())  # noqa: E731
+    assert conv(full) > 8 * conv(cheap)
+    assert cheap(torch.randn(2, 256, 7, 7)).shape == (2, 64, 7, 7)
+    distiller = build_distiller(make_teacher('vit', IMG), make_student('resnet', IMG), img_size=IMG,
+                                cap_conv='separable')
+    assert torch.isfinite(distiller(torch.randn(2, 3, IMG, IMG), torch.tensor([0, 1]))['loss'])
+
+
+def test_bench_reports_each_variant_in_its_own_process(capsys):
+    args = ['bench', '--teacher', 'vit_tiny_patch16_224', '--student', 'resnet18', '--img-size', '32',
+            '--batch', '4', '--steps', '2', '--variants', 'student,kd,scalekd', '--json', '--device', 'cpu']
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r['name']: r for r in report['variants']}
+    assert list(rows) == ['student', 'kd', 'scalekd']
+    assert all(r['step_s'] > 0 and r['peak_mb'] > 100 for r in rows.values())
+    assert rows['kd']['step_x_kd'] == pytest.approx(1.0)
+    assert rows['student']['params']['distill'] == 0 < rows['scalekd']['params']['distill']
+    assert {'proxy_ori', 's4_alt', 'kd_loss'} <= set(rows['scalekd']['losses'])
