@@ -44,7 +44,6 @@ class DistillationModule(nn.Module):
         super().__init__()
         self.student = student
         self.taps = taps
-        self.tpp = options.tpp
         self.adaptive_queries = options.adaptive_queries
         self.proxy: Optional[ProxyPath] = None
         self.s3: Optional[FeatureMimicking] = None
@@ -59,8 +58,7 @@ class DistillationModule(nn.Module):
             kwargs = cap_kwargs if options.projector == 'cap' else {}
             return lambda: build_projector(options.projector, src[0], dst[0], src[1:], dst[1:], **kwargs)
 
-        s3_target = teacher.stage_input_shape
-        s3_factory = projector_factory(taps.taps.s3, s3_target, options.s3_heads)
+        s3_factory = projector_factory(taps.taps.s3, teacher.stage_input_shape, options.s3_heads)
         query_chs = teacher.final_shape[0] if options.adaptive_queries else None
         ckpt = options.activation_checkpointing
         self.s4 = FeatureMimicking(views, projector_factory(taps.taps.s4, teacher.final_shape, options.s4_heads, query_chs),

@@ -10,13 +10,15 @@ def feature_distance(student: torch.Tensor, teacher: torch.Tensor, eps: float = 
 
     Both (N, C, H, W) maps are L2-normalised along C independently at every (n, h, w);
     the squared differences are summed over C*H*W and divided by N (so D grows with H*W).
+    Computed in float32 at least, also under mixed precision.
     """
     if student.shape != teacher.shape:
         raise ValueError(
             f'feature_distance needs equal shapes, got student {tuple(student.shape)} '
             f'and teacher {tuple(teacher.shape)}')
-    s = F.normalize(student, dim=1, eps=eps)
-    t = F.normalize(teacher, dim=1, eps=eps)
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    s = F.normalize(student.to(dtype), dim=1, eps=eps)
+    t = F.normalize(teacher.to(dtype), dim=1, eps=eps)
     return (s - t).pow(2).sum() / student.shape[0]
 
 
