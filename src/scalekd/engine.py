@@ -13,7 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.loss import create_classification_loss
+from timm.models import get_pretrained_cfg_value
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, random_seed
@@ -42,8 +44,6 @@ def input_normalization(cfg: RunConfig) -> Tuple[Tuple[float, ...], Tuple[float,
     """The mean / std the data is normalised with: the config's, else the student's pretrained cfg."""
     if cfg.data.mean is not None and cfg.data.std is not None:
         return tuple(cfg.data.mean), tuple(cfg.data.std)
-    from timm.models import get_pretrained_cfg_value
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     name = cfg.student.model
     mean = get_pretrained_cfg_value(name, 'mean') if name else None
     std = get_pretrained_cfg_value(name, 'std') if name else None
