@@ -127,3 +127,6 @@ def test_bench_reports_each_variant_in_its_own_process(capsys):
     assert rows['kd']['step_x_kd'] == pytest.approx(1.0)
     assert rows['student']['params']['distill'] == 0 < rows['scalekd']['params']['distill']
     assert {'proxy_ori', 's4_alt', 'kd_loss'} <= set(rows['scalekd']['losses'])
+    parts = report['components']
+    assert all(parts[k] > 0 for k in ('student', 'teacher', 'proxy', 's4', 'optimizer'))
+    assert parts['sum'] == pytest.approx(sum(parts[k] for k in ('student', 'teacher', 'proxy', 's4', 'optimizer')))
