@@ -23,6 +23,14 @@ def test_pair_trains_with_frozen_teacher_and_clean_student(teacher, student):
     assert out['output'].shape == (2, NUM_CLASSES)
     for name, value in out.items():
         assert torch.isfinite(value).all(), name
+    # the s4 losses alone reach the s3 (proxy) projectors and the student's first layer, through the
+    # adaptive queries (not detached)
+    proxy_params = list(distiller.trainable_module.proxy.parameters())
+    stem = next(distiller.student.parameters())
+    grads = torch.autograd.grad(out['s4_ori'] + out['s4_alt'], proxy_params + [stem], retain_graph=True,
+                                allow_unused=True)
+    assert sum(g.abs().sum().item() for g in grads[:-1] if g is not None) > 0
+    assert grads[-1] is not None and grads[-1].abs().sum() > 0
     out['loss'].backward()
 
     teacher_module = distiller.teacher.model
