@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from timm.utils import unwrap_model
 
+from .allocator import keep_freed_memory
 from .builder import build_distiller
 from .inspection import count_params
 from .precision import autocast, resolve_precision
@@ -43,6 +44,8 @@ def _sync(device: torch.device) -> None:
 def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Build one variant with random weights and time its training step (run in a fresh process)."""
     device = torch.device(spec['device'])
+    if device.type == 'cpu':
+        keep_freed_memory()
     torch.manual_seed(0)
     options = {**spec.get('options', {}), **VARIANTS[spec['variant']]}
     task = build_distiller(spec['teacher'], spec['student'], img_size=spec['img_size'], device=device, **options)

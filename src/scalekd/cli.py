@@ -97,6 +97,7 @@ def _add_train(sub) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .distributed import cleanup, init_distributed
+    from .allocator import keep_freed_memory
     from .engine import RunInterrupted, Trainer, dry_run
     overrides = list(args.override or [])
     if args.deterministic:
@@ -105,6 +106,8 @@ def _run_train(args: argparse.Namespace) -> int:
         overrides.append(f'train.max_nan_skips={args.max_nan_skips}')
     cfg = load_config(args.config, overrides)
     env = init_distributed(args.device, cfg.train.dist_timeout_s)
+    if env.device.type == 'cpu':
+        keep_freed_memory()
     try:
         if args.dry_run:
             report = dry_run(cfg, env.device, args.dry_run_batch)
