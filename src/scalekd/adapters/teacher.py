@@ -18,7 +18,8 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from timm.task import DistillationTeacher
 
-from .common import Shape, dummy_input, find_family, map_to_tokens, model_label, probing, shape_of, tokens_to_map
+from .common import (Shape, UnsupportedModelError, dummy_input, find_family, map_to_tokens, model_label, probing,
+                     shape_of, tokens_to_map)
 
 __all__ = ['ScaleKDTeacher', 'TeacherFeatures', 'TEACHER_FAMILIES']
 
@@ -54,7 +55,7 @@ class ScaleKDTeacher(DistillationTeacher):
         self.label = model_label(model)
         model.requires_grad_(False)
         self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0) if family == 'vit' else 0
-        self._stage_kwargs: List[Dict[str, Any]] = []
+        self._stage_kwargs: List[Tuple[Dict[str, Any], List[str]]] = []
         if family == 'swin':
             if last_blocks is not None:
                 raise ValueError(f'teacher_last_blocks applies to plain ViT teachers only, not {self.label}')
@@ -94,20 +95,18 @@ class ScaleKDTeacher(DistillationTeacher):
                 h.remove()
         for i, (args, kwargs) in enumerate(captured):
             if args:
-                raise NotImplementedError(f'{self.label}: blocks take positional extra inputs, not supported')
-            block_kwargs = {}
-            for key, value in kwargs.items():
-                if isinstance(value, torch.Tensor):
-                    self.register_buffer(f'stage_kw_{i}_{key}', value.detach().clone(), persistent=False)
-                    value = f'stage_kw_{i}_{key}'  # resolved to the (device-moved) buffer at call time
-                    block_kwargs[key] = ('buffer', value)
-                else:
-                    block_kwargs[key] = ('value', value)
-            self._stage_kwargs.append(block_kwargs)
+                raise UnsupportedModelError(f'{self.label}: its blocks take extra positional inputs, which the '
+                                            f'last-stage adapter cannot replay')
+            tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+            for key in tensors:  # buffers, so that they follow .to(device)
+                self.register_buffer(f'stage_kw_{i}_{key}', kwargs[key].detach().clone(), persistent=False)
+            self._stage_kwargs.append(({k: v for k, v in kwargs.items() if k not in tensors}, tensors))
         return feats
 
     def _block_kwargs(self, i: int) -> Dict[str, Any]:
-        return {k: getattr(self, v) if kind == 'buffer' else v for k, (kind, v) in self._stage_kwargs[i].items()}
+        """The extra inputs timm gave block ``stage_start + i`` (rotary embedding, shared bias, ...)."""
+        constants, tensors = self._stage_kwargs[i]
+        return {**constants, **{k: getattr(self, f'stage_kw_{i}_{k}') for k in tensors}}
 
     @torch.no_grad()
     def extract(self, x: torch.Tensor) -> TeacherFeatures:
