@@ -18,7 +18,7 @@ from timm.utils import unwrap_model
 
 from .allocator import keep_freed_memory
 from .builder import build_distiller
-from .inspection import count_params
+from .inspection import param_counts
 from .precision import autocast, resolve_precision
 
 __all__ = ['VARIANTS', 'measure_variant', 'run_bench', 'format_table']
@@ -85,8 +85,7 @@ def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     return dict(name=spec['variant'], step_s=statistics.median(times), peak_mb=round(peak_mb, 1),
                 images_per_s=spec['batch'] / statistics.median(times), precision=precision,
-                params=dict(student=count_params(task.student), distill=count_params(task.distill_modules()),
-                            teacher=count_params(task.teacher.model) if task.teacher is not None else 0),
+                params=param_counts(task),
                 losses=losses, components=components)
 
 

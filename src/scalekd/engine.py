@@ -27,7 +27,7 @@ from .config import RunConfig, config_to_dict, save_config
 from .data import build_datasets, build_loaders, build_mixup, seed_epoch
 from .distiller import Distiller
 from .distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier
-from .inspection import count_params, tap_rows
+from .inspection import param_counts, tap_rows
 from .models import create_timm_model
 from .precision import autocast, resolve_precision
 from .run_logger import RunLogger
@@ -249,12 +249,11 @@ class Trainer:
         """One screen on the models, taps, parameter counts and recipe."""
         cfg, task = self.cfg, self.task
         teacher = task.teacher
+        params = param_counts(task)
         lines = [f'run {self.out_dir}  ({self.env.world_size} process(es) on {self.env.device}, {self.precision})',
                  f'teacher {teacher.label if teacher else "-"}   student {task.taps.label}   '
                  f'method {task.options.method} at {cfg.data.img_size}px',
-                 f'params: student {count_params(task.student):,}  '
-                 f'teacher {count_params(teacher.model) if teacher else 0:,}  '
-                 f'distill {count_params(task.distill_modules()):,}']
+                 f"params: student {params['student']:,}  teacher {params['teacher']:,}  distill {params['distill']:,}"]
         for t in tap_rows(task):
             lines.append(f"  tap {t['name']} ({t['path']}): {'x'.join(map(str, t['student_shape']))} -> "
                          f"{'x'.join(map(str, t['target_shape']))}, {t['projector']} x{len(t['views'])}, "
@@ -435,6 +434,4 @@ def dry_run(cfg: RunConfig, device: torch.device, batch: int = 2) -> Dict[str, A
     optimizer.step()
     losses = {k: float(v.detach()) for k, v in out.items() if k != 'output'}
     return dict(losses=losses, finite=all(math.isfinite(v) for v in losses.values()), precision=precision,
-                taps=tap_rows(task), params=dict(student=count_params(task.student),
-                                                 teacher=count_params(task.teacher.model) if task.teacher else 0,
-                                                 distill=count_params(task.distill_modules())))
+                taps=tap_rows(task), params=param_counts(task))

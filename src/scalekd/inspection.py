@@ -8,11 +8,19 @@ from timm.utils import unwrap_model
 
 from .distiller import Distiller
 
-__all__ = ['inspect_distiller', 'format_report']
+__all__ = ['inspect_distiller', 'format_report', 'param_counts', 'tap_rows', 'count_params']
 
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def param_counts(distiller: Distiller) -> Dict[str, int]:
+    """Parameters of the student, the teacher and the distillation modules (projectors)."""
+    teacher = distiller.teacher
+    return dict(student=count_params(distiller.student),
+                teacher=count_params(teacher.model) if teacher is not None else 0,
+                distill=count_params(distiller.distill_modules()))
 
 
 def tap_rows(distiller: Distiller) -> List[Dict[str, Any]]:
@@ -62,11 +70,7 @@ def inspect_distiller(distiller: Distiller, step: bool = True, batch: int = 2) -
         student=distiller.taps.label,
         teacher=teacher.label if teacher is not None else None,
         taps=tap_rows(distiller),
-        params=dict(
-            student=count_params(distiller.student),
-            teacher=count_params(teacher.model) if teacher is not None else 0,
-            distill=count_params(distiller.distill_modules()),
-        ),
+        params=param_counts(distiller),
     )
     if teacher is not None:
         report['teacher_last_stage'] = dict(input_shape=list(teacher.stage_input_shape),
