@@ -1,4 +1,6 @@
-"""A tiny generated ImageFolder and a tiny run config for engine tests."""
+"""A tiny generated ImageFolder, Fashion-MNIST-format IDX files and a tiny run config for engine tests."""
+import gzip
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,27 @@ def make_image_folder(root: Path, train_per_class: int = 16, val_per_class: int 
                 img[..., c] = rng.integers(150, 255, size=(size, size), dtype=np.uint8)
                 Image.fromarray(img).save(folder / f'{i}.png')
     return root
+
+
+def write_idx(path: Path, array: np.ndarray, code: int = 0x08, gz: bool = False) -> Path:
+    """An IDX file (magic ``0 0 code ndim``, big-endian dims, data), gzipped with ``gz``."""
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape)
+    data = header + array.astype('>u1' if code == 0x08 else '>i4').tobytes()
+    if gz:
+        path = path.with_name(path.name + '.gz')
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def make_fashion_mnist(folder: Path, n_train: int = 6, n_test: int = 4, gz: bool = True) -> Path:
+    """The four Fashion-MNIST IDX files with random 28x28 images and labels ``i % 10``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (('train', n_train), ('t10k', n_test)):
+        write_idx(folder / f'{split}-images-idx3-ubyte', rng.integers(0, 256, (n, 28, 28)), gz=gz)
+        write_idx(folder / f'{split}-labels-idx1-ubyte', np.arange(n) % 10, gz=gz)
+    return folder
 
 
 def tiny_config(tmp: Path, data_root: Path, **sections) -> Path:

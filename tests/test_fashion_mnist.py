@@ -1,29 +1,9 @@
 """The Fashion-MNIST IDX reader and the search for the dataset (generated IDX files, no download)."""
-import gzip
-import struct
-
 import numpy as np
 import pytest
 
+from engine_fixtures import make_fashion_mnist as _fake_dataset, write_idx as _write_idx
 from scalekd.fashion_mnist import DatasetNotFound, FashionMNIST, find_fashion_mnist, read_idx
-
-
-def _write_idx(path, array: np.ndarray, code: int = 0x08, gz: bool = False):
-    header = bytes([0, 0, code, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape)
-    data = header + array.astype('>u1' if code == 0x08 else '>i4').tobytes()
-    if gz:
-        path = path.with_name(path.name + '.gz')
-        data = gzip.compress(data)
-    path.write_bytes(data)
-    return path
-
-
-def _fake_dataset(folder, n_train=6, n_test=4, gz=True):
-    rng = np.random.default_rng(0)
-    for split, n in (('train', n_train), ('t10k', n_test)):
-        _write_idx(folder / f'{split}-images-idx3-ubyte', rng.integers(0, 256, (n, 28, 28)), gz=gz)
-        _write_idx(folder / f'{split}-labels-idx1-ubyte', np.arange(n) % 10, gz=gz)
-    return folder
 
 
 def test_read_idx_parses_header_dims_and_data(tmp_path):

@@ -2,6 +2,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
@@ -34,6 +35,7 @@ def _add_inspect(sub) -> None:
     p.add_argument('--method', choices=METHODS, help='distillation method (default scalekd)')
     p.add_argument('--img-size', type=int, help='input resolution (default: the pair / teacher default)')
     p.add_argument('--num-classes', type=int, help='classes of both models (default: timm default)')
+    p.add_argument('--in-chans', type=int, default=3, help='input channels of both models (default 3)')
     p.add_argument('--teacher-kwarg', action='append', metavar='KEY=VALUE', help='timm.create_model kwarg, repeatable')
     p.add_argument('--student-kwarg', action='append', metavar='KEY=VALUE', help='timm.create_model kwarg, repeatable')
     p.add_argument('--option', action='append', metavar='KEY=VALUE',
@@ -69,7 +71,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.method:
         options['method'] = args.method
     distiller = build_distiller(
-        teacher, student, img_size=img_size, num_classes=args.num_classes,
+        teacher, student, img_size=img_size, num_classes=args.num_classes, in_chans=args.in_chans,
         teacher_kwargs=_key_values(args.teacher_kwarg, '--teacher-kwarg'), student_kwargs=student_kwargs,
         **options)
     report = inspect_distiller(distiller, step=not args.no_step, batch=args.batch)
@@ -148,12 +150,18 @@ def _add_export(sub) -> None:
     p.add_argument('checkpoint', help='training checkpoint (.pth)')
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--no-ema', action='store_true', help='export the raw weights even when an EMA exists')
+    p.add_argument('--dtype', default='float32', choices=('float32', 'float16', 'bfloat16'),
+                   help='dtype of the stored weights (default float32; they load into float32 models)')
+    p.add_argument('--format', default='timm', choices=('timm', 'torchvision'),
+                   help='key names of the written weights (default timm: model.safetensors + config.json; '
+                        'torchvision: model.pth for torchvision\'s ResNet / ViT)')
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
-    path, ema = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema)
+    path, ema = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema, dtype=args.dtype,
+                                  fmt=args.format)
     print(f"exported {'EMA ' if ema else ''}student to {path}")
     return 0
 
@@ -174,6 +182,106 @@ def _add_bench(sub) -> None:
     p.add_argument('--option', action='append', metavar='KEY=VALUE', help='distillation option for every variant')
     p.add_argument('--json', action='store_true', help='print one JSON object')
     p.set_defaults(func=_run_bench)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser('demo', help='offline quick start: the shipped ViT teacher trains tiny CNN, MLP-Mixer and ViT '
+                                    'students on Fashion-MNIST, alone vs with ScaleKD')
+    p.add_argument('--students', default='cnn,mlp,vit', help='comma-separated subset of cnn, mlp, vit')
+    p.add_argument('--baselines', action='store_true', help='also train each student with logit KD only')
+    p.add_argument('--quick', action='store_true', help='fewer images and epochs (about 3 minutes)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--subset', type=int, help='training images per student (default 3000; --quick 2000)')
+    p.add_argument('--epochs', type=int, help='epochs per student (default 10; --quick 5)')
+    p.add_argument('--batch-size', type=int, help='batch size (default 128)')
+    p.add_argument('--test-sample', type=int, help='test images behind the per-epoch curve (default 2000)')
+    p.add_argument('--data', help='folder with the Fashion-MNIST IDX files (default: $SCALEKD_DATA, '
+                                  '/usr/share/datasets/fashion-mnist, else download)')
+    p.add_argument('--teacher-weights', help='teacher weights to use instead of the shipped ones')
+    p.add_argument('--option', action='append', metavar='KEY=VALUE', help='distillation option of the ScaleKD runs')
+    p.add_argument('--output', default='runs/demo', help='output folder (default runs/demo)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .allocator import keep_freed_memory
+    from .demo import DemoSettings, format_table, run_demo
+    settings = DemoSettings(output=args.output, students=[s for s in args.students.split(',') if s],
+                            seed=args.seed, baselines=args.baselines, data=args.data,
+                            progress=not args.no_progress, distill=_key_values(args.option, '--option'))
+    if args.quick:
+        settings.quick()
+    for name in ('subset', 'epochs', 'batch_size', 'test_sample'):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    if args.teacher_weights:
+        settings.teacher_weights = args.teacher_weights
+    keep_freed_memory()
+    results = run_demo(settings)
+    print(format_table(results))
+    print(f'results: {Path(args.output) / "results.json"}, plot: {Path(args.output) / "accuracy.png"}')
+    return 0
+
+
+def _add_model_args(p) -> None:
+    p.add_argument('--model', help='timm name (hub weights unless --checkpoint is a plain weight file)')
+    p.add_argument('--checkpoint', help='scalekd checkpoint (.pth), export folder, or a weight file for --model')
+    p.add_argument('--model-kwarg', action='append', metavar='KEY=VALUE', help='timm.create_model kwarg, repeatable')
+
+
+def _add_spectrum(sub) -> None:
+    p = sub.add_parser('spectrum', help="frequency spectrum of a model's feature maps (the paper's Fig. 2 / 5)")
+    _add_model_args(p)
+    p.add_argument('--data', required=True, help='Fashion-MNIST IDX folder (test split) or one sub-folder per class')
+    p.add_argument('--samples', type=int, default=500, help='images (default 500)')
+    p.add_argument('--stage', type=int, default=-1, help='forward_intermediates index of the maps (default -1: last)')
+    p.add_argument('--out', required=True, help='PNG to write; the numbers go to the same name with .json')
+    p.set_defaults(func=_run_spectrum)
+
+
+def _run_spectrum(args: argparse.Namespace) -> int:
+    from .analysis import feature_maps, feature_spectrum, image_dataset, plot_spectrum
+    from .analysis.inputs import load_model
+    model, data_config = load_model(args.model, args.checkpoint, **_key_values(args.model_kwarg, '--model-kwarg'))
+    dataset, _ = image_dataset(args.data, data_config, limit=args.samples)
+    maps, _ = feature_maps(model, dataset, args.stage)
+    spectrum = dict(model=args.model or str(args.checkpoint), stage=args.stage, samples=len(dataset),
+                    **feature_spectrum(maps))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_spectrum(spectrum, out, title=f"{spectrum['model']}: stage {args.stage}, {len(dataset)} images")
+    out.with_suffix('.json').write_text(json.dumps(spectrum, indent=2))
+    print(f"maps {'x'.join(map(str, spectrum['shape']))}: DC share {spectrum['dc_share']:.1%} of the mean |DCT| "
+          f"response; wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def _add_linear_probe(sub) -> None:
+    p = sub.add_parser('linear-probe', help='top-1 of a linear classifier on frozen features (the paper\'s Table 12)')
+    _add_model_args(p)
+    p.add_argument('--train', required=True, help='training images: Fashion-MNIST IDX folder or class folders')
+    p.add_argument('--val', required=True, help='evaluation images: Fashion-MNIST IDX folder (test split) or class folders')
+    p.add_argument('--shots', type=int, help='K training images per class (default: all)')
+    p.add_argument('--limit', type=int, help='at most N training images (evenly spaced; before --shots)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--json', action='store_true', help='print one JSON object')
+    p.set_defaults(func=_run_linear_probe)
+
+
+def _run_linear_probe(args: argparse.Namespace) -> int:
+    from .analysis import image_dataset, linear_probe
+    from .analysis.inputs import load_model
+    model, data_config = load_model(args.model, args.checkpoint, **_key_values(args.model_kwarg, '--model-kwarg'))
+    train, classes = image_dataset(args.train, data_config, split='train', limit=args.limit)
+    val, val_classes = image_dataset(args.val, data_config, split='test')
+    if list(classes) != list(val_classes):
+        raise ValueError(f'--train has classes {list(classes)[:5]}... but --val has {list(val_classes)[:5]}...')
+    report = linear_probe(model, train, val, len(classes), shots=args.shots, seed=args.seed)
+    print(json.dumps(report) if args.json else
+          f"linear probe ({'all' if args.shots is None else f'{args.shots}-shot'}: {report['train_images']} "
+          f"training images, {report['dim']}-d features): top-1 {report['top1']:.2f} on {report['val_images']} images")
+    return 0
 
 
 def _cuda() -> bool:
@@ -200,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_export(sub)
     _add_bench(sub)
+    _add_demo(sub)
+    _add_spectrum(sub)
+    _add_linear_probe(sub)
     return parser
 
 

@@ -44,6 +44,7 @@ class DataConfig:
     train_split: str = 'train'
     val_split: str = 'val'
     train_subset: Optional[int] = None  # first-N fixed, seeded subset of the training split
+    val_subset: Optional[int] = None    # the same for the split evaluated after each epoch
     img_size: int = 224
     in_chans: int = 3
     num_classes: int = 1000
@@ -115,6 +116,7 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = 'scalekd'
     progress: bool = True
+    console: bool = True         # log lines on stdout too (train.log always has them)
     interval: int = 50           # optimizer steps between train lines in metrics.jsonl (step 1 always)
 
 

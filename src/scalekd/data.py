@@ -13,7 +13,8 @@ from timm.data.readers.img_extensions import get_img_extensions
 from .config import DataConfig
 from .distributed import DistEnv
 
-__all__ = ['DataError', 'Datasets', 'build_datasets', 'build_loaders', 'build_mixup', 'seed_epoch', 'ShardSampler']
+__all__ = ['DataError', 'Datasets', 'build_datasets', 'build_loaders', 'build_mixup', 'seed_epoch', 'seeded_subset',
+           'ShardSampler']
 
 DATASETS = ('folder', 'fashion_mnist')
 _CHECK_AUTO_LIMIT = 50_000
@@ -143,10 +144,18 @@ def build_datasets(cfg: DataConfig, mean: Tuple[float, ...], std: Tuple[float, .
     if len(data.classes) != cfg.num_classes:
         raise DataError(f'{cfg.root} has {len(data.classes)} classes but data.num_classes is {cfg.num_classes}')
     if cfg.train_subset is not None:
-        generator = torch.Generator().manual_seed(seed)
-        keep = torch.randperm(len(data.train), generator=generator)[:cfg.train_subset].sort().values.tolist()
-        data.train = Subset(data.train, keep)
+        data.train = seeded_subset(data.train, cfg.train_subset, seed)
+    if cfg.val_subset is not None:
+        data.val = seeded_subset(data.val, cfg.val_subset, seed)
     return data
+
+
+def seeded_subset(dataset: Dataset, size: int, seed: int) -> Subset:
+    """``size`` images of ``dataset`` drawn without replacement by ``seed``, in their original order."""
+    if not 0 < size <= len(dataset):
+        raise DataError(f'a subset of {size} images cannot be drawn from {len(dataset)}')
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    return Subset(dataset, keep.sort().values.tolist())
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -20,7 +20,7 @@ from timm.task.classification import resolve_classification_loss
 from timm.utils import unwrap_model
 
 from .adapters import ScaleKDTeacher, StudentAdapter, TeacherFeatures
-from .adapters.common import Shape
+from .adapters.common import Shape, channel_stats
 from .losses import logit_kd_loss
 from .mimicking import FeatureMimicking
 from .options import DistillOptions
@@ -133,6 +133,7 @@ class Distiller(TrainingTask):
         cfg = getattr(student, 'pretrained_cfg', None) or {}
         mean = input_mean if input_mean is not None else cfg.get('mean', IMAGENET_DEFAULT_MEAN)
         std = input_std if input_std is not None else cfg.get('std', IMAGENET_DEFAULT_STD)
+        mean, std = channel_stats(mean, in_chans), channel_stats(std, in_chans)
         self.register_buffer('student_mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('student_std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.train()

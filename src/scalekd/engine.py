@@ -300,7 +300,7 @@ class Trainer:
         task.train()
         seen, start = 0, time.perf_counter()
         total = self.updates_per_epoch * accum
-        bar = self.logger.progress(self.train_loader, total - p.batch, f'epoch {epoch + 1}/{self.epochs}')
+        bar = self.logger.progress(self.train_loader, total - p.batch, f'{self.out_dir.name} epoch {epoch + 1}/{self.epochs}')
         for images, targets in bar:
             if p.batch >= total:
                 break

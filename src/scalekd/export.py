@@ -3,20 +3,25 @@ from pathlib import Path
 from typing import Any, Dict, Tuple, Union
 
 import timm
+import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RunConfig, config_from_dict
 from .models import create_timm_model
+from .transfer import to_format
 from .weights import WeightsError
 
 __all__ = ['export_student', 'student_from_checkpoint', 'load_student']
 
 
-def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: Dict[str, Any]) -> Path:
+def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: Dict[str, Any],
+                   dtype: str = 'float32') -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``out_dir``; returns the weights path.
+
+    ``dtype`` (``float32``, ``float16``, ``bfloat16``) is the dtype the floating-point tensors are stored in.
 
     Load it back with ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), ...)``
     or ``timm.create_model('local-dir:' + out_dir, pretrained=True)``.
@@ -24,7 +29,9 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / 'model.safetensors'
-    state = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
+    store = getattr(torch, dtype)
+    state = {k: (v.to(store) if v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in student.state_dict().items()}
     save_file(state, str(weights), metadata={'format': 'pt'})
     save_config_for_hf(student, str(out_dir / 'config.json'), data_config=data_config)
     return weights
@@ -52,10 +59,21 @@ def student_from_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Tup
     return student, cfg, ema
 
 
-def export_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], use_ema: bool = True) -> Tuple[Path, bool]:
-    """Export the student of a training checkpoint; returns (weights path, whether EMA weights were used)."""
+def export_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], use_ema: bool = True,
+                      dtype: str = 'float32', fmt: str = 'timm') -> Tuple[Path, bool]:
+    """Export the student of a training checkpoint; returns (weights path, whether EMA weights were used).
+
+    ``fmt='timm'`` writes ``model.safetensors`` + ``config.json``; another format of
+    :data:`scalekd.transfer.FORMATS` writes ``model.pth``, a state dict under that toolkit's key names.
+    """
     student, cfg, ema = student_from_checkpoint(path, use_ema)
-    return export_student(student, out_dir, _data_config(cfg)), ema
+    if fmt == 'timm':
+        return export_student(student, out_dir, _data_config(cfg), dtype), ema
+    state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in to_format(student, fmt).items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(state, out_dir / 'model.pth')
+    return out_dir / 'model.pth', ema
 
 
 def load_student(path: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:

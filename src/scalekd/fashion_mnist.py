@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ['FashionMNIST', 'read_idx', 'find_fashion_mnist', 'DatasetNotFound', 'CLASSES', 'DEBIAN_DIR']
+__all__ = ['FashionMNIST', 'read_idx', 'find_fashion_mnist', 'has_fashion_mnist', 'DatasetNotFound', 'CLASSES', 'DEBIAN_DIR']
 
 CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')
@@ -54,7 +54,8 @@ def _idx_path(folder: Path, stem: str) -> Optional[Path]:
     return None
 
 
-def _has_files(folder: Path) -> bool:
+def has_fashion_mnist(folder: Path) -> bool:
+    """Whether ``folder`` holds the four Fashion-MNIST IDX files (gzipped or not)."""
     return all(_idx_path(folder, stem) for pair in FILES.values() for stem in pair)
 
 
@@ -81,7 +82,7 @@ def find_fashion_mnist(data_dir: Optional[Union[str, Path]] = None, download: bo
             continue
         folder = Path(folder).expanduser()
         for sub in (folder, folder / 'FashionMNIST' / 'raw'):
-            if _has_files(sub):
+            if has_fashion_mnist(sub):
                 return sub
         tried.append(f'{label}: {folder} (no IDX files)')
         if label == '--data':  # an explicit folder that lacks the files is an error of its own

@@ -31,9 +31,10 @@ class RunLogger:
         self.wandb = None
         if not enabled:
             return
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter('%(message)s'))
-        self.log.addHandler(handler)
+        if cfg.console:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter('%(message)s'))
+            self.log.addHandler(handler)
         if out_dir is None:
             return
         file_handler = logging.FileHandler(out_dir / 'train.log')

@@ -76,3 +76,10 @@ def dummy_input(model: nn.Module, img_size: Tuple[int, int], in_chans: int, batc
     """A zero batch on the model's device and dtype at the configured resolution."""
     p = next(model.parameters())
     return torch.zeros(batch, in_chans, *img_size, device=p.device, dtype=p.dtype)
+
+
+def channel_stats(values: Sequence[float], in_chans: int) -> Tuple[float, ...]:
+    """A pretrained cfg's per-channel mean / std for ``in_chans`` inputs: their average on each channel
+    when the counts differ (a grayscale model built from an RGB architecture)."""
+    values = tuple(float(v) for v in values)
+    return values if len(values) == in_chans else (sum(values) / len(values),) * in_chans

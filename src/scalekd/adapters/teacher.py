@@ -18,7 +18,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from timm.task import DistillationTeacher
 
-from .common import (Shape, UnsupportedModelError, dummy_input, find_family, map_to_tokens, model_label, probing,
+from .common import (Shape, UnsupportedModelError, channel_stats, dummy_input, find_family, map_to_tokens, model_label, probing,
                      shape_of, tokens_to_map)
 
 __all__ = ['ScaleKDTeacher', 'TeacherFeatures', 'TEACHER_FAMILIES']
@@ -54,6 +54,9 @@ class ScaleKDTeacher(DistillationTeacher):
         self.family = family
         self.label = model_label(model)
         model.requires_grad_(False)
+        if self.mean_kd.shape[1] != in_chans:
+            self.set_normalization(channel_stats(self.mean_kd.flatten().tolist(), in_chans),
+                                   channel_stats(self.std_kd.flatten().tolist(), in_chans))
         self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0) if family == 'vit' else 0
         self._stage_kwargs: List[Tuple[Dict[str, Any], List[str]]] = []
         if family == 'swin':

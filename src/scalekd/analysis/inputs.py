@@ -1,0 +1,76 @@
+"""Images and feature maps for the analysis tools."""
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+import torch.nn as nn
+from timm.data import ImageDataset, create_transform, resolve_data_config
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..checkpoint import load_checkpoint
+from ..data import class_folders
+from ..export import load_student
+from ..fashion_mnist import FashionMNIST, has_fashion_mnist
+from ..weights import load_weights
+
+__all__ = ['load_model', 'image_dataset', 'feature_maps']
+
+
+def load_model(name: Optional[str] = None, checkpoint: Optional[Union[str, Path]] = None,
+               **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A model and its data config, from a scalekd checkpoint / export folder, or a timm name
+    (hub weights, or the weight file ``checkpoint``); ``kwargs`` go to ``timm.create_model``."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        exported = (path.is_dir() or path.suffix == '.safetensors') and (
+            (path if path.is_dir() else path.parent) / 'config.json').is_file()
+        if path.suffix == '.pth' and 'config' in load_checkpoint(path) or exported:
+            return load_student(path)
+    if not name:
+        raise ValueError(f'{checkpoint} is neither a scalekd checkpoint nor an export folder: give --model NAME '
+                         f'to load it as plain weights' if checkpoint else 'give --model NAME or --checkpoint PATH')
+    model = timm.create_model(name, pretrained=checkpoint is None, **kwargs)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, what=name)
+    return model, resolve_data_config({}, model=model)
+
+
+def image_dataset(data_dir: Union[str, Path], data_config: Dict[str, Any], split: str = 'test',
+                  limit: Optional[int] = None) -> Tuple[Dataset, Sequence[str]]:
+    """A folder's images through the model's eval transform, and the class names.
+
+    ``data_dir`` holds the Fashion-MNIST IDX files (``split``: ``train`` or ``test``) or one
+    sub-folder per class; ``limit`` keeps the first N images (an evenly spaced sample for IDX files).
+    """
+    data_dir = Path(data_dir)
+    in_chans = data_config['input_size'][0]
+    transform = create_transform(data_config['input_size'], is_training=False,
+                                 interpolation=data_config.get('interpolation', 'bicubic'),
+                                 crop_pct=data_config.get('crop_pct', 0.875),
+                                 mean=data_config['mean'], std=data_config['std'])
+    if has_fashion_mnist(data_dir):
+        dataset = FashionMNIST(data_dir, split, transform)
+        classes = dataset.classes
+    else:
+        classes = class_folders(data_dir)
+        dataset = ImageDataset(str(data_dir), class_map={c: i for i, c in enumerate(classes)}, transform=transform,
+                               input_img_mode='L' if in_chans == 1 else 'RGB')
+    if limit is not None and limit < len(dataset):
+        step = len(dataset) / limit
+        dataset = Subset(dataset, [int(i * step) for i in range(limit)])
+    return dataset, classes
+
+
+@torch.no_grad()
+def feature_maps(model: nn.Module, dataset: Dataset, stage: int = -1, batch_size: int = 100,
+                 pooled: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (N, C, H, W) feature maps of one stage (``forward_intermediates`` index; -1: the last)
+    of every image, or their spatial means (N, C) with ``pooled``; and the labels (N,)."""
+    model.eval()
+    maps, labels = [], []
+    for images, targets in DataLoader(dataset, batch_size=batch_size):
+        (x,) = model.forward_intermediates(images, indices=[stage], intermediates_only=True)
+        maps.append(x.float().mean(dim=(-2, -1)) if pooled else x.float())
+        labels.append(torch.as_tensor(targets))
+    return torch.cat(maps), torch.cat(labels)

@@ -1,0 +1,161 @@
+"""``scalekd demo``: the offline quick start on Fashion-MNIST.
+
+The shipped ViT teacher (trained by ``scalekd train configs/demo/teacher_vit.yaml`` on all 60,000
+training images) guides tiny CNN, MLP-Mixer and ViT students trained from scratch on a fixed subset
+of the training split, the paper's "knowledge density" setting. Each student is trained alone and with
+ScaleKD (and with logit KD only, ``baselines=True``) by the project's own :class:`~scalekd.engine.Trainer`;
+every run keeps its folder (config, metrics, checkpoints), and the demo writes ``results.json``, a
+table and a plot of test top-1 per epoch.
+"""
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from .config import RunConfig, config_from_dict
+from .data import build_datasets
+from .distributed import DistEnv
+from .engine import Trainer, evaluate
+from .models import create_timm_model
+from .plots import plot_curves
+from .weights import load_weights
+
+__all__ = ['DemoSettings', 'STUDENTS', 'TEACHER', 'TEACHER_WEIGHTS', 'METHOD_LABELS', 'run_demo', 'format_table',
+           'load_teacher']
+
+TEACHER_WEIGHTS = Path(__file__).parent / 'assets' / 'fashion_mnist_vit_teacher.safetensors'
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+TEACHER: Dict[str, Any] = dict(  # configs/demo/teacher_vit.yaml
+    model='vit_tiny_patch16_224', kwargs=dict(patch_size=7, embed_dim=160, depth=6, num_heads=5),
+    mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+STUDENTS: Dict[str, Dict[str, Any]] = {
+    'cnn': dict(model='resnet10t', kwargs=dict(channels=[32, 64, 128, 256], stem_width=16)),
+    'mlp': dict(model='mixer_t7', kwargs={}),
+    'vit': dict(model='vit_tiny_patch16_224', kwargs=dict(patch_size=7, embed_dim=96, depth=4, num_heads=3)),
+}
+METHOD_LABELS = {'none': 'alone', 'kd': 'kd', 'scalekd': 'scalekd'}
+
+
+@dataclass
+class DemoSettings:
+    """What the demo trains; ``quick()`` gives the ``--quick`` variant."""
+    output: str = 'runs/demo'
+    students: Sequence[str] = ('cnn', 'mlp', 'vit')
+    subset: int = 3000            # training images each student sees (of 60,000)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    test_sample: int = 2000       # test images behind the per-epoch curve (the table uses all of them)
+    seed: int = 0
+    baselines: bool = False       # also train each student with logit KD only
+    data: Optional[str] = None    # folder with the IDX files (else $SCALEKD_DATA, Debian's, download)
+    teacher_weights: str = str(TEACHER_WEIGHTS)
+    progress: bool = True
+    distill: Dict[str, Any] = field(default_factory=dict)  # extra distill options (w_ori, cap_conv, ...)
+
+    def quick(self) -> 'DemoSettings':
+        """Fewer images and epochs: about a third of the default's time."""
+        self.subset, self.epochs = 2000, 5
+        return self
+
+    @property
+    def methods(self) -> List[str]:
+        return ['none', 'kd', 'scalekd'] if self.baselines else ['none', 'scalekd']
+
+
+def _run_config(settings: DemoSettings, student: str, method: str) -> RunConfig:
+    """The full run config of one demo run (saved in its folder: ``scalekd train`` reruns it)."""
+    s = settings
+    data = dict(dataset='fashion_mnist', root=s.data or '', train_split='train', val_split='test',
+                train_subset=s.subset, val_subset=s.test_sample, img_size=28, in_chans=1, num_classes=10,
+                mean=list(FASHION_MNIST_MEAN), std=list(FASHION_MNIST_STD), scale=[0.75, 1.0], ratio=[0.9, 1.1],
+                hflip=0.5, interpolation='bilinear', crop_pct=1.0, workers=0, check_images=False)
+    teacher = dict(TEACHER, checkpoint=s.teacher_weights, mean=list(TEACHER['mean']), std=list(TEACHER['std']))
+    return config_from_dict(dict(
+        output=str(Path(s.output) / f'{student}-{METHOD_LABELS[method]}'), seed=s.seed,
+        teacher=teacher if method != 'none' else {}, student=STUDENTS[student],
+        distill=dict(method=method, **(s.distill if method == 'scalekd' else {})), data=data,
+        optim=dict(opt='adamw', lr=s.lr, weight_decay=0.05, clip_grad=5.0),
+        sched=dict(sched='cosine', epochs=s.epochs, warmup_epochs=1, min_lr=1e-5),
+        train=dict(batch_size=s.batch_size, precision='fp32', keep_checkpoints=1),
+        log=dict(tensorboard=False, progress=s.progress, console=False)), where='demo settings')
+
+
+def load_teacher(weights: str) -> torch.nn.Module:
+    """The demo teacher with the given weights (default: the shipped ones)."""
+    model = create_timm_model(TEACHER['model'], (28, 28), role='teacher', num_classes=10, in_chans=1,
+                              **TEACHER['kwargs'])
+    load_weights(model, weights, what='demo teacher')
+    return model.eval()
+
+
+def _test_loader(cfg: RunConfig) -> DataLoader:
+    """All 10,000 test images (the per-epoch curve uses a fixed sample of them)."""
+    full = dataclasses.replace(cfg.data, train_subset=None, val_subset=None)
+    return DataLoader(build_datasets(full, FASHION_MNIST_MEAN, FASHION_MNIST_STD).val, batch_size=500)
+
+
+def _train(cfg: RunConfig, test: DataLoader) -> Dict[str, Any]:
+    """One demo run: the per-epoch curve on the test sample, the final student on the whole test split."""
+    start = time.perf_counter()
+    trainer = Trainer(cfg, DistEnv(), force=True)
+    trainer.fit()
+    top1 = evaluate(trainer.task.student, test, DistEnv(), 'fp32')['top1']
+    return dict(top1=top1, curve=[h['val_top1'] for h in trainer.progress.history],
+                seconds=time.perf_counter() - start)
+
+
+def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train every student alone and with ScaleKD (and KD); write ``results.json`` and ``accuracy.png``."""
+    unknown = [s for s in settings.students if s not in STUDENTS]
+    if unknown:
+        raise ValueError(f'unknown demo student(s) {", ".join(unknown)}; choose from {", ".join(STUDENTS)}')
+    start = time.perf_counter()
+    out = Path(settings.output)
+    test = _test_loader(_run_config(settings, settings.students[0], 'none'))
+    teacher_top1 = evaluate(load_teacher(settings.teacher_weights), test, DistEnv(), 'fp32')['top1']
+    say(f'teacher {TEACHER["model"]} ({Path(settings.teacher_weights).name}): test top-1 {teacher_top1:.2f}')
+    results: Dict[str, Any] = dict(
+        teacher_top1=teacher_top1, teacher=dict(TEACHER, weights=settings.teacher_weights),
+        settings=dict(subset=settings.subset, epochs=settings.epochs, seed=settings.seed, lr=settings.lr,
+                      batch_size=settings.batch_size, methods=settings.methods, distill=settings.distill),
+        students={})
+    for name in settings.students:
+        row: Dict[str, Any] = dict(model=STUDENTS[name]['model'], curves={}, seconds={})
+        for method in settings.methods:
+            label = METHOD_LABELS[method]
+            run = _train(_run_config(settings, name, method), test)
+            row[f'{label}_top1'], row['curves'][label], row['seconds'][label] = run['top1'], run['curve'], run['seconds']
+            say(f'{name} {label}: test top-1 {run["top1"]:.2f} ({run["seconds"]:.0f} s)')
+        row['gain'] = row['scalekd_top1'] - row['alone_top1']
+        results['students'][name] = row
+    results['seconds'] = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    plot_curves(results, out / 'accuracy.png')
+    tmp = out / 'results.json.tmp'
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / 'results.json')
+    return results
+
+
+def format_table(results: Dict[str, Any]) -> str:
+    """The demo's table, from ``results.json`` content: teacher, each student alone, with ScaleKD, the gain."""
+    s = results['settings']
+    kd = 'kd' in [METHOD_LABELS[m] for m in s['methods']]
+    head = f'{"":<8}{"model":<22}{"alone":>8}' + (f'{"KD":>8}' if kd else '') + f'{"ScaleKD":>9}{"gain":>8}'
+    lines = [f'Fashion-MNIST test top-1 (%); students trained from scratch on {s["subset"]:,} of 60,000 '
+             f'training images for {s["epochs"]} epochs, seed {s["seed"]}',
+             head, f'{"teacher":<8}{results["teacher"]["model"]:<22}{results["teacher_top1"]:>8.2f}'
+             '   (trained on all 60,000)']
+    for name, row in results['students'].items():
+        line = f'{name:<8}{row["model"]:<22}{row["alone_top1"]:>8.2f}'
+        if kd:
+            line += f'{row["kd_top1"]:>8.2f}'
+        lines.append(line + f'{row["scalekd_top1"]:>9.2f}{row["gain"]:>+8.2f}')
+    lines.append(f'{results["seconds"]:.0f} s in all')
+    return '\n'.join(lines)

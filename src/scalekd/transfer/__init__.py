@@ -1,0 +1,4 @@
+"""Student weights for other toolkits."""
+from .backbone_export import FORMATS, ExportFormatError, to_format
+
+__all__ = ['FORMATS', 'ExportFormatError', 'to_format']

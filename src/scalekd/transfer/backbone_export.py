@@ -1,0 +1,73 @@
+"""A timm student's state dict under the key names another toolkit's model expects.
+
+``timm``: unchanged. ``torchvision``: ResNet with the plain stem (``resnet18/34/50/101/152``; the
+keys are timm's) and ViT with a class token (``VisionTransformer``). OpenMMLab formats (mmdet /
+mmseg) are not written: their packages could not be installed here to check the key lists.
+"""
+import re
+from typing import Callable, Dict
+
+import torch
+import torch.nn as nn
+from timm.models.resnet import ResNet
+from timm.models.vision_transformer import VisionTransformer
+
+__all__ = ['FORMATS', 'ExportFormatError', 'to_format']
+
+FORMATS = ('timm', 'torchvision')
+_VIT_TORCHVISION = (  # timm -> torchvision, applied in order
+    (r'^cls_token$', 'class_token'),
+    (r'^pos_embed$', 'encoder.pos_embedding'),
+    (r'^patch_embed\.proj\.', 'conv_proj.'),
+    (r'^blocks\.(\d+)\.norm1\.', r'encoder.layers.encoder_layer_\1.ln_1.'),
+    (r'^blocks\.(\d+)\.norm2\.', r'encoder.layers.encoder_layer_\1.ln_2.'),
+    (r'^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$', r'encoder.layers.encoder_layer_\1.self_attention.in_proj_\2'),
+    (r'^blocks\.(\d+)\.attn\.proj\.', r'encoder.layers.encoder_layer_\1.self_attention.out_proj.'),
+    (r'^blocks\.(\d+)\.mlp\.fc1\.', r'encoder.layers.encoder_layer_\1.mlp.0.'),
+    (r'^blocks\.(\d+)\.mlp\.fc2\.', r'encoder.layers.encoder_layer_\1.mlp.3.'),
+    (r'^norm\.', 'encoder.ln.'),
+    (r'^head\.', 'heads.head.'),
+)
+
+
+class ExportFormatError(ValueError):
+    """A student that the asked format has no model for."""
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        new = re.sub(pattern, repl, key)
+        if new != key:
+            return new
+    raise ExportFormatError(f'no torchvision name for the timm key {key!r}')
+
+
+def _torchvision(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    name = type(model).__name__
+    if isinstance(model, ResNet):
+        if not isinstance(model.conv1, nn.Conv2d) or any('downsample.2' in k for k in state):
+            raise ExportFormatError(f'torchvision has no ResNet with a deep stem or average-pool shortcut '
+                                    f'(the ResNet-D of this student); use --format timm')
+        return dict(state)
+    if isinstance(model, VisionTransformer):
+        plain = (model.num_prefix_tokens == 1 and model.has_class_token and model.global_pool == 'token'
+                 and isinstance(model.fc_norm, nn.Identity) and not isinstance(model.norm, nn.Identity))
+        if not plain or any(k.startswith(('blocks.0.ls', 'reg_token')) or '.q_norm' in k for k in state):
+            raise ExportFormatError(f'torchvision ViT has one class token, pre-norm blocks and a final norm; '
+                                    f'{name} differs; use --format timm')
+        return {_rename(k, _VIT_TORCHVISION): v for k, v in state.items()}
+    raise ExportFormatError(f'--format torchvision covers ResNet and ViT students, not {name}; use --format timm')
+
+
+_CONVERTERS: Dict[str, Callable[[nn.Module, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {
+    'timm': lambda model, state: dict(state),
+    'torchvision': _torchvision,
+}
+
+
+def to_format(model: nn.Module, fmt: str) -> Dict[str, torch.Tensor]:
+    """``model``'s state dict with the keys of ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt not in _CONVERTERS:
+        raise ExportFormatError(f'unknown export format {fmt!r}; choose from {", ".join(FORMATS)}')
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return _CONVERTERS[fmt](model, state)

@@ -1,0 +1,56 @@
+"""Backbone export under torchvision key names: round trips into the real torchvision models."""
+import pytest
+import torch
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.models.vision_transformer import VisionTransformer
+
+from scalekd.checkpoint import load_checkpoint, save_checkpoint
+from scalekd.cli import main
+from scalekd.config import RunConfig, config_to_dict
+from scalekd.models import create_timm_model
+from scalekd.transfer import ExportFormatError, to_format
+
+
+def _same_outputs(timm_model, tv_model, state, x):
+    missing, unexpected = tv_model.load_state_dict(state, strict=False)
+    assert missing == [] and unexpected == []
+    timm_model.eval(), tv_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tv_model(x), timm_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_loads_into_torchvision_with_the_same_logits():
+    model = create_timm_model('resnet18', (32, 32), num_classes=7, layers=[1, 1, 1, 1])
+    _same_outputs(model, ResNet(BasicBlock, [1, 1, 1, 1], num_classes=7), to_format(model, 'torchvision'),
+                  torch.randn(2, 3, 32, 32))
+
+
+def test_vit_loads_into_torchvision_with_the_same_logits():
+    model = create_timm_model('vit_tiny_patch16_224', (28, 28), num_classes=5, patch_size=7, embed_dim=32, depth=2,
+                              num_heads=2)
+    tv = VisionTransformer(28, 7, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=128, num_classes=5)
+    _same_outputs(model, tv, to_format(model, 'torchvision'), torch.randn(2, 3, 28, 28))
+
+
+@pytest.mark.parametrize('name, kwargs, why', [
+    ('resnet10t', {}, 'deep stem'),
+    ('mixer_t7', dict(in_chans=3), 'covers ResNet and ViT'),
+    ('vit_tiny_patch16_224', dict(patch_size=7, global_pool='avg', class_token=False,
+                                  fc_norm=True), 'one class token'),
+])
+def test_students_torchvision_lacks_are_refused(name, kwargs, why):
+    with pytest.raises(ExportFormatError, match=why):
+        to_format(create_timm_model(name, (28, 28), **kwargs), 'torchvision')
+    with pytest.raises(ExportFormatError, match='unknown export format'):
+        to_format(create_timm_model('resnet18', (28, 28)), 'keras')
+
+
+def test_export_command_writes_torchvision_weights(tmp_path):
+    cfg = RunConfig()
+    cfg.student.model, cfg.student.kwargs = 'resnet18', dict(layers=[1, 1, 1, 1])
+    cfg.data.img_size, cfg.data.num_classes = 32, 4
+    student = create_timm_model('resnet18', (32, 32), num_classes=4, layers=[1, 1, 1, 1])
+    save_checkpoint(dict(config=config_to_dict(cfg), student=student.state_dict()), tmp_path / 'ckpt.pth')
+    assert main(['export', str(tmp_path / 'ckpt.pth'), '--out', str(tmp_path / 'tv'), '--format', 'torchvision']) == 0
+    _same_outputs(student, ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4), load_checkpoint(tmp_path / 'tv' / 'model.pth'),
+                  torch.randn(2, 3, 32, 32))
