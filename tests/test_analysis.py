@@ -8,6 +8,7 @@ import torch
 from engine_fixtures import make_fashion_mnist, make_image_folder
 from scalekd.analysis import feature_spectrum
 from scalekd.analysis.linear_probe import few_shot_indices, fit_linear
+from scalekd.checkpoint import save_checkpoint
 from scalekd.cli import main
 from scalekd.export import export_student
 from scalekd.models import create_timm_model
@@ -82,3 +83,47 @@ def test_linear_probe_command_on_an_easy_generated_case(tmp_path, capsys):
     assert main(args + ['--shots', '4']) == 0
     few = json.loads(capsys.readouterr().out)
     assert few['train_images'] == 12 and few['top1'] >= 70
+
+
+def _checkpoint(tmp_path, data_root, name, **distill):
+    """A training checkpoint of the tiny engine config (untrained), its teacher saved as a weight file."""
+    from safetensors.torch import save_file
+    from engine_fixtures import tiny_config
+    from scalekd.config import config_to_dict, load_config
+    from scalekd.engine import build_task
+    (tmp_path / name).mkdir()
+    cfg = load_config(tiny_config(tmp_path / name, data_root, distill=dict(method='scalekd', **distill)))
+    task = build_task(cfg, torch.device('cpu'), random_weights=True)
+    save_file({k: v.contiguous() for k, v in task.teacher.model.state_dict().items()}, str(tmp_path / 'teacher.safetensors'))
+    cfg.teacher.checkpoint = str(tmp_path / 'teacher.safetensors')
+    path = tmp_path / name / 'checkpoint-0001.pth'
+    save_checkpoint(dict(config=config_to_dict(cfg), student=task.student.state_dict(),
+                         task_state=task.get_task_state()), path)
+    return path
+
+
+def test_feature_distances_are_the_training_distances_on_held_out_images(tmp_path, data_root, capsys):
+    from scalekd.analysis import feature_distances, image_dataset, task_from_checkpoint
+    dfm = _checkpoint(tmp_path, data_root, 'dfm')
+    single = _checkpoint(tmp_path, data_root, 'single', views='single')
+    task, data_config = task_from_checkpoint(dfm)
+    dataset, _ = image_dataset(data_root / 'val', data_config)
+    distances = feature_distances(task, dataset, batch_size=len(dataset))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        terms = task(images, torch.zeros(len(dataset), dtype=torch.long))
+    assert distances['alternative'] == pytest.approx(terms['s4_alt'].item(), rel=1e-5)
+    assert distances['original'] == pytest.approx(terms['s4_ori'].item(), rel=1e-5)
+    assert 0 < distances['direct'] < distances['original']
+
+    out = tmp_path / 'fd.png'
+    assert main(['feature-distance', '--students', str(dfm), str(single), '--data', str(data_root / 'val'),
+                 '--out', str(out)]) == 0
+    rows = json.loads(out.with_suffix('.json').read_text())
+    assert [r['label'] for r in rows] == ['dfm', 'single'] and out.read_bytes()[:4] == b'\x89PNG'
+    assert rows[0]['distances']['alternative'] == pytest.approx(distances['alternative'], rel=1e-5)
+    kd = torch.load(dfm, weights_only=True)
+    kd['config']['distill']['method'] = 'kd'
+    save_checkpoint(kd, tmp_path / 'kd.pth')
+    with pytest.raises(ValueError, match="method 'kd': it has no projector"):
+        task_from_checkpoint(tmp_path / 'kd.pth')

@@ -129,7 +129,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_eval(sub) -> None:
     p = sub.add_parser('eval', help='top-1 / top-5 of a checkpoint or exported student on an image folder')
     p.add_argument('checkpoint', help='training checkpoint (.pth) or export folder')
-    p.add_argument('--data', required=True, help='folder with one sub-folder per class')
+    p.add_argument('--data', required=True, help='folder with one sub-folder per class, or the Fashion-MNIST IDX files')
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--workers', type=int, default=4)
     p.add_argument('--device', default='cpu')
@@ -191,7 +191,7 @@ def _add_demo(sub) -> None:
     p.add_argument('--baselines', action='store_true', help='also train each student with logit KD only')
     p.add_argument('--quick', action='store_true', help='fewer images and epochs (about 3 minutes)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--subset', type=int, help='training images per student (default 3000; --quick 2000)')
+    p.add_argument('--subset', type=int, help='training images per student (default 2000; --quick 1000)')
     p.add_argument('--epochs', type=int, help='epochs per student (default 10; --quick 5)')
     p.add_argument('--batch-size', type=int, help='batch size (default 128)')
     p.add_argument('--test-sample', type=int, help='test images behind the per-epoch curve (default 2000)')
@@ -284,6 +284,34 @@ def _run_linear_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_feature_distance(sub) -> None:
+    p = sub.add_parser('feature-distance', help='teacher-student feature distances in the alternative (DC-removed), '
+                                                'direct and original components (the paper\'s Fig. 3 / 6)')
+    p.add_argument('--students', nargs='+', required=True, metavar='CKPT', help='training checkpoints (fd / scalekd)')
+    p.add_argument('--teacher', help="teacher weight file (default: the one in each checkpoint's config)")
+    p.add_argument('--data', required=True, help='Fashion-MNIST IDX folder (test split) or one sub-folder per class')
+    p.add_argument('--samples', type=int, default=1000, help='images (default 1000)')
+    p.add_argument('--out', required=True, help='PNG to write; the numbers go to the same name with .json')
+    p.set_defaults(func=_run_feature_distance)
+
+
+def _run_feature_distance(args: argparse.Namespace) -> int:
+    from .analysis import feature_distances, image_dataset, plot_feature_distances, task_from_checkpoint
+    rows = []
+    for path in args.students:
+        task, data_config = task_from_checkpoint(path, args.teacher)
+        dataset, _ = image_dataset(args.data, data_config, limit=args.samples)
+        rows.append(dict(label=Path(path).parent.name or str(path), checkpoint=str(path),
+                         distances=feature_distances(task, dataset)))
+        print(f"{path}: " + '  '.join(f'{k} {v:.4g}' for k, v in rows[-1]['distances'].items()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_feature_distances(rows, out)
+    out.with_suffix('.json').write_text(json.dumps(rows, indent=2))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -311,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_spectrum(sub)
     _add_linear_probe(sub)
+    _add_feature_distance(sub)
     return parser
 
 

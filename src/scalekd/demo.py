@@ -28,7 +28,7 @@ from .weights import load_weights
 __all__ = ['DemoSettings', 'STUDENTS', 'TEACHER', 'TEACHER_WEIGHTS', 'METHOD_LABELS', 'run_demo', 'format_table',
            'load_teacher']
 
-TEACHER_WEIGHTS = Path(__file__).parent / 'assets' / 'fashion_mnist_vit_teacher.safetensors'
+TEACHER_WEIGHTS = Path(__file__).parent / 'assets' / 'fashion_mnist_vit_teacher' / 'model.safetensors'
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 TEACHER: Dict[str, Any] = dict(  # configs/demo/teacher_vit.yaml
     model='vit_tiny_patch16_224', kwargs=dict(patch_size=7, embed_dim=160, depth=6, num_heads=5),
@@ -46,7 +46,7 @@ class DemoSettings:
     """What the demo trains; ``quick()`` gives the ``--quick`` variant."""
     output: str = 'runs/demo'
     students: Sequence[str] = ('cnn', 'mlp', 'vit')
-    subset: int = 3000            # training images each student sees (of 60,000)
+    subset: int = 2000            # training images each student sees (of 60,000)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
@@ -60,7 +60,7 @@ class DemoSettings:
 
     def quick(self) -> 'DemoSettings':
         """Fewer images and epochs: about a third of the default's time."""
-        self.subset, self.epochs = 2000, 5
+        self.subset, self.epochs = 1000, 5
         return self
 
     @property

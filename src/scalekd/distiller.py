@@ -74,20 +74,31 @@ class DistillationModule(nn.Module):
         names = {f'student.{n}' for n in getattr(student, 'no_weight_decay', set)()}
         return names | {n for n, _ in self.named_parameters() if n.endswith(('pos_embed', 'query_embed'))}
 
-    def forward(self, x: torch.Tensor, teacher: Optional[TeacherFeatures] = None,
-                last_stage: Optional[LastStage] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def project(self, x: torch.Tensor, teacher: Optional[TeacherFeatures] = None,
+                last_stage: Optional[LastStage] = None) -> Tuple[torch.Tensor, Dict[str, Dict[str, torch.Tensor]]]:
+        """Student logits, and the student features projected at each tap (``proxy`` or ``s3``, and ``s4``)
+        in each view, in the teacher's feature space."""
         logits, s3, s4 = self.taps(self.student, x)
-        losses: Dict[str, torch.Tensor] = {}
+        projected: Dict[str, Dict[str, torch.Tensor]] = {}
         if self.s4 is None:
-            return logits, losses
+            return logits, projected
         queries = None
         if self.proxy is not None:
-            proxies = self.proxy(s3, last_stage, teacher.prefix)
-            losses.update(self.proxy.mimicking.losses(proxies, teacher.final, 'proxy'))
-            queries = proxies if self.adaptive_queries else None
+            projected['proxy'] = self.proxy(s3, last_stage, teacher.prefix)
+            queries = projected['proxy'] if self.adaptive_queries else None
         elif self.s3 is not None:
-            losses.update(self.s3.losses(self.s3.project(s3), teacher.stage_input, 's3'))
-        losses.update(self.s4.losses(self.s4.project(s4, queries), teacher.final, 's4'))
+            projected['s3'] = self.s3.project(s3)
+        projected['s4'] = self.s4.project(s4, queries)
+        return logits, projected
+
+    def forward(self, x: torch.Tensor, teacher: Optional[TeacherFeatures] = None,
+                last_stage: Optional[LastStage] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        logits, projected = self.project(x, teacher, last_stage)
+        losses: Dict[str, torch.Tensor] = {}
+        for tap, views in projected.items():
+            mimicking = self.proxy.mimicking if tap == 'proxy' else getattr(self, tap)
+            target = teacher.stage_input if tap == 's3' else teacher.final
+            losses.update(mimicking.losses(views, target, tap))
         return logits, losses
 
 

@@ -37,7 +37,8 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
     return weights
 
 
-def _data_config(cfg: RunConfig) -> Dict[str, Any]:
+def run_data_config(cfg: RunConfig) -> Dict[str, Any]:
+    """A run's eval preprocessing as a timm data config (input size, interpolation, crop, mean, std)."""
     d = cfg.data
     out = dict(input_size=(d.in_chans, d.img_size, d.img_size), interpolation=d.interpolation, crop_pct=d.crop_pct)
     if d.mean is not None and d.std is not None:
@@ -68,7 +69,7 @@ def export_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], use_ema
     """
     student, cfg, ema = student_from_checkpoint(path, use_ema)
     if fmt == 'timm':
-        return export_student(student, out_dir, _data_config(cfg), dtype), ema
+        return export_student(student, out_dir, run_data_config(cfg), dtype), ema
     state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in to_format(student, fmt).items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def load_student(path: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
     path = Path(path)
     if path.suffix == '.pth':
         student, cfg, _ = student_from_checkpoint(path)
-        data_config = _data_config(cfg)
+        data_config = run_data_config(cfg)
         data_config.setdefault('mean', tuple(student.pretrained_cfg.get('mean', (0.485, 0.456, 0.406))))
         data_config.setdefault('std', tuple(student.pretrained_cfg.get('std', (0.229, 0.224, 0.225))))
         return student, data_config

@@ -1,0 +1,87 @@
+"""Teacher-student feature distances (the paper's Fig. 3 and Fig. 6) of trained ScaleKD / FD students.
+
+The student's final features, through the projector it was trained with, are compared with the
+teacher's final features by the training distance D in three parts: ``alternative`` (phi: the DC
+component removed; the view DFM adds), ``direct`` (the DC component only) and ``original`` (all).
+A projector trained with DFM has an alternative-view projector, which is used for the alternative
+part; a single-view projector is used for all three.
+"""
+import dataclasses
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..checkpoint import load_checkpoint
+from ..config import config_from_dict
+from ..dct import keep_dc, remove_dc
+from ..distiller import Distiller
+from ..export import run_data_config
+from ..losses import feature_distance
+from ..plots import pyplot
+
+__all__ = ['task_from_checkpoint', 'feature_distances', 'plot_feature_distances']
+
+PARTS = ('alternative', 'direct', 'original')
+
+
+def task_from_checkpoint(path: Union[str, Path], teacher_weights: Optional[str] = None
+                         ) -> Tuple[Distiller, Dict[str, Any]]:
+    """The distiller of a training checkpoint (student and projectors loaded; the teacher from the
+    run's config, or from ``teacher_weights``), and the run's eval data config."""
+    from ..engine import build_task
+    state = load_checkpoint(path)
+    if 'config' not in state or 'student' not in state:
+        raise ValueError(f'{path} is not a scalekd training checkpoint')
+    cfg = config_from_dict(state['config'])
+    if not cfg.distill_options().uses_features:
+        raise ValueError(f'{path} was trained with method {cfg.distill.method!r}: it has no projector to compare '
+                         f'features through')
+    if teacher_weights:
+        cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, checkpoint=teacher_weights,
+                                                                   pretrained=False))
+    task = build_task(cfg, torch.device('cpu'))
+    task.student.load_state_dict(state['student'])
+    task.load_task_state(state['task_state'])
+    data_config = run_data_config(cfg)
+    data_config.setdefault('mean', tuple(task.student_mean.flatten().tolist()))
+    data_config.setdefault('std', tuple(task.student_std.flatten().tolist()))
+    return task.eval(), data_config
+
+
+@torch.no_grad()
+def feature_distances(task: Distiller, dataset: Dataset, batch_size: int = 100) -> Dict[str, float]:
+    """Mean D between projected student and teacher final features, per part (see the module doc)."""
+    module = task.trainable_module
+    sums, count = dict.fromkeys(PARTS, 0.0), 0
+    for images, _ in DataLoader(dataset, batch_size=batch_size):
+        teacher = task.teacher.extract(task.teacher.normalize_input(images, task.student_mean, task.student_std))
+        _, projected = module.project(images, teacher, task.teacher.last_stage)
+        views = projected['s4']
+        ori, alt = views.get('ori', next(iter(views.values()))), views.get('alt', next(iter(views.values())))
+        n = images.shape[0]
+        sums['alternative'] += n * feature_distance(remove_dc(alt), remove_dc(teacher.final)).item()
+        sums['direct'] += n * feature_distance(keep_dc(ori), keep_dc(teacher.final)).item()
+        sums['original'] += n * feature_distance(ori, teacher.final).item()
+        count += n
+    return {k: v / count for k, v in sums.items()}
+
+
+def plot_feature_distances(rows: List[Dict[str, Any]], path: Union[str, Path]) -> Path:
+    """Grouped bars: each checkpoint's distance in each part."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(rows), 3.6))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        ax.bar([p + i * width for p in range(len(PARTS))], [row['distances'][k] for k in PARTS], width,
+               label=row['label'])
+    ax.set_xticks([p + width * (len(rows) - 1) / 2 for p in range(len(PARTS))], PARTS)
+    ax.set_ylabel('teacher-student distance D')
+    ax.legend(fontsize=8)
+    ax.grid(axis='y', alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
