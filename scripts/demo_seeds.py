@@ -41,6 +41,7 @@ def main() -> int:
     parser.add_argument('--output', default='runs/demo-seeds')
     parser.add_argument('--option', action='append', metavar='KEY=VALUE', help='distillation option of ScaleKD')
     parser.add_argument('--students', default='cnn,mlp,vit')
+    parser.add_argument('--reuse', action='store_true', help="keep a seed's finished results.json instead of rerunning")
     args = parser.parse_args()
     keep_freed_memory()
     per_seed = {}
@@ -48,6 +49,10 @@ def main() -> int:
         settings = DemoSettings(output=str(Path(args.output) / f'seed{seed}'), seed=seed, baselines=True,
                                 students=args.students.split(','), progress=False,
                                 distill=_key_values(args.option, '--option'))
+        done = Path(settings.output) / 'results.json'
+        if args.reuse and done.is_file():
+            per_seed[seed] = json.loads(done.read_text())
+            continue
         per_seed[seed] = run_demo(settings, say=lambda m, s=seed: print(f'seed {s}: {m}', file=sys.stderr, flush=True))
         print(format_table(per_seed[seed]), file=sys.stderr, flush=True)
     table = markdown(per_seed)

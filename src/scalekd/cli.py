@@ -191,9 +191,9 @@ def _add_demo(sub) -> None:
     p.add_argument('--baselines', action='store_true', help='also train each student with logit KD only')
     p.add_argument('--quick', action='store_true', help='fewer images and epochs (about 3 minutes)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--subset', type=int, help='training images per student (default 2000; --quick 1000)')
-    p.add_argument('--epochs', type=int, help='epochs per student (default 10; --quick 5)')
-    p.add_argument('--batch-size', type=int, help='batch size (default 128)')
+    p.add_argument('--subset', type=int, help='training images per student (default 800; --quick 300)')
+    p.add_argument('--epochs', type=int, help='epochs per student (default 15; --quick 8)')
+    p.add_argument('--batch-size', type=int, help='batch size (default 32)')
     p.add_argument('--test-sample', type=int, help='test images behind the per-epoch curve (default 2000)')
     p.add_argument('--data', help='folder with the Fashion-MNIST IDX files (default: $SCALEKD_DATA, '
                                   '/usr/share/datasets/fashion-mnist, else download)')

@@ -64,6 +64,7 @@ class DataConfig:
     mean: Optional[Tuple[float, ...]] = None   # default: the student's pretrained cfg
     std: Optional[Tuple[float, ...]] = None
     workers: int = 4
+    val_batch_size: Optional[int] = None  # per process (default: the training batch per process)
     check_images: Optional[bool] = None   # decode every image before training; None: when <= 50,000 images
     skip_unreadable: bool = False         # skip (and count) unreadable images instead of stopping
 

@@ -179,7 +179,8 @@ def build_loaders(data: Datasets, cfg: DataConfig, batch_per_rank: int, env: Dis
     common = dict(num_workers=cfg.workers, pin_memory=env.device.type == 'cuda')
     train = DataLoader(data.train, batch_size=batch_per_rank, sampler=sampler, drop_last=True,
                        generator=torch.Generator(), **common)
-    val = DataLoader(data.val, batch_size=batch_per_rank, sampler=ShardSampler(len(data.val), env), **common)
+    val = DataLoader(data.val, batch_size=cfg.val_batch_size or batch_per_rank,
+                     sampler=ShardSampler(len(data.val), env), **common)
     if len(train) == 0:
         raise DataError(f'{len(sampler)} training images per process is less than one batch of {batch_per_rank}')
     return train, val

@@ -34,7 +34,7 @@ TEACHER: Dict[str, Any] = dict(  # configs/demo/teacher_vit.yaml
     model='vit_tiny_patch16_224', kwargs=dict(patch_size=7, embed_dim=160, depth=6, num_heads=5),
     mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
 STUDENTS: Dict[str, Dict[str, Any]] = {
-    'cnn': dict(model='resnet10t', kwargs=dict(channels=[32, 64, 128, 256], stem_width=16)),
+    'cnn': dict(model='resnet10t', kwargs=dict(channels=[32, 64, 128, 256], stem_width=16, output_stride=16)),
     'mlp': dict(model='mixer_t7', kwargs={}),
     'vit': dict(model='vit_tiny_patch16_224', kwargs=dict(patch_size=7, embed_dim=96, depth=4, num_heads=3)),
 }
@@ -46,9 +46,9 @@ class DemoSettings:
     """What the demo trains; ``quick()`` gives the ``--quick`` variant."""
     output: str = 'runs/demo'
     students: Sequence[str] = ('cnn', 'mlp', 'vit')
-    subset: int = 2000            # training images each student sees (of 60,000)
-    epochs: int = 10
-    batch_size: int = 128
+    subset: int = 800             # training images each student sees (of 60,000)
+    epochs: int = 15
+    batch_size: int = 32
     lr: float = 2e-3
     test_sample: int = 2000       # test images behind the per-epoch curve (the table uses all of them)
     seed: int = 0
@@ -60,7 +60,7 @@ class DemoSettings:
 
     def quick(self) -> 'DemoSettings':
         """Fewer images and epochs: about a third of the default's time."""
-        self.subset, self.epochs = 1000, 5
+        self.subset, self.epochs = 300, 8
         return self
 
     @property
@@ -74,7 +74,7 @@ def _run_config(settings: DemoSettings, student: str, method: str) -> RunConfig:
     data = dict(dataset='fashion_mnist', root=s.data or '', train_split='train', val_split='test',
                 train_subset=s.subset, val_subset=s.test_sample, img_size=28, in_chans=1, num_classes=10,
                 mean=list(FASHION_MNIST_MEAN), std=list(FASHION_MNIST_STD), scale=[0.75, 1.0], ratio=[0.9, 1.1],
-                hflip=0.5, interpolation='bilinear', crop_pct=1.0, workers=0, check_images=False)
+                hflip=0.5, interpolation='bilinear', crop_pct=1.0, workers=0, val_batch_size=500, check_images=False)
     teacher = dict(TEACHER, checkpoint=s.teacher_weights, mean=list(TEACHER['mean']), std=list(TEACHER['std']))
     return config_from_dict(dict(
         output=str(Path(s.output) / f'{student}-{METHOD_LABELS[method]}'), seed=s.seed,
@@ -82,7 +82,7 @@ def _run_config(settings: DemoSettings, student: str, method: str) -> RunConfig:
         distill=dict(method=method, **(s.distill if method == 'scalekd' else {})), data=data,
         optim=dict(opt='adamw', lr=s.lr, weight_decay=0.05, clip_grad=5.0),
         sched=dict(sched='cosine', epochs=s.epochs, warmup_epochs=1, min_lr=1e-5),
-        train=dict(batch_size=s.batch_size, precision='fp32', keep_checkpoints=1),
+        train=dict(batch_size=s.batch_size, precision='auto', keep_checkpoints=1),
         log=dict(tensorboard=False, progress=s.progress, console=False)), where='demo settings')
 
 
