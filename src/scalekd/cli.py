@@ -187,14 +187,14 @@ def _add_bench(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser('demo', help='offline quick start: the shipped ViT teacher trains tiny CNN, MLP-Mixer and ViT '
                                     'students on Fashion-MNIST, alone vs with ScaleKD')
-    p.add_argument('--students', default='cnn,mlp,vit', help='comma-separated subset of cnn, mlp, vit')
+    p.add_argument('--students', help='comma-separated subset of cnn, mlp, vit (default all; --quick cnn,mlp)')
     p.add_argument('--baselines', action='store_true', help='also train each student with logit KD only')
-    p.add_argument('--quick', action='store_true', help='fewer images and epochs (about 3 minutes)')
+    p.add_argument('--quick', action='store_true', help='CNN and MLP students, fewer images and epochs (under 3 minutes)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--subset', type=int, help='training images per student (default 800; --quick 300)')
+    p.add_argument('--subset', type=int, help='training images per student (default 800; --quick 500)')
     p.add_argument('--epochs', type=int, help='epochs per student (default 15; --quick 8)')
     p.add_argument('--batch-size', type=int, help='batch size (default 32)')
-    p.add_argument('--test-sample', type=int, help='test images behind the per-epoch curve (default 2000)')
+    p.add_argument('--test-sample', type=int, help='test images behind the per-epoch curve (default 2000; --quick 500)')
     p.add_argument('--data', help='folder with the Fashion-MNIST IDX files (default: $SCALEKD_DATA, '
                                   '/usr/share/datasets/fashion-mnist, else download)')
     p.add_argument('--teacher-weights', help='teacher weights to use instead of the shipped ones')
@@ -207,11 +207,12 @@ def _add_demo(sub) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .allocator import keep_freed_memory
     from .demo import DemoSettings, format_table, run_demo
-    settings = DemoSettings(output=args.output, students=[s for s in args.students.split(',') if s],
-                            seed=args.seed, baselines=args.baselines, data=args.data,
+    settings = DemoSettings(output=args.output, seed=args.seed, baselines=args.baselines, data=args.data,
                             progress=not args.no_progress, distill=_key_values(args.option, '--option'))
     if args.quick:
         settings.quick()
+    if args.students:
+        settings.students = [s for s in args.students.split(',') if s]
     for name in ('subset', 'epochs', 'batch_size', 'test_sample'):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))

@@ -14,13 +14,14 @@ def pyplot():
 
 
 def plot_curves(results: Dict[str, Any], path: Union[str, Path]) -> Path:
-    """Test top-1 per epoch of every demo run: one panel per student, one line per method, the teacher dashed."""
+    """Test top-1 per epoch of every demo run: one panel per student, one line per method, the teacher dashed;
+    the legend gives each run's final top-1 on the whole test split."""
     plt = pyplot()
     students = results['students']
     fig, axes = plt.subplots(1, len(students), figsize=(4.2 * len(students), 3.6), squeeze=False, sharey=True)
     for ax, (name, row) in zip(axes[0], students.items()):
         for label, curve in row['curves'].items():
-            ax.plot(range(1, len(curve) + 1), curve, marker='o', markersize=3, label=f'{label} ({curve[-1]:.1f})')
+            ax.plot(range(1, len(curve) + 1), curve, marker='o', markersize=3, label=f"{label} ({row[f'{label}_top1']:.2f})")
         ax.axhline(results['teacher_top1'], color='k', linestyle='--', linewidth=1,
                    label=f'teacher ({results["teacher_top1"]:.1f})')
         ax.set_title(f'{name}: {row["model"]}')
@@ -28,6 +29,9 @@ def plot_curves(results: Dict[str, Any], path: Union[str, Path]) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc='lower right')
     axes[0][0].set_ylabel('test top-1 (%)')
+    sample = results['settings'].get('test_sample')
+    fig.suptitle(f'per epoch: top-1 on {sample:,} test images; in the legend: final top-1 on the whole test split',
+                 fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
