@@ -63,14 +63,14 @@ def image_dataset(data_dir: Union[str, Path], data_config: Dict[str, Any], split
 
 
 @torch.no_grad()
-def feature_maps(model: nn.Module, dataset: Dataset, stage: int = -1, batch_size: int = 100,
-                 pooled: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def feature_maps(model: nn.Module, dataset: Dataset, stage: int = -1,
+                 batch_size: int = 100) -> Tuple[torch.Tensor, torch.Tensor]:
     """The (N, C, H, W) feature maps of one stage (``forward_intermediates`` index; -1: the last)
-    of every image, or their spatial means (N, C) with ``pooled``; and the labels (N,)."""
+    of every image, and the labels (N,)."""
     model.eval()
     maps, labels = [], []
     for images, targets in DataLoader(dataset, batch_size=batch_size):
         (x,) = model.forward_intermediates(images, indices=[stage], intermediates_only=True)
-        maps.append(x.float().mean(dim=(-2, -1)) if pooled else x.float())
+        maps.append(x.float())
         labels.append(torch.as_tensor(targets))
     return torch.cat(maps), torch.cat(labels)
