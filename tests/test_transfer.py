@@ -45,12 +45,30 @@ def test_students_torchvision_lacks_are_refused(name, kwargs, why):
         to_format(create_timm_model('resnet18', (28, 28)), 'keras')
 
 
-def test_export_command_writes_torchvision_weights(tmp_path):
+def _student_checkpoint(path):
+    """A training checkpoint (config + student) of a small ResNet-18; returns the student."""
     cfg = RunConfig()
     cfg.student.model, cfg.student.kwargs = 'resnet18', dict(layers=[1, 1, 1, 1])
     cfg.data.img_size, cfg.data.num_classes = 32, 4
     student = create_timm_model('resnet18', (32, 32), num_classes=4, layers=[1, 1, 1, 1])
-    save_checkpoint(dict(config=config_to_dict(cfg), student=student.state_dict()), tmp_path / 'ckpt.pth')
+    save_checkpoint(dict(config=config_to_dict(cfg), student=student.state_dict()), path)
+    return student
+
+
+def test_export_command_writes_torchvision_weights(tmp_path):
+    student = _student_checkpoint(tmp_path / 'ckpt.pth')
     assert main(['export', str(tmp_path / 'ckpt.pth'), '--out', str(tmp_path / 'tv'), '--format', 'torchvision']) == 0
     _same_outputs(student, ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4), load_checkpoint(tmp_path / 'tv' / 'model.pth'),
                   torch.randn(2, 3, 32, 32))
+
+
+def test_export_dtype_stores_half_weights_that_load_into_a_float_model(tmp_path):
+    from safetensors.torch import load_file
+    from scalekd.export import load_student
+    student = _student_checkpoint(tmp_path / 'ckpt.pth')
+    assert main(['export', str(tmp_path / 'ckpt.pth'), '--out', str(tmp_path / 'half'), '--dtype', 'float16']) == 0
+    stored = load_file(str(tmp_path / 'half' / 'model.safetensors'))
+    assert stored['conv1.weight'].dtype == torch.float16 and stored['bn1.num_batches_tracked'].dtype == torch.int64
+    loaded, _ = load_student(tmp_path / 'half')
+    assert loaded.conv1.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.conv1.weight, student.conv1.weight.half().float())

@@ -17,6 +17,12 @@ from .weights import WeightsError
 __all__ = ['export_student', 'student_from_checkpoint', 'load_student']
 
 
+def cast_floats(state: Dict[str, torch.Tensor], dtype: str) -> Dict[str, torch.Tensor]:
+    """The floating-point tensors of ``state`` in ``dtype`` (``float32``, ``float16``, ``bfloat16``)."""
+    store = getattr(torch, dtype)
+    return {k: v.to(store) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: Dict[str, Any],
                    dtype: str = 'float32') -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``out_dir``; returns the weights path.
@@ -29,9 +35,7 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / 'model.safetensors'
-    store = getattr(torch, dtype)
-    state = {k: (v.to(store) if v.is_floating_point() else v).detach().contiguous().cpu()
-             for k, v in student.state_dict().items()}
+    state = cast_floats({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, dtype)
     save_file(state, str(weights), metadata={'format': 'pt'})
     save_config_for_hf(student, str(out_dir / 'config.json'), data_config=data_config)
     return weights
@@ -70,7 +74,7 @@ def export_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], use_ema
     student, cfg, ema = student_from_checkpoint(path, use_ema)
     if fmt == 'timm':
         return export_student(student, out_dir, run_data_config(cfg), dtype), ema
-    state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in to_format(student, fmt).items()}
+    state = cast_floats(to_format(student, fmt), dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, out_dir / 'model.pth')

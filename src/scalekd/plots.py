@@ -2,7 +2,7 @@
 from pathlib import Path
 from typing import Any, Dict, Union
 
-__all__ = ['pyplot', 'plot_curves']
+__all__ = ['pyplot', 'save_figure', 'plot_curves']
 
 
 def pyplot():
@@ -11,6 +11,15 @@ def pyplot():
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, path: Union[str, Path]) -> Path:
+    """Lay out, write and close a matplotlib figure."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
 
 
 def plot_curves(results: Dict[str, Any], path: Union[str, Path]) -> Path:
@@ -32,8 +41,4 @@ def plot_curves(results: Dict[str, Any], path: Union[str, Path]) -> Path:
     sample = results['settings'].get('test_sample')
     fig.suptitle(f'per epoch: top-1 on {sample:,} test images; in the legend: final top-1 on the whole test split',
                  fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

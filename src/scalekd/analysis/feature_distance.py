@@ -19,7 +19,7 @@ from ..dct import keep_dc, remove_dc
 from ..distiller import Distiller
 from ..export import run_data_config
 from ..losses import feature_distance
-from ..plots import pyplot
+from ..plots import pyplot, save_figure
 
 __all__ = ['task_from_checkpoint', 'feature_distances', 'plot_feature_distances']
 
@@ -80,8 +80,4 @@ def plot_feature_distances(rows: List[Dict[str, Any]], path: Union[str, Path]) -
     ax.set_ylabel('teacher-student distance D')
     ax.legend(fontsize=8)
     ax.grid(axis='y', alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -9,7 +9,7 @@ from typing import Any, Dict, Union
 import torch
 
 from ..dct import Dct2d
-from ..plots import pyplot
+from ..plots import pyplot, save_figure
 
 __all__ = ['feature_spectrum', 'plot_spectrum']
 
@@ -46,8 +46,4 @@ def plot_spectrum(spectrum: Dict[str, Any], path: Union[str, Path], title: str =
     right.set_xlabel('frequency band u + v (0 = DC)')
     right.set_ylabel('share of the total response (%)')
     fig.suptitle(title or f"feature spectrum, {spectrum['shape'][0]} maps of {spectrum['shape'][1]} channels")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -2,7 +2,7 @@
 
 ``timm``: unchanged. ``torchvision``: ResNet with the plain stem (``resnet18/34/50/101/152``; the
 keys are timm's) and ViT with a class token (``VisionTransformer``). OpenMMLab formats (mmdet /
-mmseg) are not written: their packages could not be installed here to check the key lists.
+mmseg) are not written: their backbone key lists have not been checked against the real packages.
 """
 import re
 from typing import Callable, Dict
