@@ -47,7 +47,7 @@ def tiny_export(tmp_path_factory):
     return folder
 
 
-def test_spectrum_command_writes_a_plot_and_real_numbers(tmp_path, tiny_export):
+def test_spectrum_command_writes_a_plot_and_real_numbers(tmp_path, tiny_export, capsys):
     data = make_fashion_mnist(tmp_path / 'fm', n_train=10, n_test=24)
     out = tmp_path / 'fig' / 'spectrum.png'
     assert main(['spectrum', '--checkpoint', str(tiny_export), '--data', str(data), '--samples', '12',
@@ -56,6 +56,10 @@ def test_spectrum_command_writes_a_plot_and_real_numbers(tmp_path, tiny_export):
     spectrum = json.loads(out.with_suffix('.json').read_text())
     assert spectrum['shape'] == [12, 32, 4, 4] and spectrum['samples'] == 12
     assert 0 < spectrum['dc_share'] < 1 and sum(spectrum['bands']) == pytest.approx(1.0)
+    assert main(['spectrum', '--model', 'resnet5O', '--data', str(data), '--out', str(tmp_path / 'bad.png')]) == 2
+    assert not (tmp_path / 'bad.png').exists()
+    err = capsys.readouterr().err
+    assert "unknown timm model 'resnet5O'" in err and 'did you mean resnet50' in err
 
 
 def test_fit_linear_separates_separable_features():

@@ -2,7 +2,6 @@
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
-import timm
 import torch
 import torch.nn as nn
 from timm.data import ImageDataset, create_transform, resolve_data_config
@@ -12,6 +11,7 @@ from ..checkpoint import load_checkpoint
 from ..data import class_folders
 from ..export import load_student
 from ..fashion_mnist import FashionMNIST, has_fashion_mnist
+from ..models import create_timm_model, default_img_size
 from ..weights import load_weights
 
 __all__ = ['load_model', 'image_dataset', 'feature_maps']
@@ -30,7 +30,8 @@ def load_model(name: Optional[str] = None, checkpoint: Optional[Union[str, Path]
     if not name:
         raise ValueError(f'{checkpoint} is neither a scalekd checkpoint nor an export folder: give --model NAME '
                          f'to load it as plain weights' if checkpoint else 'give --model NAME or --checkpoint PATH')
-    model = timm.create_model(name, pretrained=checkpoint is None, **kwargs)
+    size = default_img_size(name, role='timm') or 224  # also refuses an unknown name, with close names
+    model = create_timm_model(name, (size, size), pretrained=checkpoint is None, **kwargs)
     if checkpoint is not None:
         load_weights(model, checkpoint, what=name)
     return model, resolve_data_config({}, model=model)
