@@ -72,3 +72,12 @@ def test_export_dtype_stores_half_weights_that_load_into_a_float_model(tmp_path)
     loaded, _ = load_student(tmp_path / 'half')
     assert loaded.conv1.weight.dtype == torch.float32
     torch.testing.assert_close(loaded.conv1.weight, student.conv1.weight.half().float())
+
+
+def test_export_command_writes_mmdet_backbone_weights(tmp_path):
+    """The backbone alone under mmdet's ResNet names (the same as timm's for the plain stem), no classifier."""
+    student = _student_checkpoint(tmp_path / 'ckpt.pth')
+    assert main(['export', str(tmp_path / 'ckpt.pth'), '--out', str(tmp_path / 'mm'), '--format', 'mmdet']) == 0
+    state = load_checkpoint(tmp_path / 'mm' / 'model.pth')
+    assert set(state) == {k for k in student.state_dict() if not k.startswith('fc.')}
+    torch.testing.assert_close(state['layer4.0.conv2.weight'], student.layer4[0].conv2.weight.detach())

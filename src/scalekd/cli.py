@@ -152,9 +152,10 @@ def _add_export(sub) -> None:
     p.add_argument('--no-ema', action='store_true', help='export the raw weights even when an EMA exists')
     p.add_argument('--dtype', default='float32', choices=('float32', 'float16', 'bfloat16'),
                    help='dtype of the stored weights (default float32; they load into float32 models)')
-    p.add_argument('--format', default='timm', choices=('timm', 'torchvision'),
+    p.add_argument('--format', default='timm', choices=('timm', 'torchvision', 'mmdet', 'mmseg'),
                    help='key names of the written weights (default timm: model.safetensors + config.json; '
-                        'torchvision: model.pth for torchvision\'s ResNet / ViT)')
+                        'torchvision: model.pth for torchvision\'s ResNet / ViT; mmdet / mmseg: model.pth for '
+                        'their ResNet / Swin (mmseg also ViT) backbones, see docs/downstream.md)')
     p.set_defaults(func=_run_export)
 
 
@@ -163,6 +164,33 @@ def _run_export(args: argparse.Namespace) -> int:
     path, ema = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema, dtype=args.dtype,
                                   fmt=args.format)
     print(f"exported {'EMA ' if ema else ''}student to {path}")
+    return 0
+
+
+def _add_import_mmcls(sub) -> None:
+    p = sub.add_parser('import-mmcls', help="convert a ScaleKD release student (mmcls checkpoint, keys under "
+                                            "'student.') into a timm export folder")
+    p.add_argument('checkpoint', help='mmcls / mmengine checkpoint (.pth) of a distiller or a plain classifier')
+    p.add_argument('--model', required=True, help='timm name of the student, e.g. resnet50d, deit_small_patch16_224, '
+                                                  'swin_tiny_patch4_window7_224, convnext_tiny, mixer_b16_224')
+    p.add_argument('--out', required=True, help='output folder (model.safetensors + config.json)')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--model-kwarg', action='append', metavar='KEY=VALUE', help='timm.create_model kwarg, repeatable')
+    p.set_defaults(func=_run_import_mmcls)
+
+
+def _run_import_mmcls(args: argparse.Namespace) -> int:
+    import timm
+
+    from .export import export_student
+    from .transfer import import_mmcls
+    kwargs = _key_values(args.model_kwarg, '--model-kwarg')
+    model, report = import_mmcls(args.checkpoint, args.model, args.img_size, kwargs)
+    size = (kwargs.get('in_chans', 3), args.img_size, args.img_size)
+    path = export_student(model, args.out, timm.data.resolve_data_config(dict(input_size=size), model=model))
+    left = ', '.join(f'{k} ({n})' for k, n in sorted(report['left_out'].items())) or 'nothing'
+    print(f"imported {report['tensors']} student tensors into {args.model} ({report['num_classes']} classes); "
+          f"left out: {left}; wrote {path}")
     return 0
 
 
@@ -336,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_import_mmcls(sub)
     _add_bench(sub)
     _add_demo(sub)
     _add_spectrum(sub)

@@ -1,8 +1,8 @@
 """A timm student's state dict under the key names another toolkit's model expects.
 
 ``timm``: unchanged. ``torchvision``: ResNet with the plain stem (``resnet18/34/50/101/152``; the
-keys are timm's) and ViT with a class token (``VisionTransformer``). OpenMMLab formats (mmdet /
-mmseg) are not written: their backbone key lists have not been checked against the real packages.
+keys are timm's) and ViT with a class token (``VisionTransformer``). ``mmdet`` / ``mmseg``: the
+backbone alone under OpenMMLab's names (:mod:`.openmmlab`).
 """
 import re
 from typing import Callable, Dict
@@ -12,9 +12,11 @@ import torch.nn as nn
 from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 
+from .openmmlab import OpenMMLabKeyError, family_of, to_openmmlab
+
 __all__ = ['FORMATS', 'ExportFormatError', 'to_format']
 
-FORMATS = ('timm', 'torchvision')
+FORMATS = ('timm', 'torchvision', 'mmdet', 'mmseg')
 _VIT_TORCHVISION = (  # timm -> torchvision, applied in order
     (r'^cls_token$', 'class_token'),
     (r'^pos_embed$', 'encoder.pos_embedding'),
@@ -32,6 +34,18 @@ _VIT_TORCHVISION = (  # timm -> torchvision, applied in order
 
 class ExportFormatError(ValueError):
     """A student that the asked format has no model for."""
+
+
+def _openmmlab(toolkit: str) -> Callable[[nn.Module, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
+    """The backbone as its ``init_cfg=dict(type='Pretrained')`` loader reads it: mmdet / mmseg's Swin
+    takes only keys under ``backbone.``; their ResNet and mmseg's ViT take the bare keys."""
+    def convert(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        try:
+            out = to_openmmlab(model, toolkit)
+        except OpenMMLabKeyError as e:
+            raise ExportFormatError(str(e)) from None
+        return {f'backbone.{k}': v for k, v in out.items()} if family_of(model) == 'swin' else out
+    return convert
 
 
 def _rename(key: str, rules) -> str:
@@ -62,6 +76,8 @@ def _torchvision(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, 
 _CONVERTERS: Dict[str, Callable[[nn.Module, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {
     'timm': lambda model, state: dict(state),
     'torchvision': _torchvision,
+    'mmdet': _openmmlab('mmdet'),
+    'mmseg': _openmmlab('mmseg'),
 }
 
 
