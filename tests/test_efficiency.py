@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from scalekd import CrossAttentionProjector, Dct2d, build_distiller, feature_distance, remove_dc_by_dct
+from scalekd.bench import format_table
 from scalekd.cli import main
 from scalekd.mimicking import FeatureMimicking
 from scalekd.proxy import ProxyPath
@@ -130,3 +131,24 @@ def test_bench_reports_each_variant_in_its_own_process(capsys):
     parts = report['components']
     assert all(parts[k] > 0 for k in ('student', 'teacher', 'proxy', 's4', 'optimizer'))
     assert parts['sum'] == pytest.approx(sum(parts[k] for k in ('student', 'teacher', 'proxy', 's4', 'optimizer')))
+    state_mb = rows['scalekd']['params']['distill'] * 12 / 2 ** 20
+    assert f"take {state_mb:.0f} MB" in format_table(report)
+
+
+def test_unfold_conv_equals_the_direct_convolution():
+    """CAP's 3x3 convolution as unfold + matmul: same outputs and gradients as nn.Conv2d (CPU, fp32)."""
+    from scalekd.projectors import UnfoldConv2d
+    torch.manual_seed(0)
+    for kwargs, shape in ((dict(padding=1), (2, 16, 7, 7)), (dict(padding=2, stride=2, dilation=2), (2, 16, 9, 6))):
+        ref = torch.nn.Conv2d(16, 12, 3, **kwargs)
+        fast = UnfoldConv2d(16, 12, 3, **kwargs)
+        fast.load_state_dict(ref.state_dict())
+        x = torch.randn(*shape, requires_grad=True)
+        y_ref, y = ref(x), fast(x)
+        assert y.shape == y_ref.shape
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(y)
+        grads_ref = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), g)
+        grads = torch.autograd.grad(y, (x, fast.weight, fast.bias), g)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

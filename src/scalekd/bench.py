@@ -70,43 +70,47 @@ def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
         return {k: float(v.detach()) for k, v in out.items() if k != 'output'}
 
     losses = step()  # warm-up
-    times = []
-    for _ in range(spec['steps']):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    components = _isolated_components(task, optimizer, images, targets, precision, spec['steps']) \
+    step_s = _interleaved(dict(step=step), spec['steps'], device, warmup=False)['step']
+    peak_mb = _peak_mb(device)  # of the training steps, before the diagnostics below add their own
+    components = _isolated_components(task, optimizer, images, targets, precision, spec['steps'], step) \
         if spec['variant'] == 'scalekd' else None
-    if device.type == 'cuda':
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return dict(name=spec['variant'], step_s=statistics.median(times), peak_mb=round(peak_mb, 1),
-                images_per_s=spec['batch'] / statistics.median(times), precision=precision,
+    return dict(name=spec['variant'], step_s=step_s, peak_mb=round(peak_mb, 1),
+                images_per_s=spec['batch'] / step_s, precision=precision,
                 params=param_counts(task),
                 losses=losses, components=components)
 
 
-def _timed(fn: Callable[[], Any], steps: int, device: torch.device) -> float:
-    fn()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _peak_mb(device: torch.device) -> float:
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _isolated_components(task, optimizer, images, targets, precision: str, steps: int) -> Dict[str, float]:
-    """Each part of a full ScaleKD step timed on its own (no hidden work: they should add up to the step).
+def _interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, device: torch.device,
+                 warmup: bool = True) -> Dict[str, float]:
+    """Median time of each function, run in turn within every round (after a warm-up round), so
+    that a machine whose speed drifts over minutes biases none of them."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for r in range(rounds + warmup):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _isolated_components(task, optimizer, images, targets, precision: str, steps: int,
+                         full_step: Callable[[], Any]) -> Dict[str, float]:
+    """Each part of a full ScaleKD step timed on its own, in the same rounds as full steps (``full``):
+    no hidden work means the parts add up to the step.
 
     student: student forward + backward with the task loss; teacher: the no-grad teacher forward;
     proxy / s4: the projectors (and, for the proxy path, the teacher's last stage) forward +
-    backward from detached inputs; optimizer: the SGD step over every trainable parameter.
+    backward from detached inputs; optimizer: the SGD step over every trainable parameter and
+    clearing the gradients (as ``full`` does; every part starts without gradients, as in a step).
     """
     device = images.device
     module = unwrap_model(task.trainable_module)
@@ -137,11 +141,13 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
             loss = sum(module.s4.losses(module.s4.project(s4, queries), feats.final, 's4').values())
         loss.backward()
 
-    parts = dict(student=_timed(student, steps, device), teacher=_timed(teacher, steps, device),
-                 proxy=_timed(proxy, steps, device), s4=_timed(s4_path, steps, device),
-                 optimizer=_timed(optimizer.step, steps, device))
+    def optimizer_step():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     optimizer.zero_grad(set_to_none=True)
-    return parts
+    return _interleaved(dict(full=full_step, student=student, teacher=teacher, proxy=proxy, s4=s4_path,
+                             optimizer=optimizer_step), steps, device)
 
 
 def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, steps: int = 3,
@@ -182,8 +188,9 @@ def _components(rows: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, float]]:
     if full is None or not full.get('components'):
         return None
     parts = dict(full['components'])
+    step = parts.pop('full')
     total = sum(parts.values())
-    return dict(parts, sum=total, full=full['step_s'], unexplained=(full['step_s'] - total) / full['step_s'])
+    return dict(parts, sum=total, full=step, unexplained=(step - total) / step)
 
 
 def format_table(report: Dict[str, Any]) -> str:
@@ -195,6 +202,13 @@ def format_table(report: Dict[str, Any]) -> str:
         lines.append(f"{r['name']:<12} {r['step_s']:>8.3f} {r.get('step_x_kd', float('nan')):>6.2f} "
                      f"{r['images_per_s']:>7.1f} {r['peak_mb']:>9.0f} {r.get('peak_x_kd', float('nan')):>6.2f} "
                      f"{r['params']['distill']:>15,}")
+    by_name = {r['name']: r for r in report['variants']}
+    if 'kd' in by_name and 'scalekd' in by_name:
+        extra = by_name['scalekd']['peak_mb'] - by_name['kd']['peak_mb']
+        state = by_name['scalekd']['params']['distill'] * 12 / 2 ** 20  # fp32 weight + gradient + SGD momentum
+        lines.append(f"scalekd peak over kd: +{extra:.0f} MB, of which the projectors' fp32 weights, gradients "
+                     f"and momentum take {state:.0f} MB (kd + that alone: "
+                     f"{(by_name['kd']['peak_mb'] + state) / by_name['kd']['peak_mb']:.2f} x kd)")
     c = report.get('components')
     if c:
         names = ('student', 'teacher', 'proxy', 's4', 'optimizer')

@@ -60,8 +60,8 @@ def _torchvision(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, 
     name = type(model).__name__
     if isinstance(model, ResNet):
         if not isinstance(model.conv1, nn.Conv2d) or any('downsample.2' in k for k in state):
-            raise ExportFormatError(f'torchvision has no ResNet with a deep stem or average-pool shortcut '
-                                    f'(the ResNet-D of this student); use --format timm')
+            raise ExportFormatError('torchvision has no ResNet with a deep stem or average-pool shortcut '
+                                    '(the ResNet-D of this student); use --format timm')
         return dict(state)
     if isinstance(model, VisionTransformer):
         plain = (model.num_prefix_tokens == 1 and model.has_class_token and model.global_pool == 'token'
