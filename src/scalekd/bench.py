@@ -109,7 +109,7 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
 
     student: student forward + backward with the task loss; teacher: the no-grad teacher forward;
     proxy / s4: the projectors (and, for the proxy path, the teacher's last stage) forward +
-    backward from detached inputs; optimizer: the SGD step over every trainable parameter and
+    backward from the student's s3 / s4 maps, down to their gradients; optimizer: the SGD step over every trainable parameter and
     clearing the gradients (as ``full`` does; every part starts without gradients, as in a step).
     """
     device = images.device
@@ -117,6 +117,7 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
     with torch.no_grad():
         feats = task.teacher.extract(images)
         _, s3, s4 = module.taps(module.student, images)
+    s3, s4 = s3.requires_grad_(), s4.requires_grad_()  # the projectors' backward reaches the student, as in a step
 
     def student():
         with autocast(precision, device):
@@ -132,6 +133,7 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
             proxies = module.proxy(s3, task.teacher.last_stage, feats.prefix)
             loss = sum(module.proxy.mimicking.losses(proxies, feats.final, 'proxy').values())
         loss.backward()
+        s3.grad = None
         return proxies
 
     queries = {k: v.detach() for k, v in proxy().items()} if module.adaptive_queries else None
@@ -140,6 +142,7 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
         with autocast(precision, device):
             loss = sum(module.s4.losses(module.s4.project(s4, queries), feats.final, 's4').values())
         loss.backward()
+        s4.grad = None
 
     def optimizer_step():
         optimizer.step()
