@@ -152,3 +152,12 @@ def test_unfold_conv_equals_the_direct_convolution():
         grads = torch.autograd.grad(y, (x, fast.weight, fast.bias), g)
         for a, b in zip(grads, grads_ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_parts_skip_the_paths_an_option_switches_off(capsys):
+    args = ['bench', '--teacher', 'vit_tiny_patch16_224', '--student', 'resnet18', '--img-size', '32',
+            '--batch', '2', '--steps', '1', '--variants', 'scalekd', '--option', 'tpp=false', '--option', 'adaptive_queries=false', '--json']
+    assert main(args) == 0
+    parts = json.loads(capsys.readouterr().out)['components']
+    assert 'proxy' not in parts and parts['s4'] > 0
+    assert parts['sum'] == pytest.approx(sum(parts[k] for k in ('student', 'teacher', 's4', 'optimizer')))

@@ -32,8 +32,7 @@ def test_full_size_keys_match_the_openmmlab_models(case):
     assert exported == {k: v for k, v in expected.items() if k not in DENSE_ONLY.get(case, ())}
     assert set(expected) - set(exported) == DENSE_ONLY.get(case, set())
     if toolkit == 'mmcls':  # and back: the OpenMMLab list fills the timm model exactly
-        state = {k: torch.zeros(v, dtype=torch.long if k.endswith('index') else torch.float32)
-                 for k, v in expected.items() if not k.endswith('relative_position_index')}
+        state = {k: torch.zeros(v) for k, v in expected.items() if not k.endswith('relative_position_index')}
         model.load_state_dict(from_openmmlab(model, state))
 
 
@@ -112,7 +111,7 @@ def test_import_mmcls_refuses_a_file_without_a_student(tmp_path, capsys):
 
 
 def test_swin_exports_sit_under_backbone_as_mmdet_swin_reads_them():
-    """mmdet / mmseg's Swin.init_weights keeps only keys under ``backbone.``; ResNet / ViT take bare keys."""
+    """mmdet's Swin.init_weights keeps only keys under ``backbone.`` (mmseg's strips it); ResNet / ViT take bare keys."""
     _, name, kwargs, _, input_shape = OUTPUT_CASES['mmdet/swin']
     swin = build_timm(name, kwargs, input_shape[-1])
     written = to_format(swin, 'mmdet')
@@ -120,3 +119,9 @@ def test_swin_exports_sit_under_backbone_as_mmdet_swin_reads_them():
     assert {k[len('backbone.'):] for k in written} == set(to_openmmlab(swin, 'mmdet'))
     resnet = create_timm_model('resnet18', (32, 32), layers=[1, 1, 1, 1])
     assert set(to_format(resnet, 'mmseg')) == {k for k in resnet.state_dict() if not k.startswith('fc.')}
+
+
+def test_import_mmcls_names_a_missing_file_without_the_unsafe_file_hint(tmp_path, capsys):
+    assert main(['import-mmcls', str(tmp_path / 'nope.pth'), '--model', 'resnet50d', '--out', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert 'nope.pth does not exist' in err and 'If you trust' not in err

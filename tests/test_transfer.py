@@ -81,3 +81,14 @@ def test_export_command_writes_mmdet_backbone_weights(tmp_path):
     state = load_checkpoint(tmp_path / 'mm' / 'model.pth')
     assert set(state) == {k for k in student.state_dict() if not k.startswith('fc.')}
     torch.testing.assert_close(state['layer4.0.conv2.weight'], student.layer4[0].conv2.weight.detach())
+
+
+def test_a_failed_export_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import scalekd.export as export
+    def broken(*args, **kwargs):
+        raise ValueError('config cannot be written')
+    monkeypatch.setattr(export, 'save_config_for_hf', broken)
+    student = create_timm_model('resnet18', (32, 32), num_classes=4, layers=[1, 1, 1, 1])
+    with pytest.raises(ValueError, match='config cannot be written'):
+        export.export_student(student, tmp_path / 'out', {})
+    assert not (tmp_path / 'out').exists()

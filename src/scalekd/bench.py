@@ -114,7 +114,7 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
     """
     device = images.device
     module = unwrap_model(task.trainable_module)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision, device):
         feats = task.teacher.extract(images)
         _, s3, s4 = module.taps(module.student, images)
     s3, s4 = s3.requires_grad_(), s4.requires_grad_()  # the projectors' backward reaches the student, as in a step
@@ -126,7 +126,8 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
         loss.backward()
 
     def teacher():
-        task.teacher.extract(images)
+        with torch.no_grad(), autocast(precision, device):
+            task.teacher.extract(images)
 
     def proxy():
         with autocast(precision, device):
@@ -136,7 +137,8 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
         s3.grad = None
         return proxies
 
-    queries = {k: v.detach() for k, v in proxy().items()} if module.adaptive_queries else None
+    queries = {k: v.detach() for k, v in proxy().items()} if module.proxy is not None and module.adaptive_queries \
+        else None
 
     def s4_path():
         with autocast(precision, device):
@@ -149,8 +151,11 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
         optimizer.zero_grad(set_to_none=True)
 
     optimizer.zero_grad(set_to_none=True)
-    return _interleaved(dict(full=full_step, student=student, teacher=teacher, proxy=proxy, s4=s4_path,
-                             optimizer=optimizer_step), steps, device)
+    parts = dict(full=full_step, student=student, teacher=teacher, proxy=proxy, s4=s4_path, optimizer=optimizer_step)
+    for name, path in (('proxy', module.proxy), ('s4', module.s4)):  # switched off by --option
+        if path is None:
+            del parts[name]
+    return _interleaved(parts, steps, device)
 
 
 def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, steps: int = 3,
@@ -172,7 +177,8 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
         result = subprocess.run([sys.executable, '-m', 'scalekd.bench', json.dumps(spec)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f'bench variant {name} failed: {result.stderr.strip().splitlines()[-1]}')
+            last = (result.stderr.strip().splitlines() or [f'exit code {result.returncode}'])[-1]
+            raise RuntimeError(f'bench variant {name} failed: {last}')
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     by_name = {r['name']: r for r in rows}
     if 'kd' in by_name:
@@ -214,7 +220,7 @@ def format_table(report: Dict[str, Any]) -> str:
                      f"{(by_name['kd']['peak_mb'] + state) / by_name['kd']['peak_mb']:.2f} x kd)")
     c = report.get('components')
     if c:
-        names = ('student', 'teacher', 'proxy', 's4', 'optimizer')
+        names = [n for n in ('student', 'teacher', 'proxy', 's4', 'optimizer') if n in c]
         lines.append('scalekd step, parts timed alone: ' + ' + '.join(f'{n} {c[n]:.3f}' for n in names)
                      + f" = {c['sum']:.3f} s vs full {c['full']:.3f} s ({100 * c['unexplained']:+.1f}% unexplained)")
     return '\n'.join(lines)

@@ -1,4 +1,5 @@
 """Exporting and re-loading the distilled student: ``model.safetensors`` + timm's ``config.json``."""
+import os
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
 
@@ -33,11 +34,22 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
     or ``timm.create_model('local-dir:' + out_dir, pretrained=True)``.
     """
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / 'model.safetensors'
+    weights, config = out_dir / 'model.safetensors', out_dir / 'config.json'
+    partial = [weights.with_name(weights.name + '.partial'), config.with_name(config.name + '.partial')]
     state = cast_floats({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, dtype)
-    save_file(state, str(weights), metadata={'format': 'pt'})
-    save_config_for_hf(student, str(out_dir / 'config.json'), data_config=data_config)
+    try:  # both files or neither
+        save_file(state, str(partial[0]), metadata={'format': 'pt'})
+        save_config_for_hf(student, str(partial[1]), data_config=data_config)
+    except BaseException:
+        for path in partial:
+            path.unlink(missing_ok=True)
+        if created:
+            out_dir.rmdir()
+        raise
+    os.replace(partial[0], weights)
+    os.replace(partial[1], config)
     return weights
 
 

@@ -37,8 +37,8 @@ class ExportFormatError(ValueError):
 
 
 def _openmmlab(toolkit: str) -> Callable[[nn.Module, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
-    """The backbone as its ``init_cfg=dict(type='Pretrained')`` loader reads it: mmdet / mmseg's Swin
-    takes only keys under ``backbone.``; their ResNet and mmseg's ViT take the bare keys."""
+    """The backbone as its ``init_cfg=dict(type='Pretrained')`` loader reads it: mmdet's Swin takes
+    only keys under ``backbone.`` (mmseg's either way); their ResNet and mmseg's ViT the bare keys."""
     def convert(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         try:
             out = to_openmmlab(model, toolkit)

@@ -42,6 +42,8 @@ def import_mmcls(path: Union[str, Path], model_name: str, img_size: int = 224,
     try:
         state = read_state_dict(path)
     except WeightsError as e:
+        if 'cannot be loaded safely' not in str(e):
+            raise
         raise WeightsError(f'{e}. If you trust the file, save its tensors alone first, e.g. python -c "import torch; '
                            f"torch.save(torch.load('{path}', weights_only=False)['state_dict'], 'plain.pth')\"") from None
     student, others = student_state(state)

@@ -27,8 +27,6 @@ Rule = Tuple[str, str]  # (timm template, OpenMMLab template)
 _SLOT = re.compile(r'\{(\w+)([+-]\d+)?\}|\*$')
 
 _SWIN_BLOCK = [(f'layers.{{i}}.blocks.{{j}}.{t}', f'stages.{{i}}.blocks.{{j}}.{m}') for t, m in (
-    ('attn.relative_position_bias_table', 'attn.w_msa.relative_position_bias_table'),
-    ('attn.relative_position_index', 'attn.w_msa.relative_position_index'),
     ('attn.*', 'attn.w_msa.*'), ('mlp.fc1.*', 'ffn.layers.0.0.*'), ('mlp.fc2.*', 'ffn.layers.1.*'), ('*', '*'))]
 _SWIN = [('patch_embed.proj.*', 'patch_embed.projection.*'), ('patch_embed.norm.*', 'patch_embed.norm.*'),
          *_SWIN_BLOCK, ('layers.{i}.downsample.*', 'stages.{i-1}.downsample.*'), ('norm.*', 'norm3.*')]
