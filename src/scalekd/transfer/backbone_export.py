@@ -4,7 +4,6 @@
 keys are timm's) and ViT with a class token (``VisionTransformer``). ``mmdet`` / ``mmseg``: the
 backbone alone under OpenMMLab's names (:mod:`.openmmlab`).
 """
-import re
 from typing import Callable, Dict
 
 import torch
@@ -12,24 +11,26 @@ import torch.nn as nn
 from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 
+from .key_rules import rename
 from .openmmlab import OpenMMLabKeyError, family_of, to_openmmlab
 
 __all__ = ['FORMATS', 'ExportFormatError', 'to_format']
 
 FORMATS = ('timm', 'torchvision', 'mmdet', 'mmseg')
-_VIT_TORCHVISION = (  # timm -> torchvision, applied in order
-    (r'^cls_token$', 'class_token'),
-    (r'^pos_embed$', 'encoder.pos_embedding'),
-    (r'^patch_embed\.proj\.', 'conv_proj.'),
-    (r'^blocks\.(\d+)\.norm1\.', r'encoder.layers.encoder_layer_\1.ln_1.'),
-    (r'^blocks\.(\d+)\.norm2\.', r'encoder.layers.encoder_layer_\1.ln_2.'),
-    (r'^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$', r'encoder.layers.encoder_layer_\1.self_attention.in_proj_\2'),
-    (r'^blocks\.(\d+)\.attn\.proj\.', r'encoder.layers.encoder_layer_\1.self_attention.out_proj.'),
-    (r'^blocks\.(\d+)\.mlp\.fc1\.', r'encoder.layers.encoder_layer_\1.mlp.0.'),
-    (r'^blocks\.(\d+)\.mlp\.fc2\.', r'encoder.layers.encoder_layer_\1.mlp.3.'),
-    (r'^norm\.', 'encoder.ln.'),
-    (r'^head\.', 'heads.head.'),
-)
+_VIT_TORCHVISION = [  # timm -> torchvision templates (.key_rules)
+    ('cls_token', 'class_token'),
+    ('pos_embed', 'encoder.pos_embedding'),
+    ('patch_embed.proj.*', 'conv_proj.*'),
+    ('blocks.{i}.norm1.*', 'encoder.layers.encoder_layer_{i}.ln_1.*'),
+    ('blocks.{i}.norm2.*', 'encoder.layers.encoder_layer_{i}.ln_2.*'),
+    ('blocks.{i}.attn.qkv.weight', 'encoder.layers.encoder_layer_{i}.self_attention.in_proj_weight'),
+    ('blocks.{i}.attn.qkv.bias', 'encoder.layers.encoder_layer_{i}.self_attention.in_proj_bias'),
+    ('blocks.{i}.attn.proj.*', 'encoder.layers.encoder_layer_{i}.self_attention.out_proj.*'),
+    ('blocks.{i}.mlp.fc1.*', 'encoder.layers.encoder_layer_{i}.mlp.0.*'),
+    ('blocks.{i}.mlp.fc2.*', 'encoder.layers.encoder_layer_{i}.mlp.3.*'),
+    ('norm.*', 'encoder.ln.*'),
+    ('head.*', 'heads.head.*'),
+]
 
 
 class ExportFormatError(ValueError):
@@ -41,19 +42,18 @@ def _openmmlab(toolkit: str) -> Callable[[nn.Module, Dict[str, torch.Tensor]], D
     only keys under ``backbone.`` (mmseg's either way); their ResNet and mmseg's ViT the bare keys."""
     def convert(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         try:
-            out = to_openmmlab(model, toolkit)
+            out = to_openmmlab(model, toolkit, state)
         except OpenMMLabKeyError as e:
             raise ExportFormatError(str(e)) from None
         return {f'backbone.{k}': v for k, v in out.items()} if family_of(model) == 'swin' else out
     return convert
 
 
-def _rename(key: str, rules) -> str:
-    for pattern, repl in rules:
-        new = re.sub(pattern, repl, key)
-        if new != key:
-            return new
-    raise ExportFormatError(f'no torchvision name for the timm key {key!r}')
+def _torchvision_name(key: str) -> str:
+    new = rename(key, _VIT_TORCHVISION)
+    if new is None:
+        raise ExportFormatError(f'no torchvision name for the timm key {key!r}')
+    return new
 
 
 def _torchvision(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -69,7 +69,7 @@ def _torchvision(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, 
         if not plain or any(k.startswith(('blocks.0.ls', 'reg_token')) or '.q_norm' in k for k in state):
             raise ExportFormatError(f'torchvision ViT has one class token, pre-norm blocks and a final norm; '
                                     f'{name} differs; use --format timm')
-        return {_rename(k, _VIT_TORCHVISION): v for k, v in state.items()}
+        return {_torchvision_name(k): v for k, v in state.items()}
     raise ExportFormatError(f'--format torchvision covers ResNet and ViT students, not {name}; use --format timm')
 
 

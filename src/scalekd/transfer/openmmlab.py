@@ -5,12 +5,10 @@ ScaleKD release's students), ``mmdet`` and ``mmseg`` (the bare backbone a detect
 loads through ``init_cfg=dict(type='Pretrained', ...)``). The key lists these rules produce are
 checked against lists written by the real packages (``scripts/make_openmmlab_fixtures.py``).
 
-A rule pairs a timm key template with an OpenMMLab one: ``{i}`` is a number (``{i-1}``: that number
-minus one), a trailing ``*`` the rest of the key. The first rule that matches wins, both ways.
+A rule pairs a timm key template with an OpenMMLab one (:mod:`.key_rules`); the first rule that
+matches wins, both ways.
 """
-import functools
-import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -20,11 +18,11 @@ from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
+from .key_rules import Rule, rename
+
 __all__ = ['TOOLKITS', 'OpenMMLabKeyError', 'family_of', 'to_openmmlab', 'from_openmmlab']
 
 TOOLKITS = ('mmcls', 'mmdet', 'mmseg')
-Rule = Tuple[str, str]  # (timm template, OpenMMLab template)
-_SLOT = re.compile(r'\{(\w+)([+-]\d+)?\}|\*$')
 
 _SWIN_BLOCK = [(f'layers.{{i}}.blocks.{{j}}.{t}', f'stages.{{i}}.blocks.{{j}}.{m}') for t, m in (
     ('attn.*', 'attn.w_msa.*'), ('mlp.fc1.*', 'ffn.layers.0.0.*'), ('mlp.fc2.*', 'ffn.layers.1.*'), ('*', '*'))]
@@ -63,43 +61,6 @@ _RESNET = [('conv1.*', 'conv1.*'), ('bn1.*', 'bn1.*'), ('layer{s}.*', 'layer{s}.
 
 class OpenMMLabKeyError(ValueError):
     """A model or state dict that the OpenMMLab key mapping cannot carry over whole."""
-
-
-@functools.lru_cache(maxsize=None)
-def _pattern(template: str) -> Tuple[re.Pattern, Tuple[Tuple[str, int], ...]]:
-    """A template as a regex, and the (name, offset) of each numbered slot in order."""
-    parts, slots, last = [], [], 0
-    for m in _SLOT.finditer(template):
-        parts.append(re.escape(template[last:m.start()]))
-        if m.group(0) == '*':
-            parts.append('(.+)')
-        else:
-            parts.append(r'(\d+)')
-            slots.append((m.group(1), int(m.group(2) or 0)))
-        last = m.end()
-    parts.append(re.escape(template[last:]))
-    return re.compile(''.join(parts)), tuple(slots)
-
-
-def _fill(template: str, values: Dict[str, int], rest: Optional[str]) -> str:
-    def slot(m: re.Match) -> str:
-        return rest if m.group(0) == '*' else str(values[m.group(1)] + int(m.group(2) or 0))
-    return _SLOT.sub(slot, template)
-
-
-def _rename(key: str, rules: Sequence[Rule], reverse: bool) -> Optional[str]:
-    """``key`` renamed by the first rule that matches it (OpenMMLab -> timm when ``reverse``), else None."""
-    for rule in rules:
-        src, dst = rule[::-1] if reverse else rule
-        pattern, slots = _pattern(src)
-        m = pattern.fullmatch(key)
-        if m is None:
-            continue
-        groups = m.groups()
-        values = {name: int(g) - offset for (name, offset), g in zip(slots, groups)}
-        rest = groups[-1] if src.endswith('*') else None
-        return _fill(dst, values, rest)
-    return None
 
 
 def family_of(model: nn.Module) -> str:
@@ -150,16 +111,18 @@ def _unfold_order(channels: int) -> torch.Tensor:
     return (kw * 2 + kh) * c + m // 4
 
 
-def to_openmmlab(model: nn.Module, toolkit: str) -> Dict[str, torch.Tensor]:
-    """``model``'s weights under ``toolkit``'s key names (``mmdet`` / ``mmseg``: the backbone alone)."""
+def to_openmmlab(model: nn.Module, toolkit: str,
+                 state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """``model``'s weights (or ``state``, its state dict) under ``toolkit``'s key names (``mmdet`` /
+    ``mmseg``: the backbone alone)."""
     rules = _rules(model, toolkit)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = dict(state) if state is not None else {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     swin = isinstance(model, SwinTransformer)
     if swin:  # timm keeps it out of the state dict; OpenMMLab's Swin stores it
         state.update({k: b.cpu() for k, b in model.named_buffers() if k.endswith('relative_position_index')})
     out = {}
     for key, value in state.items():
-        new = _rename(key, rules, reverse=False)
+        new = rename(key, rules)
         if new is None:
             if toolkit != 'mmcls' and key.startswith(('fc.', 'head.')):
                 continue  # the classifier is not part of a detection / segmentation backbone
@@ -181,7 +144,7 @@ def from_openmmlab(model: nn.Module, state: Dict[str, torch.Tensor], toolkit: st
     buffers = dict(model.named_buffers())
     out, homeless, wrong = {}, [], []
     for key, value in state.items():
-        new = _rename(key, rules, reverse=True)
+        new = rename(key, rules, reverse=True)
         if new is None:
             homeless.append(key)
             continue
