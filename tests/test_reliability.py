@@ -13,36 +13,19 @@ import pytest
 import torch
 
 from engine_fixtures import make_image_folder, tiny_config
+from run_tools import finish, kill_group, metrics, start, step_lines, wait_for
 import scalekd.checkpoint as checkpoint_module
 from scalekd import build_distiller
-from scalekd.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from scalekd.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint,
+                                save_checkpoint)
 from scalekd.cli import main
 from scalekd.distiller import Distiller
 from scalekd.weights import WeightsError, read_state_dict
 from tiny_models import IMG, make_teacher
 
 
-@pytest.fixture(scope='module')
-def straight(tmp_path_factory, data_root):
-    """An uninterrupted, deterministic run that checkpoints every step."""
-    tmp = tmp_path_factory.mktemp('straight')
-    cfg = tiny_config(tmp, data_root, train=dict(checkpoint_every_steps=1, keep_checkpoints=20))
-    assert main(['train', str(cfg), '--deterministic']) == 0
-    return tmp / 'run'
-
-
 def _run(cfg, *extra):
-    return subprocess.Popen([sys.executable, '-m', 'scalekd.cli', 'train', str(cfg), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(path: Path, proc, timeout=300):
-    """Until ``path`` exists and is not empty (a line of metrics, a whole checkpoint)."""
-    deadline = time.time() + timeout
-    while not (path.exists() and path.stat().st_size > 0):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.02)
+    return start(cfg, *extra)
 
 
 def _assert_same_final_state(a: Path, b: Path):
@@ -53,6 +36,14 @@ def _assert_same_final_state(a: Path, b: Path):
         assert torch.equal(value, sb['task_state']['distill'][key]), key
     strip = lambda h: [{k: v for k, v in r.items() if k != 'train_img_per_s'} for r in h]  # noqa: E731
     assert strip(sa['progress']['history']) == strip(sb['progress']['history'])  # same metrics, train means too
+
+
+def _same_metrics(a: Path, b: Path):
+    """The same metrics.jsonl lines (timing aside), each step once."""
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ('time', 'train_img_per_s')} for r in rows]  # noqa
+    assert strip(metrics(a)) == strip(metrics(b))
+    steps = [r['step'] for r in step_lines(b)]
+    assert steps == sorted(set(steps))
 
 
 # -- 1. atomic checkpoints -------------------------------------------------------------------
@@ -70,41 +61,66 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == ['checkpoint-0001.pth']  # no temporary file left behind
 
 
-def test_resume_auto_skips_a_torn_newest_checkpoint(tmp_path):
-    save_checkpoint({'w': torch.ones(3)}, tmp_path / 'checkpoint-0001.pth')
-    save_checkpoint({'w': torch.ones(3)}, tmp_path / 'checkpoint-0001-000002.pth')
+def _training_state(step: int) -> dict:
+    return dict(config={}, student={'w': torch.full((3,), float(step))}, progress=dict(step=step))
+
+
+def test_resume_auto_takes_the_newest_checkpoint_that_loads(tmp_path):
+    save_checkpoint(_training_state(3), tmp_path / 'checkpoint-0001.pth')
+    save_checkpoint(_training_state(5), tmp_path / 'checkpoint-0001-000002.pth')
     full = (tmp_path / 'checkpoint-0001-000002.pth').read_bytes()
     (tmp_path / 'checkpoint-0002.pth').write_bytes(full[:len(full) // 2])  # a write killed half-way
-    assert latest_checkpoint(tmp_path) == tmp_path / 'checkpoint-0001-000002.pth'
+    path, state, passed = latest_checkpoint(tmp_path)
+    assert path == tmp_path / 'checkpoint-0001-000002.pth' and state['progress']['step'] == 5
+    assert state['format_version'] == FORMAT_VERSION  # migrated from format 1 on the way
+    assert len(passed) == 1 and 'checkpoint-0002.pth cannot be loaded safely' in passed[0]
+
+
+def test_resume_auto_with_only_damaged_checkpoints_names_each_and_changes_nothing(tmp_path, data_root, capsys):
+    cfg = tiny_config(tmp_path, data_root)
+    run = tmp_path / 'run'
+    run.mkdir()
+    save_checkpoint(_training_state(3), run / 'checkpoint-0001.pth')
+    (run / 'checkpoint-0001.pth').write_bytes((run / 'checkpoint-0001.pth').read_bytes()[:100])
+    (run / 'checkpoint-0002.pth').write_bytes(b'')
+    (run / 'config.yaml').write_text('the config of the run\n')
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    assert main(['train', str(cfg), '--resume', 'auto']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'holds 2 checkpoint(s) and none loads' in err, err
+    assert 'checkpoint-0001.pth cannot be loaded safely' in err and 'checkpoint-0002.pth cannot be loaded' in err
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.name != '.scalekd.lock'} == before
 
 
 # -- 2. crash and resume -------------------------------------------------------------------
-def test_sigkill_at_a_random_step_then_resume_gives_the_same_run(straight, data_root, tmp_path):
+def test_sigkill_after_every_step_then_resume_gives_the_same_run(straight, data_root, tmp_path):
+    """Killed once after each of the 5 mid-run checkpoints (each resumed run is killed at the next),
+    then finished: the same weights, metrics and metrics.jsonl as the uninterrupted run."""
     cfg = tiny_config(tmp_path, data_root, train=dict(checkpoint_every_steps=1, keep_checkpoints=20))
-    step = random.Random(os.getpid()).randint(1, 5)  # 6 steps in all: 3 per epoch
-    epoch, batch = divmod(step, 3)
-    name = f'checkpoint-{epoch:04d}.pth' if batch == 0 else f'checkpoint-{epoch:04d}-{batch:06d}.pth'
-    proc = _run(cfg, '--deterministic')
-    _wait_for(tmp_path / 'run' / name, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / 'run' / 'checkpoint-0002.pth').exists()
+    run = tmp_path / 'run'
+    for step in range(1, 6):  # 6 steps in all: 3 per epoch
+        epoch, batch = divmod(step, 3)
+        proc = _run(cfg, '--deterministic', *(('--resume', 'auto') if step > 1 else ()))
+        wait_for(run / checkpoint_name(epoch, batch), proc)
+        kill_group(proc)
+    assert not (run / 'checkpoint-0002.pth').exists()
     assert main(['train', str(cfg), '--resume', 'auto', '--deterministic']) == 0
-    _assert_same_final_state(straight, tmp_path / 'run')
+    _assert_same_final_state(straight, run)
+    _same_metrics(straight, run)
+    assert not [f for f in os.listdir(run) if f.endswith('.tmp')]  # killed writes cleaned up
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(data_root, tmp_path):
     cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=3))
     proc = _run(cfg)
-    _wait_for(tmp_path / 'run' / 'metrics.jsonl', proc)
+    wait_for(tmp_path / 'run' / 'metrics.jsonl', proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     assert 'stopped by signal 15' in err and 'continue with --resume auto' in err
-    saved = latest_checkpoint(tmp_path / 'run')
+    saved, state, _ = latest_checkpoint(tmp_path / 'run')
     assert saved is not None
-    progress = load_checkpoint(saved)['progress']
-    assert progress['step'] >= 1
+    assert state['progress']['step'] >= 1
     assert main(['train', str(cfg), '--resume', 'auto']) == 0
     assert load_checkpoint(tmp_path / 'run' / 'checkpoint-0003.pth')['progress']['step'] == 9
 
@@ -128,7 +144,8 @@ def test_a_checkpoint_that_runs_code_on_load_is_refused(tmp_path, capsys):
         read_state_dict(evil)
     assert main(['eval', str(evil), '--data', str(tmp_path)]) == 2
     assert 'cannot be loaded safely' in capsys.readouterr().err
-    assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(CheckpointError, match='none loads'):
+        latest_checkpoint(tmp_path)
     assert not marker.exists()
 
 
@@ -205,57 +222,9 @@ def test_nan_loss_stops_with_step_term_and_checkpoint(tmp_path, data_root, capsy
 def test_max_nan_skips_skips_bounded_bad_steps(tmp_path, data_root, nan_at_step_2):
     cfg = tiny_config(tmp_path, data_root)
     assert main(['train', str(cfg), '--max-nan-skips', '1']) == 0
-    assert 'batch skipped (1/1 skips used)' in (tmp_path / 'run' / 'train.log').read_text()
+    assert 'update skipped (1/1 skips used)' in (tmp_path / 'run' / 'train.log').read_text()
     state = load_checkpoint(tmp_path / 'run' / 'checkpoint-0002.pth')
     assert state['progress']['nan_skips'] == 1 and state['progress']['step'] == 6  # the schedule keeps its length
-
-
-# -- 6. distributed faults -------------------------------------------------------------------
-def _torchrun(cfg, *extra, port):
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                             '--master_port', str(port), '-m', 'scalekd.cli', 'train', str(cfg), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _rank_pid(rank: int) -> int:
-    for pid in filter(str.isdigit, os.listdir('/proc')):
-        try:
-            environ = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
-            cmd = Path(f'/proc/{pid}/cmdline').read_bytes()
-        except OSError:
-            continue
-        if b'scalekd.cli' in cmd and f'RANK={rank}'.encode() in environ and b'torch.distributed.run' not in cmd:
-            return int(pid)
-    raise AssertionError(f'rank {rank} not found')
-
-
-def test_a_dead_rank_stops_the_others_in_bounded_time(tmp_path, data_root):
-    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=50))
-    proc = _torchrun(cfg, port=29531)
-    _wait_for(tmp_path / 'run' / 'metrics.jsonl', proc)
-    os.kill(_rank_pid(1), signal.SIGKILL)
-    start = time.time()
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and time.time() - start < 120
-    assert 'scalekd.cli FAILED' in err or 'ChildFailedError' in err, err[-2000:]
-
-
-def test_resume_with_another_process_count_keeps_batch_and_schedule(straight, data_root, tmp_path):
-    (tmp_path / 'run').mkdir()
-    first = load_checkpoint(straight / 'checkpoint-0001.pth')
-    save_checkpoint(first, tmp_path / 'run' / 'checkpoint-0001.pth')
-    cfg = tiny_config(tmp_path, data_root, train=dict(checkpoint_every_steps=1, keep_checkpoints=20))
-    proc = _torchrun(cfg, '--resume', 'auto', port=29533)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    lines = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
-    reference = {r['step']: r['lr'] for r in map(json.loads, (straight / 'metrics.jsonl').read_text().splitlines())
-                 if 'val_top1' not in r}
-    steps = [r for r in lines if 'val_top1' not in r]
-    assert [r['step'] for r in steps] == [4, 5, 6]
-    for r in steps:
-        assert r['lr'] == pytest.approx(reference[r['step']])
 
 
 # -- 7. determinism ------------------------------------------------------------------------

@@ -1,43 +1,69 @@
-"""Training checkpoints: atomic writes, safe loads, and finding the newest complete one."""
+"""Training checkpoints: atomic writes, safe loads, a format version with migrations, and finding
+the newest complete one.
+
+A training checkpoint is a dict with ``format_version`` (:data:`FORMAT_VERSION`), ``config``,
+``progress``, ``student`` and, for a full training state, ``task_state``, ``optimizer``,
+``scheduler``, ``scaler``, ``ema``, ``rng``, ``world_size``. ``best.pth`` holds only what eval and
+export need (``config``, ``progress``, ``student``, ``ema``). Files written before versioning
+are format 1; :func:`read_training_checkpoint` migrates every older format to the current one.
+"""
 import os
 import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-__all__ = ['save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'checkpoints_by_age', 'rng_state',
-           'set_rng_state', 'CheckpointError']
+__all__ = ['FORMAT_VERSION', 'save_checkpoint', 'load_checkpoint', 'read_training_checkpoint', 'migrate',
+           'latest_checkpoint', 'checkpoints_by_age', 'checkpoint_name', 'rng_state', 'set_rng_state',
+           'CheckpointError']
+
+FORMAT_VERSION = 2
 
 # checkpoint-EEEE.pth after E epochs; checkpoint-EEEE-BBBBBB.pth after E epochs and B batches of the next
 _CHECKPOINT_FILE = re.compile(r'^checkpoint-(\d+)(?:-(\d+))?\.pth$')
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt or unsafe."""
+    """A checkpoint that is missing, corrupt, unsafe or of an unknown format."""
 
 
-def rng_state() -> Dict[str, Any]:
-    """Every RNG the run draws from, as weights-only-loadable values."""
+def checkpoint_name(epoch: int, batch: int) -> str:
+    """The file name of the checkpoint after ``epoch`` epochs and ``batch`` batches of the next."""
+    return f'checkpoint-{epoch:04d}.pth' if batch == 0 else f'checkpoint-{epoch:04d}-{batch:06d}.pth'
+
+
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """Every RNG this process draws from, as weights-only-loadable values: CPU, Python, NumPy and
+    the RNG of ``device`` alone when it is a GPU (never the other GPUs of the node)."""
     np_state = np.random.get_state()
     state = dict(torch=torch.get_rng_state(), python=random.getstate(),
                  numpy=dict(key=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
                             has_gauss=int(np_state[3]), cached_gaussian=float(np_state[4])))
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    """Restore :func:`rng_state`; the GPU state goes to ``device`` (format 1 stored a list of every
+    visible GPU's state: the entry of ``device``'s index is used when it exists)."""
     torch.set_rng_state(state['torch'])
     random.setstate(state['python'])
     n = state['numpy']
     np.random.set_state(('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    cuda = state.get('cuda')
+    if device.type != 'cuda' or cuda is None:
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = device.index or 0
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> None:
@@ -56,14 +82,54 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> None:
 
 
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
-    """Load a training checkpoint with ``weights_only`` (no pickled code runs)."""
+    """Load a torch file with ``weights_only`` (no pickled code runs)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} does not exist')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise CheckpointError(f'checkpoint {path} cannot be loaded safely: {str(e).splitlines()[0]}') from None
+        detail = re.split(r'(?<=\.) ', str(e).splitlines()[0])[0] if str(e) else type(e).__name__
+        raise CheckpointError(f'checkpoint {path} cannot be loaded safely: {detail}') from None
+
+
+def _from_format_1(state: Dict[str, Any]) -> Dict[str, Any]:
+    """Format 1 (scalekd 0.1.0): no ``best_step`` (taken from the history), the epoch's loss sums of
+    rank 0 alone with its image count (scaled to every rank: exact for one process, an estimate for
+    several), the RNG of every visible GPU as a list (handled by :func:`set_rng_state`)."""
+    progress = dict(state.get('progress', {}))
+    best = [r['step'] for r in progress.get('history', []) if r.get('epoch') == progress.get('best_epoch')]
+    progress['best_step'] = best[-1] if best else -1
+    train = state.get('config', {}).get('train', {})
+    world = state.get('world_size', 1)
+    per_rank = max(train.get('batch_size', 1) // max(world * train.get('accum_steps', 1), 1), 1)
+    progress['totals'] = {k: v * world for k, v in progress.get('totals', {}).items()}
+    progress['batches'] = progress.pop('seen', 0) // per_rank * world
+    return dict(state, progress=progress)
+
+
+# format N -> N + 1; a release that renames a config field adds the rename here
+_MIGRATIONS: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]] = {1: _from_format_1}
+
+
+def migrate(state: Dict[str, Any], where: str = 'checkpoint') -> Dict[str, Any]:
+    """``state`` brought from its format to :data:`FORMAT_VERSION`; a newer format is an error."""
+    version = state.get('format_version', 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f'{where} has format {version!r}, newer than this scalekd reads ({FORMAT_VERSION}): '
+                              f'upgrade scalekd')
+    while version < FORMAT_VERSION:
+        state = _MIGRATIONS[version](state)
+        version += 1
+    return dict(state, format_version=version)
+
+
+def read_training_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    """A scalekd training checkpoint (or ``best.pth``), migrated to the current format."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or 'config' not in state or 'student' not in state:
+        raise CheckpointError(f'{path} is not a scalekd training checkpoint (no config / student entries)')
+    return migrate(state, str(path))
 
 
 def checkpoints_by_age(folder: Union[str, Path]) -> List[Path]:
@@ -76,12 +142,20 @@ def checkpoints_by_age(folder: Union[str, Path]) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(folder: Union[str, Path]) -> Optional[Path]:
-    """The newest checkpoint in ``folder`` that loads completely, or ``None``."""
+def latest_checkpoint(folder: Union[str, Path]) -> Tuple[Optional[Path], Optional[Dict[str, Any]], List[str]]:
+    """The newest checkpoint in ``folder`` that loads completely, its migrated state (each file is
+    read once), and why each newer one was passed over.
+
+    Raises :class:`CheckpointError` listing every file when there are checkpoints and none loads.
+    """
+    failures = []
     for path in reversed(checkpoints_by_age(folder)):
         try:
-            load_checkpoint(path)
-            return path
-        except CheckpointError:
-            continue
-    return None
+            return path, read_training_checkpoint(path), failures
+        except CheckpointError as e:
+            failures.append(str(e))
+    if failures:
+        raise CheckpointError(f'{folder} holds {len(failures)} checkpoint(s) and none loads: ' + '; '.join(failures)
+                              + '. Nothing was changed; move the damaged files away to start afresh, or pass '
+                                '--resume PATH')
+    return None, None, []

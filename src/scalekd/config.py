@@ -103,11 +103,16 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.9999
     eval_every: int = 1
-    keep_checkpoints: int = 2    # newest checkpoints kept (best.pth is kept apart)
+    keep_checkpoints: int = 2    # newest checkpoints of the run kept (0: all; best.pth is kept apart)
     checkpoint_every_steps: int = 0  # also checkpoint within epochs, every N optimizer steps (0: epoch ends only)
     max_nan_skips: int = 0       # batches with a non-finite loss that may be skipped before the run stops
     deterministic: bool = False  # deterministic algorithms (with the seed: bit-identical CPU runs)
     dist_timeout_s: int = 1800   # a collective waiting longer on a dead rank fails
+
+    def __post_init__(self):
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f'train.keep_checkpoints must be >= 0 (0 keeps every checkpoint), '
+                              f'got {self.keep_checkpoints}')
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """Datasets, transforms and loaders: ImageNet-style folders through timm's dataset and transform builders."""
 import logging
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from PIL import Image
@@ -14,10 +17,11 @@ from .config import DataConfig
 from .distributed import DistEnv
 
 __all__ = ['DataError', 'Datasets', 'build_datasets', 'build_loaders', 'build_mixup', 'seed_epoch', 'seeded_subset',
-           'ShardSampler']
+           'ShardSampler', 'EpochSampler', 'SeededSamples', 'epoch_seed']
 
 DATASETS = ('folder', 'fashion_mnist')
 _CHECK_AUTO_LIMIT = 50_000
+_SEED_MASK = (1 << 63) - 1
 _logger = logging.getLogger('scalekd')
 
 
@@ -172,12 +176,11 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 def build_loaders(data: Datasets, cfg: DataConfig, batch_per_rank: int, env: DistEnv, seed: int):
-    """Train loader (shuffled by seed and epoch through ``DistributedSampler.set_epoch``) and eval loader."""
+    """Train loader (shuffled by seed and epoch, each sample augmented from its own seed: see
+    :class:`EpochSampler`) and eval loader (this rank's shard, in order)."""
     sampler = EpochSampler(data.train, batch_per_rank, env, seed)
-    # workers are re-created each epoch from a generator seeded per epoch (see seed_epoch), so a
-    # resumed run draws the same augmentations
     common = dict(num_workers=cfg.workers, pin_memory=env.device.type == 'cuda')
-    train = DataLoader(data.train, batch_size=batch_per_rank, sampler=sampler, drop_last=True,
+    train = DataLoader(SeededSamples(data.train), batch_size=batch_per_rank, sampler=sampler, drop_last=True,
                        generator=torch.Generator(), **common)
     val = DataLoader(data.val, batch_size=cfg.val_batch_size or batch_per_rank,
                      sampler=ShardSampler(len(data.val), env), **common)
@@ -186,8 +189,54 @@ def build_loaders(data: Datasets, cfg: DataConfig, batch_per_rank: int, env: Dis
     return train, val
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed of (run seed, epoch), hashed (``numpy.random.SeedSequence``) so that no two
+    epochs or seeds share it."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+@contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed torch, ``random`` and NumPy for the body, then restore their states (the main process
+    draws from them too when there are no workers)."""
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
+class SeededSamples(Dataset):
+    """Fetches ``(index, seed)`` keys: sample ``index`` with every RNG seeded by ``seed``, so its
+    augmentation depends on neither the worker that loads it nor what was loaded before."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        index, seed = key
+        with seeded_rngs(seed):
+            return self.dataset[index]
+
+
 class EpochSampler(DistributedSampler):
-    """``DistributedSampler`` that can start an epoch part-way, after ``start_batch`` batches (resume)."""
+    """``DistributedSampler`` that can start an epoch part-way, after ``start_batch`` batches (resume),
+    and gives each sample the seed of its augmentation.
+
+    An epoch is one global order (seed, epoch) dealt round-robin to the ranks: rank ``r``'s ``j``-th
+    sample is at global position ``j * world_size + r``. The sample's seed is
+    ``epoch_seed(seed, epoch) + position``: different on every rank, worker and epoch, and the same
+    for the same position whatever the number of processes or workers, so a run resumed mid-epoch,
+    on another process count too, draws exactly the augmentations of an uninterrupted one.
+    """
 
     def __init__(self, dataset: Dataset, batch_size: int, env: DistEnv, seed: int):
         super().__init__(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
@@ -198,17 +247,21 @@ class EpochSampler(DistributedSampler):
         self.start = start_batch * self.batch_size
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        base = epoch_seed(self.seed, self.epoch)
+        indices = list(super().__iter__())
+        for j in range(self.start, len(indices)):
+            yield indices[j], (base + j * self.num_replicas + self.rank) & _SEED_MASK
 
     def __len__(self) -> int:
         return super().__len__() - self.start
 
 
-def seed_epoch(loader: DataLoader, seed: int, epoch: int, start_batch: int = 0) -> None:
-    """Fix the shuffle order and the workers' augmentation seeds of one epoch (from ``start_batch`` on)."""
+def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int, start_batch: int = 0) -> None:
+    """Fix the shuffle order of one epoch from ``start_batch`` on, and the seed the loader draws its
+    workers' base seed from (per run seed, rank and epoch; the augmentations are seeded per sample)."""
     loader.sampler.set_epoch(epoch)
     loader.sampler.set_start(start_batch)
-    loader.generator.manual_seed(seed * 100_003 + epoch * 1_009 + start_batch)
+    loader.generator.manual_seed(epoch_seed(seed, epoch) ^ rank)
 
 
 def build_mixup(cfg: DataConfig) -> Optional[Mixup]:

@@ -2,12 +2,19 @@
 import os
 from datetime import timedelta
 from dataclasses import dataclass
-from typing import Dict
+from typing import Callable, Dict, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ['DistEnv', 'init_distributed', 'all_reduce_sum', 'all_reduce_mean', 'barrier', 'cleanup']
+__all__ = ['DistEnv', 'init_distributed', 'all_reduce_sum', 'all_reduce_mean', 'any_rank', 'on_main', 'barrier',
+           'cleanup', 'RankError']
+
+T = TypeVar('T')
+
+
+class RankError(ValueError):
+    """The main process refused the run; every rank raises it with the main process's message."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,36 @@ def all_reduce_sum(values: Dict[str, float], env: DistEnv) -> Dict[str, float]:
 def all_reduce_mean(values: Dict[str, float], env: DistEnv) -> Dict[str, float]:
     """Mean of scalar values over all processes."""
     return {k: v / env.world_size for k, v in all_reduce_sum(values, env).items()}
+
+
+def any_rank(flags: Sequence[torch.Tensor], env: DistEnv) -> list:
+    """For each boolean flag, whether it is set on any process: one all-reduce of all of them
+    (the single host sync of a training step), so every rank takes the same branch."""
+    t = torch.stack([f.detach().reshape(()).to(device=env.device, dtype=torch.float32) for f in flags])
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def on_main(fn: Callable[[], T], env: DistEnv) -> T:
+    """``fn()`` on the main process, its result sent to every rank; when it raises a ``ValueError``
+    (a refusal: the folder is in use, no checkpoint loads, ...), every rank raises it, instead of
+    the others waiting for the main process until the timeout."""
+    if not env.distributed:
+        return fn()
+    box = [None]
+    if env.is_main:
+        try:
+            box[0] = ('ok', fn())
+        except ValueError as e:
+            box[0] = ('error', str(e))
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == 'error':
+        raise RankError(value)
+    return value
 
 
 def barrier(env: DistEnv) -> None:

@@ -1,7 +1,7 @@
 """The training engine: builds a run from its config and trains, evaluates, checkpoints and resumes it."""
 import dataclasses
 import math
-import shutil
+import os
 import signal
 import threading
 import time
@@ -13,27 +13,28 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.loss import create_classification_loss
-from timm.models import get_pretrained_cfg_value
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, random_seed
 
 from .builder import build_distiller
-from .checkpoint import (checkpoints_by_age, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
-from .config import RunConfig, config_to_dict, save_config
+from .checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, latest_checkpoint,
+                         read_training_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from .config import RunConfig, config_from_dict, config_to_dict, save_config
 from .data import build_datasets, build_loaders, build_mixup, seed_epoch
 from .distiller import Distiller
-from .distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier
+from .distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_rank, barrier, on_main
 from .inspection import param_counts, tap_rows
-from .models import create_timm_model
+from .models import create_timm_model, input_normalization as model_normalization
 from .precision import autocast, resolve_precision
+from .run_folder import RunFolder
 from .run_logger import RunLogger
 from .weights import load_weights
 
 __all__ = ['Trainer', 'build_task', 'evaluate', 'dry_run', 'input_normalization', 'RunError', 'RunInterrupted']
+
+
 
 
 class RunError(ValueError):
@@ -41,13 +42,9 @@ class RunError(ValueError):
 
 
 def input_normalization(cfg: RunConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """The mean / std the data is normalised with: the config's, else the student's pretrained cfg."""
-    if cfg.data.mean is not None and cfg.data.std is not None:
-        return tuple(cfg.data.mean), tuple(cfg.data.std)
-    name = cfg.student.model
-    mean = get_pretrained_cfg_value(name, 'mean') if name else None
-    std = get_pretrained_cfg_value(name, 'std') if name else None
-    return tuple(mean or IMAGENET_DEFAULT_MEAN), tuple(std or IMAGENET_DEFAULT_STD)
+    """The mean / std a run's images are normalised with (one per input channel): ``data.mean`` /
+    ``data.std``, else the student's pretrained cfg."""
+    return model_normalization(cfg.student.model, cfg.data.in_chans, cfg.data.mean, cfg.data.std)
 
 
 def _create(model_cfg, data_cfg, role: str, random_weights: bool) -> nn.Module:
@@ -104,23 +101,113 @@ def evaluate(model: nn.Module, loader, env: DistEnv, precision: str, channels_la
                 loss=sums['loss'] / count, count=int(sums['count']))
 
 
+def enable_determinism(device: torch.device) -> None:
+    """Deterministic algorithms; on CUDA also cuBLAS's fixed workspace (set before its first use) and
+    no cuDNN autotuning."""
+    if device.type == 'cuda':
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+                   clip_parameters, clip: Optional[float]) -> None:
+    """One update from the accumulated gradients: with a GradScaler, unscale before clipping, and
+    the scaler skips the step when a gradient is not finite."""
+    if scaler is not None:
+        if clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(clip_parameters, clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if clip:
+            torch.nn.utils.clip_grad_norm_(clip_parameters, clip)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class EpochLosses:
+    """The loss terms of the current epoch on this rank, summed on the device (no host sync per step).
+
+    Terms of an accumulation window count only once its update is done (a skipped window leaves
+    no trace); :meth:`global_sums` adds every rank's sums, which is what a checkpoint stores.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.names: List[str] = []
+        self.sums: Optional[torch.Tensor] = None
+        self.batches = 0
+        self._window: List[torch.Tensor] = []
+
+    def load(self, totals: Dict[str, float], batches: int) -> None:
+        """Start from sums carried over (by the main process of a resumed run)."""
+        self.names = sorted(totals)
+        self.sums = torch.tensor([totals[n] for n in self.names], dtype=torch.float64, device=self.device)
+        self.batches = batches
+
+    def add(self, terms: Dict[str, torch.Tensor]) -> None:
+        if not self.names:
+            self.names = sorted(terms)
+        self._window.append(torch.stack([terms[n].detach().double() for n in self.names]))
+
+    def commit(self) -> None:
+        if self._window:
+            window = torch.stack(self._window).sum(0)
+            self.sums = window if self.sums is None else self.sums + window
+            self.batches += len(self._window)
+        self._window = []
+
+    def discard(self) -> None:
+        self._window = []
+
+    def global_sums(self, env: DistEnv) -> Tuple[Dict[str, float], int]:
+        """Every rank's sums added (a collective), and the number of batches behind them."""
+        sums = self.sums.tolist() if self.sums is not None else [0.0] * len(self.names)
+        values = all_reduce_sum({**{f't/{n}': v for n, v in zip(self.names, sums)}, 'batches': self.batches}, env)
+        return {n: values[f't/{n}'] for n in self.names}, int(values['batches'])
+
+    def reset(self) -> None:
+        self.sums, self.batches, self._window = None, 0, []
+
+
 @dataclass
 class _Progress:
-    """Where a run stands; saved in every checkpoint."""
+    """Where a run stands; saved in every checkpoint (with the epoch's loss sums of every rank)."""
     epoch: int = 0     # epochs completed
-    batch: int = 0     # batches of the current epoch consumed (mid-epoch checkpoints)
+    batch: int = 0     # batches of the current epoch consumed, per process (mid-epoch checkpoints)
     step: int = 0      # optimizer updates done
     best_top1: float = -1.0
     best_top5: float = 0.0
     best_epoch: int = -1
+    best_step: int = -1
     nan_skips: int = 0
-    totals: Dict[str, float] = field(default_factory=dict)  # loss sums of the current epoch
-    seen: int = 0                                            # images of the current epoch (this rank)
     history: List[Dict[str, Any]] = field(default_factory=list)
 
 
 class RunInterrupted(RuntimeError):
     """SIGTERM / SIGINT stopped the run after saving a checkpoint."""
+
+
+# settings a resumed run may change without changing what it computes
+_RESUME_FREE = ('output', 'log.', 'data.root', 'data.workers', 'data.val_batch_size', 'data.check_images',
+                'train.keep_checkpoints', 'train.checkpoint_every_steps', 'train.max_nan_skips',
+                'train.dist_timeout_s', 'train.deterministic', 'train.compile', 'train.accum_steps')
+
+
+def _flat(data: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) and k != 'kwargs' else {f'{prefix}{k}': v})
+    return out
+
+
+def changed_settings(old: RunConfig, new: RunConfig) -> List[str]:
+    """``key: old -> new`` for each setting of a resumed run that differs from its checkpoint's."""
+    a, b = _flat(config_to_dict(old)), _flat(config_to_dict(new))
+    return [f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(_RESUME_FREE)]
 
 
 class Trainer:
@@ -130,25 +217,67 @@ class Trainer:
         cfg: the validated run config.
         env: this process's place in the (possibly distributed) run.
         resume: ``None``, ``'auto'`` (newest complete checkpoint in the output folder, if any) or a path.
-        force: start afresh in an output folder that holds another run.
+        force: start afresh in an output folder that holds another run (deleting only its files).
+
+    The main process holds the output folder's lock from here to the end of :meth:`fit`.
     """
 
     def __init__(self, cfg: RunConfig, env: DistEnv, resume: Optional[str] = None, force: bool = False):
         self.cfg, self.env = cfg, env
         tcfg = cfg.train
+        if resume and force:
+            raise RunError('--resume and --force contradict each other: --resume continues the run in the output '
+                           'folder, --force deletes it')
         self.precision = resolve_precision(tcfg.precision, env.device)
         if tcfg.batch_size % (env.world_size * tcfg.accum_steps):
             raise RunError(f'train.batch_size {tcfg.batch_size} does not split over {env.world_size} process(es) '
                            f'x {tcfg.accum_steps} accumulation step(s)')
         self.batch_per_rank = tcfg.batch_size // (env.world_size * tcfg.accum_steps)
         if tcfg.deterministic:
-            torch.use_deterministic_algorithms(True)
+            enable_determinism(env.device)
+        self.folder = RunFolder(cfg.output) if env.is_main else None
         self.out_dir = Path(cfg.output)
-        resume_path = self._resume_path(resume, force)  # checks the output folder; writes nothing
+        self._resume_state: Optional[Dict[str, Any]] = None
+        self._notes: List[str] = []  # said in the log once it is open
+        self.resumed_from: Optional[Path] = on_main(lambda: self._open_output(resume, force), env)
+        try:
+            self._build(resume is not None)
+        except BaseException:
+            if self.folder is not None:
+                self.folder.release(failed=True)
+            raise
 
+    # -- output folder and resume ----------------------------------------------------------------------
+    def _open_output(self, resume: Optional[str], force: bool) -> Optional[Path]:
+        """Main process: lock the output folder, then find the checkpoint to resume from (read once,
+        kept for :meth:`_load`), or make the folder ready for a fresh run."""
+        self.folder.acquire()
+        try:
+            path = None
+            if resume == 'auto':
+                path, self._resume_state, passed = latest_checkpoint(self.folder.path)
+                self._notes += [f'passed over {p}' for p in passed]
+            elif resume:
+                path = Path(resume)
+                if self.folder.holds_run() and path.resolve().parent != self.folder.path.resolve():
+                    raise RunError(f'output folder {self.folder.path} holds another run; resume {path} into its own '
+                                   f'folder (set output) or use --resume auto')
+                self._resume_state = read_training_checkpoint(path)
+            else:
+                removed = self.folder.check_fresh(force)
+                self._notes += [f'--force removed the previous run\'s {", ".join(removed)}'] if removed else []
+            partial = self.folder.remove_partial_writes()
+            self._notes += [f'removed unfinished writes {", ".join(partial)}'] if partial else []
+            return path
+        except BaseException:
+            self.folder.release(failed=True)
+            raise
+
+    def _build(self, resuming: bool) -> None:
+        cfg, env, tcfg = self.cfg, self.env, self.cfg.train
         random_seed(cfg.seed, 0)  # identical initial weights (teacher included) on every rank
         self.task = build_task(cfg, env.device)
-        random_seed(cfg.seed, env.rank)  # then each rank its own stream (augmentation, drop path)
+        random_seed(cfg.seed, env.rank)  # then each rank its own stream (drop path, mixup)
         if tcfg.channels_last:
             self.task.trainable_module.to(memory_format=torch.channels_last)
         mean, std = input_normalization(cfg)
@@ -172,76 +301,132 @@ class Trainer:
             self.task.prepare_distributed(device_ids=[env.local_rank] if env.device.type == 'cuda' else None)
 
         self.progress = _Progress()
-        if resume_path is not None:
-            self._load(resume_path)
+        self.losses = EpochLosses(env.device)
+        if self.resumed_from is not None:
+            state = self._resume_state if env.is_main else read_training_checkpoint(self.resumed_from)
+            self._load(state, self.resumed_from)
+        self._resume_state = None
         if env.is_main:
-            if force and resume_path is None and (self.out_dir / 'config.yaml').exists():
-                shutil.rmtree(self.out_dir)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.folder.mark(fresh=not resuming)
             save_config(cfg, self.out_dir / 'config.yaml')
         barrier(env)
-        self.logger = RunLogger(self.out_dir, cfg.log, enabled=env.is_main, wandb_config=config_to_dict(cfg))
-        if resume_path is not None:
-            self.logger.info(f'resumed from {resume_path} at epoch {self.progress.epoch} + '
+        self.logger = RunLogger(self.out_dir, cfg.log, enabled=env.is_main, wandb_config=config_to_dict(cfg),
+                                start_step=self.progress.step)
+        for note in self._notes:
+            self.logger.info(note)
+        if self.resumed_from is not None:
+            self.logger.info(f'resumed from {self.resumed_from} at epoch {self.progress.epoch} + '
                              f'{self.progress.batch} batches, step {self.progress.step}')
         self._stop_signal: Optional[int] = None
 
-    # -- output folder, checkpoints and resume ---------------------------------------------------
-    def _resume_path(self, resume: Optional[str], force: bool) -> Optional[Path]:
-        if resume == 'auto':
-            return latest_checkpoint(self.out_dir)
-        if resume:
-            return Path(resume)
-        if (self.out_dir / 'config.yaml').exists() and not force:
-            raise RunError(f'output folder {self.out_dir} already holds a run; pass --resume auto to continue '
-                           f'it or --force to start over')
-        return None
+    def _load(self, state: Dict[str, Any], path: Path) -> None:
+        """Continue from a training checkpoint, on this run's number of processes."""
+        if 'optimizer' not in state:
+            raise CheckpointError(f'{path} holds a student for eval / export, not a training state; resume from a '
+                                  f'checkpoint-*.pth')
+        old = config_from_dict(state['config'], where=str(path))
+        try:
+            self.task.student.load_state_dict(state['student'])
+            self.task.load_task_state(state['task_state'])
+            self.optimizer.load_state_dict(state['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f'{path} does not fit this run ({self.cfg.student.model}, method '
+                                  f'{self.cfg.distill.method}): {str(e).splitlines()[0]}') from None
+        self.scheduler.load_state_dict(state['scheduler'])
+        if self.scaler is not None and state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])
+        if self.ema is not None and state.get('ema'):
+            self.ema.module.load_state_dict(state['ema'])
+        progress = dict(state['progress'])
+        totals, batches = progress.pop('totals', {}), progress.pop('batches', 0)
+        self.progress = _Progress(**progress)
+        if self.env.is_main:
+            self.losses.load(totals, batches)
+        elif totals:
+            self.losses.load(dict.fromkeys(totals, 0.0), 0)
+        self.progress.batch = self._batch_in_epoch(old, path)
+        rngs = state['rng']
+        if len(rngs) == self.env.world_size:
+            set_rng_state(rngs[self.env.rank], self.env.device)
+        else:  # another number of processes: data order and augmentations carry over, not the other streams
+            random_seed(self.cfg.seed + self.progress.step, self.env.rank)
+        if self.env.is_main:
+            self._changed = changed_settings(old, self.cfg)
+            self._notes += [f'settings changed since the checkpoint: {"; ".join(self._changed)}'] if self._changed else []
+            self._reconcile_best(state)
 
+    def _batch_in_epoch(self, old: RunConfig, path: Path) -> int:
+        """This run's batches per process into the checkpoint's epoch: the same global image
+        position (an epoch is one global order dealt round-robin to the processes, see
+        :class:`scalekd.data.EpochSampler`); refused when it is not a whole number of this run's updates."""
+        t = self.cfg.train
+        images = self.progress.batch * old.train.batch_size // old.train.accum_steps
+        per_update = t.batch_size
+        if images % per_update:
+            raise RunError(
+                f'{path} stopped {images} images into epoch {self.progress.epoch + 1}, which is not a whole number of '
+                f'updates of train.batch_size {t.batch_size}: resume with train.batch_size {old.train.batch_size} '
+                f'(on any number of processes that divides it), or from an epoch-end checkpoint')
+        return images // per_update * t.accum_steps
+
+    def _reconcile_best(self, state: Dict[str, Any]) -> None:
+        """Make ``best.pth`` match the resumed progress after a kill between the two writes: rewrite it
+        when the resumed state is the best one; move aside a best.pth from steps this run will redo."""
+        p, best = self.progress, self.out_dir / 'best.pth'
+        on_disk = -1
+        if best.is_file():
+            try:
+                on_disk = read_training_checkpoint(best)['progress'].get('best_step', -1)
+            except CheckpointError as e:
+                self._notes.append(f'best.pth is unreadable ({e}); it is rewritten at the next best epoch')
+        if on_disk == p.best_step or p.best_step < 0 and on_disk < 0:
+            return
+        if on_disk > p.step:
+            aside = best.with_name(f'best-from-step-{on_disk}.pth')
+            os.replace(best, aside)
+            self._notes.append(f'best.pth came from step {on_disk}, after the resumed step {p.step}: moved to {aside}')
+        if p.best_step == p.step and p.batch == 0:
+            save_checkpoint(self._best_state(state), best)
+            self._notes.append(f'best.pth rewritten from the resumed checkpoint (epoch {p.best_epoch})')
+        elif p.best_step >= 0:
+            self._notes.append(f'best.pth does not hold the best epoch {p.best_epoch} (step {p.best_step}) and the '
+                               f'resumed checkpoint cannot restore it; it is rewritten at the next best epoch')
+
+    # -- checkpoints ---------------------------------------------------------------------------
     def _state(self) -> Dict[str, Any]:
+        """The full training state; every rank takes part (RNG states and loss sums are gathered)."""
         rngs = [None] * self.env.world_size
         if self.env.distributed:
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rngs, rng_state(self.env.device))
         else:
-            rngs = [rng_state()]
+            rngs = [rng_state(self.env.device)]
+        totals, batches = self.losses.global_sums(self.env)
         return dict(
-            progress=dataclasses.asdict(self.progress), world_size=self.env.world_size,
+            format_version=FORMAT_VERSION,
+            progress=dict(dataclasses.asdict(self.progress), totals=totals, batches=batches),
+            world_size=self.env.world_size,
             student=self.task.student.state_dict(), task_state=self.task.get_task_state(),
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             ema=self.ema.module.state_dict() if self.ema is not None else None,
             rng=rngs, config=config_to_dict(self.cfg))
 
-    def _load(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        self.task.student.load_state_dict(state['student'])
-        self.task.load_task_state(state['task_state'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
-        if self.scaler is not None and state.get('scaler'):
-            self.scaler.load_state_dict(state['scaler'])
-        if self.ema is not None and state.get('ema'):
-            self.ema.module.load_state_dict(state['ema'])
-        self.progress = _Progress(**state['progress'])
-        rngs = state['rng']
-        if len(rngs) == self.env.world_size:
-            set_rng_state(rngs[self.env.rank])
-        else:  # a different number of processes: the global batch and schedule carry over, not the streams
-            random_seed(self.cfg.seed + self.progress.step, self.env.rank)
-            self.progress.batch = self.progress.batch * state['world_size'] // self.env.world_size
+    @staticmethod
+    def _best_state(state: Dict[str, Any]) -> Dict[str, Any]:
+        """What eval and export need of a training state."""
+        return {k: state[k] for k in ('format_version', 'progress', 'student', 'ema', 'config')}
 
-    def _save(self, is_best: bool = False) -> Optional[Path]:
-        """Checkpoint the current state (all ranks take part; rank 0 writes)."""
+    def _save(self, is_best: bool = False) -> Path:
+        """Checkpoint the current state (all ranks take part; the main process writes), then best.pth,
+        then drop the oldest checkpoints of the run's series beyond ``train.keep_checkpoints``."""
         state = self._state()
-        if not self.env.is_main:
-            return None
-        p = self.progress
-        name = f'checkpoint-{p.epoch:04d}.pth' if p.batch == 0 else f'checkpoint-{p.epoch:04d}-{p.batch:06d}.pth'
-        path = self.out_dir / name
-        save_checkpoint(state, path)
-        if is_best:
-            save_checkpoint(state, self.out_dir / 'best.pth')
-        for old in checkpoints_by_age(self.out_dir)[:-self.cfg.train.keep_checkpoints]:
-            old.unlink()
+        path = self.out_dir / checkpoint_name(self.progress.epoch, self.progress.batch)
+        if self.env.is_main:
+            save_checkpoint(state, path)
+            if is_best:
+                save_checkpoint(self._best_state(state), self.out_dir / 'best.pth')
+            protect = [self.resumed_from] if self.resumed_from is not None else []
+            self.folder.record_and_prune(path, self.progress.step, self.cfg.train.keep_checkpoints, protect)
         return path
 
     # -- training ------------------------------------------------------------------------------
@@ -276,68 +461,75 @@ class Trainer:
             images, targets = self.mixup(images, targets)
         return images, targets
 
-    def _check_finite(self, terms: Dict[str, float], epoch: int) -> bool:
-        """True to train on this batch; False to skip it (``max_nan_skips``); raises when out of skips."""
-        if math.isfinite(terms['loss']):
-            return True
+    def _non_finite(self, terms: Dict[str, torch.Tensor], epoch: int, window_start: int) -> None:
+        """Every rank, after agreeing that some rank's loss is not finite: skip the accumulation
+        window (``train.max_nan_skips``), or save the state from before it once and raise."""
         p = self.progress
-        bad = ', '.join(k for k, v in terms.items() if not math.isfinite(v))
+        flags = any_rank([~torch.isfinite(v.detach()) for v in terms.values()], self.env)
+        bad = ', '.join(k for k, f in zip(terms, flags) if f)
         where = f'epoch {epoch + 1}, step {p.step + 1}'
         if p.nan_skips < self.cfg.train.max_nan_skips:
             p.nan_skips += 1
-            self.logger.info(f'non-finite loss at {where} ({bad}): batch skipped '
+            self.logger.info(f'non-finite loss at {where} ({bad}): update skipped '
                              f'({p.nan_skips}/{self.cfg.train.max_nan_skips} skips used)')
-            self.optimizer.zero_grad(set_to_none=True)
-            return False
+            return
+        p.batch = window_start
+        self.losses.discard()
         path = self._save()
         raise FloatingPointError(f'non-finite loss at {where} in term(s) {bad}; the state before it is saved in '
                                  f'{path}; lower the learning rate or allow --max-nan-skips')
 
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
+        """Train the rest of one epoch; the epoch's mean loss terms over every rank, and images / s.
+
+        Each micro-batch costs one host sync: an all-reduce of two flags (a non-finite loss on any
+        rank, a stop signal on any rank) that every rank acts on alike.
+        """
         task, cfg, env, p = self.task, self.cfg, self.env, self.progress
         accum = cfg.train.accum_steps
-        seed_epoch(self.train_loader, cfg.seed, epoch, start_batch=p.batch)
+        seed_epoch(self.train_loader, cfg.seed, epoch, env.rank, start_batch=p.batch)
         task.train()
         seen, start = 0, time.perf_counter()
         total = self.updates_per_epoch * accum
         bar = self.logger.progress(self.train_loader, total - p.batch, f'{self.out_dir.name} epoch {epoch + 1}/{self.epochs}')
+        skip_window, stop, terms = False, False, {}
         for images, targets in bar:
             if p.batch >= total:
                 break
-            images, targets = self._step_inputs(images, targets)
             boundary = (p.batch + 1) % accum == 0
-            with task.no_sync() if not boundary else nullcontext():
-                with autocast(self.precision, env.device):
-                    out = task(images, targets)
-                terms = {k: v.detach().float().item() for k, v in out.items() if k != 'output'}
-                if self._check_finite(terms, epoch):
-                    loss = out['loss'] / accum
-                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-                    for k, v in terms.items():
-                        p.totals[k] = p.totals.get(k, 0.0) + v
-                    p.seen += images.shape[0]
-            seen += images.shape[0]
+            if not skip_window:
+                images, targets = self._step_inputs(images, targets)
+                with task.no_sync() if not boundary else nullcontext():
+                    with autocast(self.precision, env.device):
+                        out = task(images, targets)
+                    terms = {k: v.detach().float() for k, v in out.items() if k != 'output'}
+                    non_finite, stop = any_rank([~torch.isfinite(terms['loss']),
+                                                 torch.tensor(self._stop_signal is not None)], env)
+                    if non_finite:
+                        self._non_finite(terms, epoch, p.batch - p.batch % accum)
+                        skip_window = True
+                    else:
+                        loss = out['loss'] / accum
+                        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                        self.losses.add(terms)
+                seen += images.shape[0]
             p.batch += 1
             if boundary:
-                self._update()
-                if p.step == 1 or p.step % cfg.log.interval == 0:
-                    self._log_step(epoch, terms)
-                self._maybe_checkpoint_or_stop(last=p.batch >= total)
-            if bar is not self.train_loader:
-                rate = seen * env.world_size / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix({k: f'{v:.3g}' for k, v in terms.items()} | {'img/s': f'{rate:.0f}'}, refresh=False)
-        self.scheduler.step(epoch + 1)
-        batches = max(p.seen // self.batch_per_rank, 1)
-        means = all_reduce_mean({k: v / batches for k, v in p.totals.items()}, env)
+                self._update(skip_window)
+                if not skip_window and (p.step == 1 or p.step % cfg.log.interval == 0):
+                    self._log_step(epoch, terms, bar, seen, start)
+                skip_window = False
+                self._maybe_checkpoint_or_stop(stop, last=p.batch >= total)
+        totals, batches = self.losses.global_sums(env)
+        means = {k: v / max(batches, 1) for k, v in totals.items()}
         means['img_per_s'] = seen * env.world_size / max(time.perf_counter() - start, 1e-9)
-        p.totals, p.seen, p.batch = {}, 0, 0
+        self.losses.reset()
+        p.batch = 0
         return means
 
-    def _maybe_checkpoint_or_stop(self, last: bool) -> None:
-        """Mid-epoch checkpoints every ``train.checkpoint_every_steps``; save and stop on SIGTERM / SIGINT."""
-        stop = self._stop_signal is not None
-        if self.env.distributed:  # every rank must agree, or the checkpoint's collectives would hang
-            stop = all_reduce_sum({'stop': float(stop)}, self.env)['stop'] > 0
+    def _maybe_checkpoint_or_stop(self, stop: bool, last: bool) -> None:
+        """Mid-epoch checkpoints every ``train.checkpoint_every_steps``; save and stop on SIGTERM / SIGINT
+        (``stop`` is already agreed by every rank)."""
         every = self.cfg.train.checkpoint_every_steps
         if stop or (every and self.progress.step % every == 0 and not last):
             path = self._save()
@@ -345,28 +537,28 @@ class Trainer:
                 raise RunInterrupted(f'stopped by signal {self._stop_signal or "on another rank"} at step '
                                      f'{self.progress.step}; checkpoint {path}; continue with --resume auto')
 
-    def _update(self) -> None:
-        clip = self.cfg.optim.clip_grad
-        if self.scaler is not None:
-            if clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.task.get_clip_parameters(), clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+    def _update(self, skip: bool) -> None:
+        """The optimizer step of an accumulation window (none for a skipped window, whose gradients
+        are dropped); the schedule advances either way."""
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.losses.discard()
         else:
-            if clip:
-                torch.nn.utils.clip_grad_norm_(self.task.get_clip_parameters(), clip)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            optimizer_step(self.optimizer, self.scaler, self.task.get_clip_parameters(), self.cfg.optim.clip_grad)
+            self.losses.commit()
         self.progress.step += 1
-        if self.ema is not None:
+        if self.ema is not None and not skip:
             self.ema.update(self.task.student, step=self.progress.step)
         self.scheduler.step_update(self.progress.step)
 
-    def _log_step(self, epoch: int, terms: Dict[str, float]) -> None:
-        record = all_reduce_mean(terms, self.env)
-        record.update(epoch=epoch + 1, step=self.progress.step, lr=self.optimizer.param_groups[0]['lr'])
+    def _log_step(self, epoch: int, terms: Dict[str, torch.Tensor], bar, seen: int, start: float) -> None:
+        """A train line (the last micro-batch's terms, averaged over ranks: the only other host sync)."""
+        values = all_reduce_mean({k: float(v) for k, v in terms.items()}, self.env)
+        record = dict(values, epoch=epoch + 1, step=self.progress.step, lr=self.optimizer.param_groups[0]['lr'])
         self.logger.metrics(record, self.progress.step, 'train')
+        if bar is not self.train_loader:
+            rate = seen * self.env.world_size / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix({k: f'{v:.3g}' for k, v in values.items()} | {'img/s': f'{rate:.0f}'}, refresh=False)
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -375,6 +567,7 @@ class Trainer:
         """Train from where the run stands to the last epoch; the best top-1 / top-5 and their epoch.
 
         SIGTERM and SIGINT finish the current step, save a checkpoint and raise :class:`RunInterrupted`.
+        The output folder's lock is let go at the end, whatever happens.
         """
         handlers = {}
         if threading.current_thread() is threading.main_thread():
@@ -385,6 +578,8 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
             self.logger.close()
+            if self.folder is not None:
+                self.folder.release()
 
     def _fit(self) -> Dict[str, Any]:
         cfg, p = self.cfg, self.progress
@@ -403,6 +598,7 @@ class Trainer:
                     val = max(val, ema, key=lambda m: m['top1'])
                 if val['top1'] > p.best_top1:
                     p.best_top1, p.best_top5, p.best_epoch, is_best = val['top1'], val['top5'], epoch + 1, True
+                    p.best_step = p.step
             p.history.append(record)
             p.epoch = epoch + 1
             self.logger.metrics(record, p.step, 'epoch')

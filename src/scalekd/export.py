@@ -9,9 +9,9 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import read_training_checkpoint, save_checkpoint
 from .config import RunConfig, config_from_dict
-from .models import create_timm_model
+from .models import create_timm_model, input_normalization
 from .transfer import to_format
 from .weights import WeightsError
 
@@ -56,18 +56,16 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
 def run_data_config(cfg: RunConfig) -> Dict[str, Any]:
     """A run's eval preprocessing as a timm data config (input size, interpolation, crop, mean, std)."""
     d = cfg.data
-    out = dict(input_size=(d.in_chans, d.img_size, d.img_size), interpolation=d.interpolation, crop_pct=d.crop_pct)
-    if d.mean is not None and d.std is not None:
-        out.update(mean=tuple(d.mean), std=tuple(d.std))
-    return out
+    mean, std = input_normalization(cfg.student.model, d.in_chans, d.mean, d.std)
+    return dict(input_size=(d.in_chans, d.img_size, d.img_size), interpolation=d.interpolation, crop_pct=d.crop_pct,
+                mean=mean, std=std)
 
 
 def student_from_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Tuple[nn.Module, RunConfig, bool]:
-    """The student of a training checkpoint (its EMA weights when present and asked for)."""
-    state = load_checkpoint(path)
-    if 'config' not in state or 'student' not in state:
-        raise CheckpointError(f'{path} is not a scalekd training checkpoint (no config / student entries)')
-    cfg = config_from_dict(state['config'])
+    """The student of a training checkpoint or ``best.pth`` of any format version (its EMA weights
+    when present and asked for)."""
+    state = read_training_checkpoint(path)
+    cfg = config_from_dict(state['config'], where=str(path))
     d = cfg.data
     student = create_timm_model(cfg.student.model, (d.img_size, d.img_size), role='student',
                                 num_classes=d.num_classes, in_chans=d.in_chans, **cfg.student.kwargs)
@@ -101,10 +99,7 @@ def load_student(path: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
     path = Path(path)
     if path.suffix == '.pth':
         student, cfg, _ = student_from_checkpoint(path)
-        data_config = run_data_config(cfg)
-        data_config.setdefault('mean', tuple(student.pretrained_cfg.get('mean', (0.485, 0.456, 0.406))))
-        data_config.setdefault('std', tuple(student.pretrained_cfg.get('std', (0.229, 0.224, 0.225))))
-        return student, data_config
+        return student, run_data_config(cfg)
     folder = path.parent if path.suffix == '.safetensors' else path
     if not (folder / 'config.json').is_file() or not (folder / 'model.safetensors').is_file():
         raise WeightsError(f'{path} is neither a training checkpoint (.pth) nor an export folder with '

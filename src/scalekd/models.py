@@ -1,12 +1,15 @@
 """Creating timm models by name, with errors that say what is wrong."""
 import difflib
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import timm
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg_value, split_model_name_tag
 
-__all__ = ['create_timm_model', 'default_img_size', 'UnknownModelError']
+from .adapters.common import channel_stats
+
+__all__ = ['create_timm_model', 'default_img_size', 'input_normalization', 'UnknownModelError']
 
 
 class UnknownModelError(ValueError):
@@ -44,3 +47,14 @@ def create_timm_model(
     if get_pretrained_cfg_value(name, 'fixed_input_size') and 'img_size' not in kwargs:
         kwargs['img_size'] = tuple(img_size)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def input_normalization(name: Optional[str], in_chans: int, mean: Optional[Sequence[float]] = None,
+                        std: Optional[Sequence[float]] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The per-channel mean / std images are normalised with: ``mean`` / ``std`` when both are
+    given, else the timm model ``name``'s pretrained cfg, else ImageNet's; RGB statistics are
+    averaged for a model of another channel count (e.g. 1-channel images)."""
+    if mean is None or std is None:
+        mean = (get_pretrained_cfg_value(name, 'mean') if name else None) or IMAGENET_DEFAULT_MEAN
+        std = (get_pretrained_cfg_value(name, 'std') if name else None) or IMAGENET_DEFAULT_STD
+    return channel_stats(mean, in_chans), channel_stats(std, in_chans)

@@ -4,6 +4,7 @@ Only the main process writes; other ranks get a logger that stays silent.
 """
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,10 +17,29 @@ from .config import LogConfig
 __all__ = ['RunLogger']
 
 
+def rewind_metrics(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` up to optimizer step ``step`` (a run resumed there redoes the
+    rest); a torn last line of a killed write goes too. Rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get('step', 0) <= step:
+            kept.append(line + '\n')
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(''.join(kept))
+    os.replace(tmp, path)
+
+
 class RunLogger:
     """Writes what a run reports. ``out_dir=None`` (non-main ranks, dry runs) writes no file."""
 
-    def __init__(self, out_dir: Optional[Path], cfg: LogConfig, enabled: bool = True, wandb_config: Optional[dict] = None):
+    def __init__(self, out_dir: Optional[Path], cfg: LogConfig, enabled: bool = True, wandb_config: Optional[dict] = None,
+                 start_step: int = 0):
         self.enabled = enabled
         self.cfg = cfg
         self.log = logging.getLogger('scalekd')
@@ -40,10 +60,11 @@ class RunLogger:
         file_handler = logging.FileHandler(out_dir / 'train.log')
         file_handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
         self.log.addHandler(file_handler)
+        rewind_metrics(out_dir / 'metrics.jsonl', start_step)
         self.metrics_file = open(out_dir / 'metrics.jsonl', 'a')
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=str(out_dir / 'tensorboard'))
+            self.tb = SummaryWriter(log_dir=str(out_dir / 'tensorboard'), purge_step=start_step + 1)
         if cfg.wandb:
             try:
                 import wandb

@@ -13,9 +13,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import read_training_checkpoint
 from ..config import config_from_dict
 from ..dct import keep_dc, remove_dc
+from ..devices import model_device
 from ..distiller import Distiller
 from ..export import run_data_config
 from ..losses import feature_distance
@@ -26,36 +27,35 @@ __all__ = ['task_from_checkpoint', 'feature_distances', 'plot_feature_distances'
 PARTS = ('alternative', 'direct', 'original')
 
 
-def task_from_checkpoint(path: Union[str, Path], teacher_weights: Optional[str] = None
-                         ) -> Tuple[Distiller, Dict[str, Any]]:
-    """The distiller of a training checkpoint (student and projectors loaded; the teacher from the
-    run's config, or from ``teacher_weights``), and the run's eval data config."""
+def task_from_checkpoint(path: Union[str, Path], teacher_weights: Optional[str] = None,
+                         device: torch.device = torch.device('cpu')) -> Tuple[Distiller, Dict[str, Any]]:
+    """The distiller of a training checkpoint on ``device`` (student and projectors loaded; the teacher
+    from the run's config, or from ``teacher_weights``), and the run's eval data config."""
     from ..engine import build_task
-    state = load_checkpoint(path)
-    if 'config' not in state or 'student' not in state:
-        raise ValueError(f'{path} is not a scalekd training checkpoint')
-    cfg = config_from_dict(state['config'])
+    state = read_training_checkpoint(path)
+    cfg = config_from_dict(state['config'], where=str(path))
+    if 'task_state' not in state:
+        raise ValueError(f'{path} holds the student alone (best.pth); give a checkpoint-*.pth of the run, which '
+                         f'also holds its projectors')
     if not cfg.distill_options().uses_features:
         raise ValueError(f'{path} was trained with method {cfg.distill.method!r}: it has no projector to compare '
                          f'features through')
     if teacher_weights:
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, checkpoint=teacher_weights,
                                                                    pretrained=False))
-    task = build_task(cfg, torch.device('cpu'))
+    task = build_task(cfg, device)
     task.student.load_state_dict(state['student'])
     task.load_task_state(state['task_state'])
-    data_config = run_data_config(cfg)
-    data_config.setdefault('mean', tuple(task.student_mean.flatten().tolist()))
-    data_config.setdefault('std', tuple(task.student_std.flatten().tolist()))
-    return task.eval(), data_config
+    return task.eval(), run_data_config(cfg)
 
 
 @torch.no_grad()
 def feature_distances(task: Distiller, dataset: Dataset, batch_size: int = 100) -> Dict[str, float]:
     """Mean D between projected student and teacher final features, per part (see the module doc)."""
-    module = task.trainable_module
+    module, device = task.trainable_module, model_device(task)
     sums, count = dict.fromkeys(PARTS, 0.0), 0
     for images, _ in DataLoader(dataset, batch_size=batch_size):
+        images = images.to(device)
         teacher = task.teacher.extract(task.teacher.normalize_input(images, task.student_mean, task.student_std))
         _, projected = module.project(images, teacher, task.teacher.last_stage)
         views = projected['s4']

@@ -1,0 +1,177 @@
+"""The output folder of a run: one writer at a time, a record of what scalekd wrote there, and
+deleting nothing else.
+
+- A lock (``.scalekd.lock``, ``flock``) is held for the whole run: a second run on the folder is
+  refused with the holder's pid, host and start time; the kernel releases it when a run dies.
+- ``scalekd-run.json`` marks the folder as a run and lists the checkpoints the run's series wrote
+  (file and step); retention deletes only those, never a file it did not write.
+- ``--force`` deletes only the artefacts a run writes (:data:`ARTEFACTS`, the checkpoints and the
+  temporary files of killed writes), never other files; a folder with files named like them that
+  is not a run is refused.
+"""
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .checkpoint import checkpoints_by_age
+
+__all__ = ['RunFolder', 'RunFolderError', 'MARKER', 'ARTEFACTS']
+
+MARKER = 'scalekd-run.json'
+LOCK = '.scalekd.lock'
+ARTEFACTS = ('config.yaml', 'train.log', 'metrics.jsonl', 'tensorboard', 'wandb', 'best.pth', MARKER)
+# temporary files of atomic writes (checkpoints, the marker, the metrics rewind) killed half-way
+_PARTIAL = re.compile(r'^\.(checkpoint-\d+(-\d+)?\.pth|best\.pth|metrics\.jsonl|' + re.escape(MARKER) + r')(\..+)?\.tmp$')
+
+
+class RunFolderError(ValueError):
+    """An output folder that cannot take this run (in use, not a run folder, a protected path)."""
+
+
+def check_output_path(output: str) -> Path:
+    """``output`` as a path, refusing the empty string, the current folder, ``/`` and the home folder
+    (``--force`` there would clear the artefacts of whatever else lives there)."""
+    if not str(output).strip():
+        raise RunFolderError('output is empty: set output to a folder of its own, e.g. runs/my-run')
+    path = Path(output).expanduser()
+    resolved = path.resolve()
+    protected = {Path('/'), Path.cwd().resolve(), Path.home().resolve()}
+    if resolved in protected or resolved == Path(resolved.anchor):
+        raise RunFolderError(f'output {output!r} is {resolved}: a run needs a folder of its own, e.g. {path / "run"}')
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise RunFolderError(f'output {output!r} cannot be a folder: {parent} is a file')
+    return path
+
+
+class RunFolder:
+    """The output folder of one run, held by this process from :meth:`acquire` to :meth:`release`."""
+
+    def __init__(self, output: str):
+        self.path = check_output_path(output)
+        self._lock_file = None
+        self._created: List[Path] = []
+
+    # -- the lock ---------------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Create the folder if needed and take the lock, or refuse naming the run that holds it."""
+        missing = [p for p in [self.path, *self.path.parents] if not p.exists()]
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunFolderError(f'output folder {self.path} cannot be created: {e.strerror or e}') from None
+        self._created = list(reversed(missing))
+        f = open(self.path / LOCK, 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or 'another process'
+            f.close()
+            raise RunFolderError(f'output folder {self.path} is in use by another scalekd run ({holder}); wait for '
+                                 f'it to finish or choose another output') from None
+        f.seek(0)
+        f.truncate()
+        f.write(f'pid {os.getpid()} on {socket.gethostname()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}')
+        f.flush()
+        self._lock_file = f
+
+    def release(self, failed: bool = False) -> None:
+        """Let the lock go; after a failed start, remove the folders :meth:`acquire` created when they
+        hold nothing but the lock (nothing half-written is left behind)."""
+        if self._lock_file is None:
+            return
+        self._lock_file.close()
+        self._lock_file = None
+        if failed and self._created and [p.name for p in self.path.iterdir()] == [LOCK]:
+            (self.path / LOCK).unlink()
+            for folder in reversed(self._created):
+                folder.rmdir()
+
+    # -- what is in the folder ------------------------------------------------------------------------
+    def holds_run(self) -> bool:
+        """A scalekd run: the marker, or (before markers) a config.yaml beside a train.log or checkpoints."""
+        p = self.path
+        return (p / MARKER).is_file() or ((p / 'config.yaml').is_file()
+                                          and ((p / 'train.log').is_file() or bool(checkpoints_by_age(p))))
+
+    def _artefacts(self) -> List[Path]:
+        p = self.path
+        named = [p / n for n in ARTEFACTS if (p / n).exists()]
+        return named + checkpoints_by_age(p) + [f for f in p.iterdir() if _PARTIAL.match(f.name)]
+
+    def check_fresh(self, force: bool) -> List[str]:
+        """Make the folder ready for a new run: refuse another run unless ``force`` (then delete its
+        artefacts, returned), refuse files named like artefacts that no run wrote."""
+        if self.holds_run():
+            if not force:
+                raise RunFolderError(f'output folder {self.path} already holds a run; pass --resume auto to continue '
+                                     f'it or --force to start over')
+            removed = self._artefacts()
+            for path in removed:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            return sorted(p.name for p in removed)
+        clashes = sorted(p.name for p in self._artefacts())
+        if clashes:
+            raise RunFolderError(f'output folder {self.path} holds {", ".join(clashes)}, which no scalekd run wrote '
+                                 f'there; move them away or choose another output (--force deletes only the files '
+                                 f'of a run)')
+        return []
+
+    def remove_partial_writes(self) -> List[str]:
+        """Delete the temporary files of writes killed half-way (no writer is live: we hold the lock)."""
+        partial = [f for f in self.path.iterdir() if _PARTIAL.match(f.name)]
+        for f in partial:
+            f.unlink()
+        return sorted(f.name for f in partial)
+
+    # -- the marker and the checkpoint series ------------------------------------------------------------
+    def read_marker(self) -> Dict[str, Any]:
+        try:
+            data = json.loads((self.path / MARKER).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write_marker(self, data: Dict[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f'.{MARKER}.', suffix='.tmp', dir=self.path)
+        with os.fdopen(fd, 'w') as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / MARKER)
+
+    def mark(self, fresh: bool) -> None:
+        """Write the marker (a fresh run forgets the series of the run it replaced)."""
+        data = {} if fresh else self.read_marker()
+        data.setdefault('created', time.strftime('%Y-%m-%d %H:%M:%S'))
+        data.setdefault('checkpoints', [])
+        self._write_marker(data)
+
+    def series(self) -> List[Dict[str, Any]]:
+        """The checkpoints the run's series wrote, oldest first (``file``, ``step``)."""
+        entries = [e for e in self.read_marker().get('checkpoints', []) if isinstance(e, dict)]
+        return sorted(entries, key=lambda e: e.get('step', 0))
+
+    def record_and_prune(self, written: Path, step: int, keep: int, protect: Sequence[Path] = ()) -> List[str]:
+        """Add a checkpoint just written to the series; then delete the series' oldest beyond the newest
+        ``keep`` (0: keep all), never one in ``protect``. The marker is updated before any deletion,
+        so a kill leaves at worst an unlisted file, never a listed file that is gone. Returns the deleted names."""
+        entries = [e for e in self.series() if e.get('file') != written.name] + [dict(file=written.name, step=step)]
+        entries.sort(key=lambda e: e['step'])
+        keep_names = {p.name for p in protect} | {written.name}
+        drop = [e for e in entries[:-keep]] if keep > 0 else []
+        drop = [e for e in drop if e['file'] not in keep_names]
+        data = self.read_marker()
+        data['checkpoints'] = [e for e in entries if e not in drop]
+        self._write_marker(data)
+        for e in drop:
+            (self.path / e['file']).unlink(missing_ok=True)
+        return [e['file'] for e in drop]
