@@ -10,7 +10,7 @@ else 1), ``kd_loss`` (``kd_weight``), and per tap and view ``{tap}_{view}``:
 ``proxy_ori`` = L_s, ``proxy_alt`` = L_s^alt, ``s4_ori`` = L_st, ``s4_alt`` = L_st^alt (TPP), or
 ``s3_*`` / ``s4_*`` against T_(n-1) / T_n without TPP; ``*_ori`` weigh ``w_ori``, ``*_alt`` ``w_alt``.
 """
-from typing import Any, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Collection, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,11 @@ from .projectors import build_projector
 from .proxy import LastStage, ProxyPath
 from .views import build_views
 
-__all__ = ['Distiller', 'DistillationModule']
+__all__ = ['Distiller', 'DistillationModule', 'TaskStateMismatchError']
+
+
+class TaskStateMismatchError(ValueError, RuntimeError):
+    """A distillation state from another configuration (also a ``RuntimeError``, what it used to be)."""
 
 
 class DistillationModule(nn.Module):
@@ -68,6 +72,11 @@ class DistillationModule(nn.Module):
         elif 's3' in options.stages:
             self.s3 = FeatureMimicking(views, s3_factory, ckpt)
 
+    def mimicking(self) -> Dict[str, FeatureMimicking]:
+        """The feature mimicking at each tap that exists (``proxy`` or ``s3``, and ``s4``)."""
+        taps = {'proxy': self.proxy.mimicking if self.proxy is not None else None, 's3': self.s3, 's4': self.s4}
+        return {tap: m for tap, m in taps.items() if m is not None}
+
     def no_weight_decay(self) -> Set[str]:
         """Student names timm exempts from weight decay, plus the projectors' embeddings."""
         student = unwrap_model(self.student)
@@ -95,10 +104,10 @@ class DistillationModule(nn.Module):
                 last_stage: Optional[LastStage] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         logits, projected = self.project(x, teacher, last_stage)
         losses: Dict[str, torch.Tensor] = {}
+        mimicking = self.mimicking()
         for tap, views in projected.items():
-            mimicking = self.proxy.mimicking if tap == 'proxy' else getattr(self, tap)
             target = teacher.stage_input if tap == 's3' else teacher.final
-            losses.update(mimicking.losses(views, target, tap))
+            losses.update(mimicking[tap].losses(views, target, tap))
         return logits, losses
 
 
@@ -163,11 +172,16 @@ class Distiller(TrainingTask):
         module = unwrap_model(self.trainable_module)
         return nn.ModuleList([m for m in (module.proxy, module.s3, module.s4) if m is not None])
 
-    def loss_weights(self, names) -> Dict[str, float]:
-        """The weight of each named loss term in the total."""
+    def loss_weights(self, names: Collection[str]) -> Dict[str, float]:
+        """The weight of each named loss term in the total; an unknown name is a ``ValueError``."""
         opts = self.options
         weights = {'task_loss': 1.0 - opts.kd_weight if opts.kd else 1.0, 'kd_loss': opts.kd_weight}
-        return {n: weights.get(n, opts.w_ori if n.endswith('_ori') else opts.w_alt) for n in names}
+        for tap, mimicking in unwrap_model(self.trainable_module).mimicking().items():
+            weights.update({f'{tap}_{v.name}': opts.w_ori if v.name == 'ori' else opts.w_alt for v in mimicking.views})
+        for name in names:
+            if name not in weights:
+                raise ValueError(f'unknown loss term {name!r}; known terms: {", ".join(weights)}')
+        return {n: weights[n] for n in names}
 
     def train(self, mode: bool = True) -> 'Distiller':
         """Train mode for the trainable module; the teacher stays in eval mode unless
@@ -206,7 +220,8 @@ class Distiller(TrainingTask):
         given = state.get('distill', {})
         if strict and set(given) != own:
             missing, unexpected = sorted(own - set(given)), sorted(set(given) - own)
-            raise RuntimeError(f'distillation state does not match: missing {missing}, unexpected {unexpected}')
+            raise TaskStateMismatchError(f'distillation state does not match (a checkpoint from another '
+                                         f'configuration?): missing {missing}, unexpected {unexpected}')
         module.load_state_dict(given, strict=False)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -1,14 +1,29 @@
 """Feature mimicking at one tap: one projector per view, and the distance D in each view."""
-from typing import Callable, Dict, Optional, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import checkpoint
 
 from .losses import feature_distance
 from .views import View
 
 __all__ = ['FeatureMimicking']
+
+
+@contextmanager
+def _keeping_running_stats(module: nn.Module) -> Iterator[None]:
+    """Restore the running statistics of ``module``'s norm layers on exit, whatever ran inside."""
+    saved = [(buf, buf.clone()) for m in module.modules() if isinstance(m, _NormBase)
+             for buf in (m.running_mean, m.running_var, m.num_batches_tracked) if buf is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
 
 
 class FeatureMimicking(nn.Module):
@@ -26,10 +41,15 @@ class FeatureMimicking(nn.Module):
         self.activation_checkpointing = activation_checkpointing
 
     def run(self, fn: Callable, *args):
-        """``fn(*args)``, recomputed in backward instead of stored when activation checkpointing is on."""
+        """``fn(*args)``, recomputed in backward instead of stored when activation checkpointing is on
+        (the recompute does not update running statistics a second time)."""
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
+            return checkpoint(fn, *args, use_reentrant=False, context_fn=self._checkpoint_contexts)
         return fn(*args)
+
+    def _checkpoint_contexts(self) -> Tuple[ContextManager, ContextManager]:
+        """Forward as usual; the backward's recompute leaves the projectors' norm statistics as the forward set them."""
+        return nullcontext(), _keeping_running_stats(self)
 
     def project(self, x: torch.Tensor, queries: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """Project the student map once per view; ``queries`` maps a view name to its CAP queries."""

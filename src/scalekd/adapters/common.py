@@ -1,11 +1,14 @@
 """Helpers shared by the student and teacher adapters."""
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 
 Shape = Tuple[int, int, int]  # (C, H, W) of one sample
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 class UnsupportedModelError(ValueError):
@@ -52,21 +55,30 @@ def shape_of(x: torch.Tensor) -> Shape:
     return tuple(int(s) for s in x.shape[1:])
 
 
+def _raised_in_scalekd(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback is scalekd's own code."""
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
+
+
 @contextmanager
 def probing(model: nn.Module, what: str) -> Iterator[None]:
     """Run a dummy forward in eval mode without autograd, restoring the training mode after.
 
-    A failure (wrong input size for a fixed-size model, a window that does not fit, ...) becomes an
-    :class:`UnsupportedModelError` that starts with ``what``.
+    A failure in the model's own code (wrong input size for a fixed-size model, a window that does
+    not fit, ...) becomes an :class:`UnsupportedModelError` that starts with ``what``; an error raised
+    in scalekd's code (a deliberate message, or a bug) propagates unchanged.
     """
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             yield
-    except UnsupportedModelError:
-        raise
     except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
+        if _raised_in_scalekd(e):
+            raise
         raise UnsupportedModelError(f'{what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
     finally:
         model.train(was_training)

@@ -5,10 +5,12 @@ Swin teachers: the last stage is ``layers[-1]`` (PatchMerging first in timm) plu
 norm. Plain ViT / DeiT / BEiT / EVA teachers have no spatial stages; the last stage is the
 last ``last_blocks`` blocks (default depth / 4) plus the final norm, run on the patch tokens
 with the image's own prefix tokens re-attached, and with the extra block inputs timm passes
-at that depth (rotary embeddings, shared relative position bias) captured once at build time.
+at that depth (rotary embeddings, shared relative position bias) as the latest ``extract`` gave
+them, so that weights loaded into the teacher after the build take effect.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from functools import partial
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -58,7 +60,7 @@ class ScaleKDTeacher(DistillationTeacher):
             self.set_normalization(channel_stats(self.mean_kd.flatten().tolist(), in_chans),
                                    channel_stats(self.std_kd.flatten().tolist(), in_chans))
         self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0) if family == 'vit' else 0
-        self._stage_kwargs: List[Tuple[Dict[str, Any], List[str]]] = []
+        self._stage_kwargs: Dict[int, Dict[str, Any]] = {}
         if family == 'swin':
             if last_blocks is not None:
                 raise ValueError(f'teacher_last_blocks applies to plain ViT teachers only, not {self.label}')
@@ -73,8 +75,11 @@ class ScaleKDTeacher(DistillationTeacher):
             # avg-pool models (BEiT, EVA) keep their final norm in the head as fc_norm
             fc_norm = getattr(model, 'fc_norm', None)
             self.patch_norm = fc_norm if isinstance(model.norm, nn.Identity) and fc_norm is not None else nn.Identity()
+            for i, blk in enumerate(model.blocks[self.stage_start:]):
+                blk.register_forward_pre_hook(partial(self._record_block_inputs, i), with_kwargs=True)
         with probing(model, f'teacher {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
-            feats = self._probe(dummy_input(model, img_size, in_chans))
+            feats = self.extract(dummy_input(model, img_size, in_chans))
+        self._stage_kwargs.clear()  # recorded at the build's weights: last_stage waits for a real extract()
         self.final_shape: Shape = shape_of(feats.final)
         self.stage_input_shape: Shape = shape_of(feats.stage_input)
 
@@ -84,32 +89,20 @@ class ScaleKDTeacher(DistillationTeacher):
         self.mean_kd = torch.tensor(mean, device=p.device, dtype=p.dtype).view(1, -1, 1, 1)
         self.std_kd = torch.tensor(std, device=p.device, dtype=p.dtype).view(1, -1, 1, 1)
 
-    def _probe(self, x: torch.Tensor) -> TeacherFeatures:
-        """Dummy forward that records the extra inputs timm gives each last-stage block."""
-        if self.family == 'swin':
-            return self.extract(x)
-        captured: List[Tuple[tuple, dict]] = []
-        hooks = [blk.register_forward_pre_hook(lambda m, a, kw: captured.append((a[1:], kw)), with_kwargs=True)
-                 for blk in self.model.blocks[self.stage_start:]]
-        try:
-            feats = self.extract(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        for i, (args, kwargs) in enumerate(captured):
-            if args:
-                raise UnsupportedModelError(f'{self.label}: its blocks take extra positional inputs, which the '
-                                            f'last-stage adapter cannot replay')
-            tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-            for key in tensors:  # buffers, so that they follow .to(device)
-                self.register_buffer(f'stage_kw_{i}_{key}', kwargs[key].detach().clone(), persistent=False)
-            self._stage_kwargs.append(({k: v for k, v in kwargs.items() if k not in tensors}, tensors))
-        return feats
+    def _record_block_inputs(self, i: int, block: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
+        """Forward pre-hook of last-stage block ``i``: keep the extra inputs timm gives it (rotary
+        embedding, shared relative position bias, ...) for :meth:`last_stage` to replay."""
+        if len(args) > 1:
+            raise UnsupportedModelError(f'{self.label}: its blocks take extra positional inputs, which the '
+                                        f'last-stage adapter cannot replay')
+        self._stage_kwargs[i] = kwargs
 
     def _block_kwargs(self, i: int) -> Dict[str, Any]:
-        """The extra inputs timm gave block ``stage_start + i`` (rotary embedding, shared bias, ...)."""
-        constants, tensors = self._stage_kwargs[i]
-        return {**constants, **{k: getattr(self, f'stage_kw_{i}_{k}') for k in tensors}}
+        """The extra inputs block ``stage_start + i`` got in the latest forward."""
+        if i not in self._stage_kwargs:
+            raise RuntimeError(f'{self.label} last stage replays the block inputs of the latest teacher forward: '
+                               f'call extract() first')
+        return self._stage_kwargs[i]
 
     @torch.no_grad()
     def extract(self, x: torch.Tensor) -> TeacherFeatures:
