@@ -176,19 +176,38 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
             progress(f'measuring {name} ...')
         result = subprocess.run([sys.executable, '-m', 'scalekd.bench', json.dumps(spec)],
                                 capture_output=True, text=True)
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or [f'exit code {result.returncode}'])[-1]
-            raise RuntimeError(f'bench variant {name} failed: {last}')
+        _check_child(name, result)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     by_name = {r['name']: r for r in rows}
     if 'kd' in by_name:
         for r in rows:
             r['step_x_kd'] = r['step_s'] / by_name['kd']['step_s']
             r['peak_x_kd'] = r['peak_mb'] / by_name['kd']['peak_mb']
-    device_name = torch.cuda.get_device_name(0) if device.startswith('cuda') else 'cpu'
+    device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith('cuda') else 'cpu'
     return dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,
                 precision=rows[0]['precision'] if rows else precision, channels_last=channels_last,
                 device=device_name, variants=rows, components=_components(by_name))
+
+
+def _check_child(name: str, result: subprocess.CompletedProcess) -> None:
+    """A variant's process that stopped on a user error (exit 2): that one line as a ValueError; one
+    that crashed: a RuntimeError with its traceback."""
+    if result.returncode == 2:
+        raise ValueError(f'bench variant {name}: {result.stderr.strip()}')
+    if result.returncode != 0:
+        raise RuntimeError(f'bench variant {name} failed (exit code {result.returncode}):\n{result.stderr.strip()}')
+
+
+def _measure_in_child(spec_json: str) -> int:
+    """``python -m scalekd.bench SPEC_JSON``: one variant's JSON on stdout; a user error (bad model name,
+    option) as one line on stderr and exit 2, as ``scalekd`` reports it."""
+    from .cli import USER_ERRORS
+    try:
+        print(json.dumps(measure_variant(json.loads(spec_json))))
+    except USER_ERRORS as e:
+        print(f'{type(e).__name__}: {e}', file=sys.stderr)
+        return 2
+    return 0
 
 
 def _components(rows: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, float]]:
@@ -226,5 +245,5 @@ def format_table(report: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-if __name__ == '__main__':  # one variant, in its own process: python -m scalekd.bench SPEC_JSON
-    print(json.dumps(measure_variant(json.loads(sys.argv[1]))))
+if __name__ == '__main__':  # one variant, in its own process
+    sys.exit(_measure_in_child(sys.argv[1]))

@@ -2,17 +2,27 @@
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 import yaml
 
 from .builder import build_distiller
+from .devices import DEVICE_HELP, resolve_device
 from .inspection import format_report, inspect_distiller
 from .options import METHODS
 from .paper_pairs import PAPER_PAIRS
 
-__all__ = ['main']
+__all__ = ['main', 'USER_ERRORS']
+
+# a user's mistake (bad option, config, file, data; ConfigError, DataError, ... are ValueErrors) or the
+# non-finite-loss stop: one line and exit 2; anything else keeps its traceback
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+OOM_HINT = ('hint: out of memory: raise train.accum_steps or lower train.batch_size (each process holds '
+            'train.batch_size / (processes x train.accum_steps) images; other commands: a smaller --batch), '
+            'or set distill.activation_checkpointing=true or train.precision=bf16')
 
 
 def _key_values(items: Optional[List[str]], flag: str) -> Dict[str, Any]:
@@ -24,6 +34,19 @@ def _key_values(items: Optional[List[str]], flag: str) -> Dict[str, Any]:
             raise ValueError(f'{flag} expects KEY=VALUE, got {item!r}')
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def _add_device(p, **kwargs: Any) -> None:
+    p.add_argument('--device', default='auto', help=DEVICE_HELP, **kwargs)
+
+
+def _train_device(spec: str) -> str:
+    """``--device`` of ``train``, checked by the one device rule and passed on as given."""
+    try:
+        resolve_device(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def _add_inspect(sub) -> None:
@@ -42,6 +65,7 @@ def _add_inspect(sub) -> None:
                    help='distillation option (projector, tpp, beta, s3_heads, ...), repeatable')
     p.add_argument('--batch', type=int, default=2, help='batch of the training step (default 2)')
     p.add_argument('--no-step', action='store_true', help='skip the training step')
+    _add_device(p)
     p.add_argument('--json', action='store_true', help='print one JSON object')
     p.add_argument('--list-pairs', action='store_true', help='list the Table 3 pairs and exit')
     p.set_defaults(func=_run_inspect)
@@ -53,6 +77,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
             print(f'{name:<22} {pair.teacher} -> {pair.student} '
                   f'(paper: {pair.baseline_top1:.2f} -> {pair.scalekd_top1:.2f})')
         return 0
+    device = resolve_device(args.device)
     student_kwargs = _key_values(args.student_kwarg, '--student-kwarg')
     options = _key_values(args.option, '--option')
     img_size = args.img_size
@@ -73,7 +98,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     distiller = build_distiller(
         teacher, student, img_size=img_size, num_classes=args.num_classes, in_chans=args.in_chans,
         teacher_kwargs=_key_values(args.teacher_kwarg, '--teacher-kwarg'), student_kwargs=student_kwargs,
-        **options)
+        device=device, **options)
     report = inspect_distiller(distiller, step=not args.no_step, batch=args.batch)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report.get('train_step', {}).get('ok', True) else 1
@@ -92,7 +117,7 @@ def _add_train(sub) -> None:
     p.add_argument('--deterministic', action='store_true', help='deterministic algorithms (same as '
                                                                 '-o train.deterministic=true)')
     p.add_argument('--max-nan-skips', type=int, metavar='N', help='skip up to N batches whose loss is not finite')
-    p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
+    _add_device(p, choices=('auto', 'cpu', 'cuda'), type=_train_device)
     p.set_defaults(func=_run_train)
 
 
@@ -132,14 +157,15 @@ def _add_eval(sub) -> None:
     p.add_argument('--data', required=True, help='folder with one sub-folder per class, or the Fashion-MNIST IDX files')
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--workers', type=int, default=4)
-    p.add_argument('--device', default='cpu')
+    _add_device(p)
     p.add_argument('--json', action='store_true')
     p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_path
-    metrics = evaluate_path(args.checkpoint, args.data, args.batch, args.workers, args.device)
+    device = resolve_device(args.device)
+    metrics = evaluate_path(args.checkpoint, args.data, args.batch, args.workers, device)
     print(json.dumps(metrics) if args.json else
           f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  ({metrics['count']} images)")
     return 0
@@ -204,7 +230,7 @@ def _add_bench(sub) -> None:
     p.add_argument('--steps', type=int, default=3, help='timed steps per variant, after one warm-up step')
     p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16', 'auto'))
     p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--device', default='cuda' if _cuda() else 'cpu')
+    _add_device(p)
     p.add_argument('--variants', help='comma-separated subset of: student, kd, fd, cap, cap_dfm, cap_tpp, '
                                       'cap_dfm_tpp, scalekd')
     p.add_argument('--option', action='append', metavar='KEY=VALUE', help='distillation option for every variant')
@@ -229,6 +255,7 @@ def _add_demo(sub) -> None:
     p.add_argument('--option', action='append', metavar='KEY=VALUE', help='distillation option of the ScaleKD runs')
     p.add_argument('--output', default='runs/demo', help='output folder (default runs/demo)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    _add_device(p)
     p.set_defaults(func=_run_demo)
 
 
@@ -236,7 +263,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .allocator import keep_freed_memory
     from .demo import DemoSettings, format_table, run_demo
     settings = DemoSettings(output=args.output, seed=args.seed, baselines=args.baselines, data=args.data,
-                            progress=not args.no_progress, distill=_key_values(args.option, '--option'))
+                            progress=not args.no_progress, distill=_key_values(args.option, '--option'),
+                            device=resolve_device(args.device))
     if args.quick:
         settings.quick()
     if args.students:
@@ -257,6 +285,15 @@ def _add_model_args(p) -> None:
     p.add_argument('--model', help='timm name (hub weights unless --checkpoint is a plain weight file)')
     p.add_argument('--checkpoint', help='scalekd checkpoint (.pth), export folder, or a weight file for --model')
     p.add_argument('--model-kwarg', action='append', metavar='KEY=VALUE', help='timm.create_model kwarg, repeatable')
+    _add_device(p)
+
+
+def _load_model(args: argparse.Namespace):
+    """The model of ``--model`` / ``--checkpoint`` on ``--device``, and its data config."""
+    from .analysis.inputs import load_model
+    device = resolve_device(args.device)
+    model, data_config = load_model(args.model, args.checkpoint, **_key_values(args.model_kwarg, '--model-kwarg'))
+    return model.to(device), data_config
 
 
 def _add_spectrum(sub) -> None:
@@ -271,8 +308,7 @@ def _add_spectrum(sub) -> None:
 
 def _run_spectrum(args: argparse.Namespace) -> int:
     from .analysis import feature_maps, feature_spectrum, image_dataset, plot_spectrum
-    from .analysis.inputs import load_model
-    model, data_config = load_model(args.model, args.checkpoint, **_key_values(args.model_kwarg, '--model-kwarg'))
+    model, data_config = _load_model(args)
     dataset, _ = image_dataset(args.data, data_config, limit=args.samples)
     maps, _ = feature_maps(model, dataset, args.stage)
     spectrum = dict(model=args.model or str(args.checkpoint), stage=args.stage, samples=len(dataset),
@@ -300,8 +336,7 @@ def _add_linear_probe(sub) -> None:
 
 def _run_linear_probe(args: argparse.Namespace) -> int:
     from .analysis import image_dataset, linear_probe
-    from .analysis.inputs import load_model
-    model, data_config = load_model(args.model, args.checkpoint, **_key_values(args.model_kwarg, '--model-kwarg'))
+    model, data_config = _load_model(args)
     train, classes = image_dataset(args.train, data_config, split='train', limit=args.limit)
     val, val_classes = image_dataset(args.val, data_config, split='test')
     if list(classes) != list(val_classes):
@@ -321,14 +356,16 @@ def _add_feature_distance(sub) -> None:
     p.add_argument('--data', required=True, help='Fashion-MNIST IDX folder (test split) or one sub-folder per class')
     p.add_argument('--samples', type=int, default=1000, help='images (default 1000)')
     p.add_argument('--out', required=True, help='PNG to write; the numbers go to the same name with .json')
+    _add_device(p)
     p.set_defaults(func=_run_feature_distance)
 
 
 def _run_feature_distance(args: argparse.Namespace) -> int:
     from .analysis import feature_distances, image_dataset, plot_feature_distances, task_from_checkpoint
+    device = resolve_device(args.device)
     rows = []
     for path in args.students:
-        task, data_config = task_from_checkpoint(path, args.teacher)
+        task, data_config = task_from_checkpoint(path, args.teacher, device)
         dataset, _ = image_dataset(args.data, data_config, limit=args.samples)
         rows.append(dict(label=Path(path).parent.name or str(path), checkpoint=str(path),
                          distances=feature_distances(task, dataset)))
@@ -341,15 +378,11 @@ def _run_feature_distance(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
 def _run_bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_bench
+    device = resolve_device(args.device)
     report = run_bench(args.teacher, args.student, args.img_size, args.batch, args.steps, args.precision,
-                       args.channels_last, args.device, args.variants.split(',') if args.variants else None,
+                       args.channels_last, str(device), args.variants.split(',') if args.variants else None,
                        _key_values(args.option, '--option'),
                        progress=None if args.json else lambda m: print(m, file=sys.stderr))
     print(json.dumps(report, indent=2) if args.json else format_table(report))
@@ -374,14 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``scalekd`` command; errors print one line and exit with 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Entry point of the ``scalekd`` command: a user error prints one line and exits with 2; any other
+    error keeps its traceback (exit 1), out of memory followed by a hint."""
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FloatingPointError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f'scalekd {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError:
+        traceback.print_exc()
+        print(OOM_HINT, file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from .config import RunConfig, config_from_dict
 from .data import build_datasets
+from .devices import resolve_device
 from .distributed import DistEnv
 from .engine import Trainer, evaluate
 from .models import create_timm_model
@@ -57,6 +58,7 @@ class DemoSettings:
     teacher_weights: str = str(TEACHER_WEIGHTS)
     progress: bool = True
     distill: Dict[str, Any] = field(default_factory=dict)  # extra distill options (w_ori, cap_conv, ...)
+    device: torch.device = field(default_factory=resolve_device)  # CUDA when available, else CPU
 
     def quick(self) -> 'DemoSettings':
         """The CNN and MLP students on fewer images for fewer epochs: about a third of the default's time."""
@@ -100,12 +102,12 @@ def _test_loader(cfg: RunConfig) -> DataLoader:
     return DataLoader(build_datasets(full, FASHION_MNIST_MEAN, FASHION_MNIST_STD).val, batch_size=500)
 
 
-def _train(cfg: RunConfig, test: DataLoader) -> Dict[str, Any]:
+def _train(cfg: RunConfig, test: DataLoader, env: DistEnv) -> Dict[str, Any]:
     """One demo run: the per-epoch curve on the test sample, the final student on the whole test split."""
     start = time.perf_counter()
-    trainer = Trainer(cfg, DistEnv(), force=True)
+    trainer = Trainer(cfg, env, force=True)
     trainer.fit()
-    top1 = evaluate(trainer.task.student, test, DistEnv(), 'fp32')['top1']
+    top1 = evaluate(trainer.task.student, test, env, 'fp32')['top1']
     return dict(top1=top1, curve=[h['val_top1'] for h in trainer.progress.history],
                 seconds=time.perf_counter() - start)
 
@@ -117,20 +119,21 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Dict
         raise ValueError(f'unknown demo student(s) {", ".join(unknown)}; choose from {", ".join(STUDENTS)}')
     start = time.perf_counter()
     out = Path(settings.output)
+    env = DistEnv(device=settings.device)
     test = _test_loader(_run_config(settings, settings.students[0], 'none'))
-    teacher_top1 = evaluate(load_teacher(settings.teacher_weights), test, DistEnv(), 'fp32')['top1']
+    teacher_top1 = evaluate(load_teacher(settings.teacher_weights).to(env.device), test, env, 'fp32')['top1']
     say(f'teacher {TEACHER["model"]} ({Path(settings.teacher_weights).name}): test top-1 {teacher_top1:.2f}')
     results: Dict[str, Any] = dict(
         teacher_top1=teacher_top1, teacher=dict(TEACHER, weights=settings.teacher_weights),
         settings=dict(subset=settings.subset, epochs=settings.epochs, seed=settings.seed, lr=settings.lr,
                       batch_size=settings.batch_size, test_sample=settings.test_sample, methods=settings.methods,
-                      distill=settings.distill),
+                      distill=settings.distill, device=str(env.device)),
         students={})
     for name in settings.students:
         row: Dict[str, Any] = dict(model=STUDENTS[name]['model'], curves={}, seconds={})
         for method in settings.methods:
             label = METHOD_LABELS[method]
-            run = _train(_run_config(settings, name, method), test)
+            run = _train(_run_config(settings, name, method), test, env)
             row[f'{label}_top1'], row['curves'][label], row['seconds'][label] = run['top1'], run['curve'], run['seconds']
             say(f'{name} {label}: test top-1 {run["top1"]:.2f} ({run["seconds"]:.0f} s)')
         row['gain'] = row['scalekd_top1'] - row['alone_top1']

@@ -15,9 +15,9 @@ __all__ = ['evaluate_path']
 
 
 def evaluate_path(checkpoint: Union[str, Path], data_dir: Union[str, Path], batch_size: int = 64,
-                  workers: int = 4, device: str = 'cpu') -> Dict[str, float]:
-    """Evaluate the student in ``checkpoint`` on ``data_dir``: one sub-folder per class (sorted as in
-    training), or the Fashion-MNIST IDX files (test split)."""
+                  workers: int = 4, device: Union[str, torch.device] = 'cpu') -> Dict[str, float]:
+    """Evaluate the student in ``checkpoint`` on ``data_dir`` (one sub-folder per class, sorted as in
+    training, or the Fashion-MNIST IDX files, test split) on ``device``."""
     model, data_config = load_student(checkpoint)
     dataset, classes = image_dataset(data_dir, data_config)
     if len(classes) != model.num_classes:

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 from timm.utils import unwrap_model
 
+from .devices import model_device
 from .distiller import Distiller
 
 __all__ = ['inspect_distiller', 'format_report', 'param_counts', 'tap_rows', 'count_params']
@@ -44,13 +45,14 @@ def tap_rows(distiller: Distiller) -> List[Dict[str, Any]]:
 
 
 def _train_step(distiller: Distiller, batch: int) -> Dict[str, Any]:
-    """One forward / backward / SGD step on a random batch; the loss terms and seconds taken."""
-    size = distiller.img_size
+    """One forward / backward / SGD step on a random batch (on the distiller's device); the loss terms and
+    seconds taken."""
+    size, device = distiller.img_size, model_device(distiller)
     params = [p for p in distiller.trainable_module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3)
     num_classes = distiller.student.num_classes
-    images = torch.randn(batch, distiller.in_chans, *size)
-    targets = torch.randint(0, num_classes, (batch,))
+    images = torch.randn(batch, distiller.in_chans, *size, device=device)
+    targets = torch.randint(0, num_classes, (batch,), device=device)
     start = time.perf_counter()
     out = distiller(images, targets)
     out['loss'].backward()

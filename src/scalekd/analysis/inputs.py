@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..checkpoint import load_checkpoint
 from ..data import class_folders
+from ..devices import model_device
 from ..export import load_student
 from ..fashion_mnist import FashionMNIST, has_fashion_mnist
 from ..models import create_timm_model, default_img_size
@@ -67,11 +68,12 @@ def image_dataset(data_dir: Union[str, Path], data_config: Dict[str, Any], split
 def feature_maps(model: nn.Module, dataset: Dataset, stage: int = -1,
                  batch_size: int = 100) -> Tuple[torch.Tensor, torch.Tensor]:
     """The (N, C, H, W) feature maps of one stage (``forward_intermediates`` index; -1: the last)
-    of every image, and the labels (N,)."""
+    of every image (on the CPU; the images go to the model's device), and the labels (N,)."""
     model.eval()
+    device = model_device(model)
     maps, labels = [], []
     for images, targets in DataLoader(dataset, batch_size=batch_size):
-        (x,) = model.forward_intermediates(images, indices=[stage], intermediates_only=True)
-        maps.append(x.float())
+        (x,) = model.forward_intermediates(images.to(device), indices=[stage], intermediates_only=True)
+        maps.append(x.float().cpu())
         labels.append(torch.as_tensor(targets))
     return torch.cat(maps), torch.cat(labels)

@@ -5,16 +5,20 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..devices import model_device
+
 __all__ = ['pre_logits', 'few_shot_indices', 'fit_linear', 'linear_probe']
 
 
 @torch.no_grad()
 def pre_logits(model: nn.Module, dataset: Dataset, batch_size: int = 200) -> Dict[str, torch.Tensor]:
-    """The features a timm model feeds its classifier (``forward_head(pre_logits=True)``), and the labels."""
+    """The features a timm model feeds its classifier (``forward_head(pre_logits=True)``; on the CPU, the
+    images go to the model's device), and the labels."""
     model.eval()
+    device = model_device(model)
     feats, labels = [], []
     for images, targets in DataLoader(dataset, batch_size=batch_size):
-        feats.append(model.forward_head(model.forward_features(images), pre_logits=True).float())
+        feats.append(model.forward_head(model.forward_features(images.to(device)), pre_logits=True).float().cpu())
         labels.append(torch.as_tensor(targets))
     return dict(features=torch.cat(feats), labels=torch.cat(labels))
 
