@@ -1,0 +1,162 @@
+"""Runs on several processes (torchrun, gloo, 2 CPU processes): resume on another process count,
+faults on one rank, epoch means after a kill, gradient accumulation under DDP."""
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_fixtures import tiny_config
+from run_tools import (epoch_lines, finish, kill_group, samples_per_step, start_torchrun, step_lines, wait_for)
+from scalekd.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
+from scalekd.cli import main
+from traced_train import trace_samples
+
+EVERY_STEP = dict(checkpoint_every_steps=1, keep_checkpoints=20)
+
+
+@pytest.fixture(scope='module')
+def straight2(tmp_path_factory, data_root):
+    """The uninterrupted run of the ``straight`` fixture on 2 processes (deterministic, a checkpoint
+    every step, samples traced)."""
+    tmp = tmp_path_factory.mktemp('straight2')
+    cfg = tiny_config(tmp, data_root, train=EVERY_STEP)
+    finish(start_torchrun(cfg, '--deterministic', port=29541, SCALEKD_TEST_TRACE=str(tmp / 'trace')))
+    return tmp / 'run'
+
+
+def _resume_folder(tmp_path: Path, checkpoint: Path) -> Path:
+    """A fresh output folder holding only ``checkpoint`` (a run stopped there)."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    save_checkpoint(load_checkpoint(checkpoint), run / checkpoint.name)
+    return run
+
+
+def _lrs(run: Path) -> dict:
+    return {r['step']: r['lr'] for r in step_lines(run)}
+
+
+def _assert_continues(reference: Path, resumed: Path, first_step: int, ref_batch: int, resumed_batch: int):
+    """Steps ``first_step``..6 are each logged once, with the reference's learning rate, and train on
+    exactly the reference's samples (the epoch's data order continues: nothing repeated or skipped)."""
+    assert [r['step'] for r in step_lines(resumed)] == list(range(first_step, 7))
+    ref_lrs = _lrs(reference)
+    for step, lr in _lrs(resumed).items():
+        assert lr == pytest.approx(ref_lrs[step], abs=1e-12), step
+    ref = samples_per_step(reference.parent / 'trace', ref_batch)
+    got = samples_per_step(resumed.parent / 'trace', resumed_batch, first_step)
+    assert got == {s: ref[s] for s in range(first_step, 7)}
+    epoch0 = [i for s in range(1, 4) for i in ref[s]]
+    assert sorted(epoch0) == list(range(24))  # the reference itself sees every image once per epoch
+    assert load_checkpoint(resumed / 'checkpoint-0002.pth')['progress']['step'] == 6
+
+
+def test_mid_epoch_resume_from_one_process_on_two(straight, data_root, tmp_path):
+    _resume_folder(tmp_path, straight / 'checkpoint-0000-000001.pth')
+    cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
+    finish(start_torchrun(cfg, '--resume', 'auto', port=29543, SCALEKD_TEST_TRACE=str(tmp_path / 'trace')))
+    _assert_continues(straight, tmp_path / 'run', 2, ref_batch=8, resumed_batch=4)
+
+
+def test_mid_epoch_resume_from_two_processes_on_one(straight2, data_root, tmp_path):
+    _resume_folder(tmp_path, straight2 / 'checkpoint-0000-000002.pth')
+    cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
+    undo = trace_samples(tmp_path / 'trace', rank=0)
+    try:
+        assert main(['train', str(cfg), '--resume', 'auto']) == 0
+    finally:
+        undo()
+    _assert_continues(straight2, tmp_path / 'run', 3, ref_batch=4, resumed_batch=8)
+
+
+def test_a_global_batch_that_does_not_divide_the_position_is_refused(straight, data_root, tmp_path, capsys):
+    _resume_folder(tmp_path, straight / 'checkpoint-0000-000001.pth')  # 8 images into epoch 1
+    cfg = tiny_config(tmp_path, data_root, train=dict(batch_size=6))
+    assert main(['train', str(cfg), '--resume', 'auto']) == 2
+    err = capsys.readouterr().err
+    assert 'stopped 8 images into epoch 1' in err and 'resume with train.batch_size 8' in err, err
+
+
+def test_a_two_process_run_killed_and_resumed_logs_what_the_uninterrupted_one_logs(straight2, data_root, tmp_path):
+    cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
+    run = tmp_path / 'run'
+    proc = start_torchrun(cfg, '--deterministic', port=29545)
+    wait_for(run / 'checkpoint-0000-000002.pth', proc)
+    kill_group(proc)
+    finish(start_torchrun(cfg, '--deterministic', '--resume', 'auto', port=29547))
+    ref, got = epoch_lines(straight2), epoch_lines(run)
+    assert len(got) == 2
+    for a, b in zip(ref, got):
+        for key in (k for k in a if k.startswith('train_') and k != 'train_img_per_s'):
+            assert b[key] == pytest.approx(a[key], rel=1e-12), key
+    steps = [r['step'] for r in step_lines(run)]
+    assert steps == list(range(1, 7))  # each step once, although steps after the kill point were redone
+    ref_state, state = load_checkpoint(straight2 / 'checkpoint-0002.pth'), load_checkpoint(run / 'checkpoint-0002.pth')
+    for key, value in ref_state['student'].items():
+        assert torch.equal(value, state['student'][key]), key
+
+
+def test_a_nan_on_one_rank_stops_both_with_one_checkpoint(data_root, tmp_path):
+    cfg = tiny_config(tmp_path, data_root)
+    proc = start_torchrun(cfg, port=29549, SCALEKD_TEST_NAN='1:2')  # rank 1, step 2
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert 'non-finite loss at epoch 1, step 2 in term(s) loss' in err, err[-3000:]
+    assert [p.name for p in checkpoints_by_age(tmp_path / 'run')] == ['checkpoint-0000-000001.pth']
+    assert load_checkpoint(tmp_path / 'run' / 'checkpoint-0000-000001.pth')['progress']['step'] == 1
+
+
+def test_a_nan_on_one_rank_is_skipped_by_both(data_root, tmp_path):
+    cfg = tiny_config(tmp_path, data_root)
+    finish(start_torchrun(cfg, '--max-nan-skips', '1', port=29551, SCALEKD_TEST_NAN='1:2'), timeout=300)
+    state = load_checkpoint(tmp_path / 'run' / 'checkpoint-0002.pth')
+    assert state['progress']['nan_skips'] == 1 and state['progress']['step'] == 6
+    assert 'update skipped (1/1 skips used)' in (tmp_path / 'run' / 'train.log').read_text()
+
+
+def test_ddp_with_accumulation_updates_like_one_process_with_the_same_global_batch(data_root, tmp_path):
+    """2 processes x 2 accumulation steps x 2 images = one process x 8 images (LayerNorm everywhere:
+    ConvNeXt student and its LN projectors, so the batch split does not change the math; 64 px, so
+    that the student's final map is 2x2: the DC-removed view of a 1x1 map has no gradient to speak of)."""
+    student = dict(model='convnext_atto', kwargs=dict(depths=[1, 1, 1, 1], dims=[16, 24, 32, 48]))
+    teacher = dict(kwargs=dict(patch_size=16, embed_dim=64, depth=4, num_heads=2))
+    common = dict(student=student, teacher=teacher, data=dict(img_size=64), sched=dict(epochs=1))
+    for sub in ('one', 'two'):
+        (tmp_path / sub).mkdir()
+    one = tiny_config(tmp_path / 'one', data_root, **common)
+    assert main(['train', str(one), '--deterministic']) == 0
+    two = tiny_config(tmp_path / 'two', data_root, train=dict(accum_steps=2), **common)
+    finish(start_torchrun(two, '--deterministic', port=29553))
+    a = load_checkpoint(tmp_path / 'one' / 'run' / 'checkpoint-0001.pth')
+    b = load_checkpoint(tmp_path / 'two' / 'run' / 'checkpoint-0001.pth')
+    assert a['progress']['step'] == b['progress']['step'] == 3
+    for key, value in a['student'].items():
+        torch.testing.assert_close(b['student'][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for key, value in a['task_state']['distill'].items():
+        torch.testing.assert_close(b['task_state']['distill'][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _rank_pid(rank: int) -> int:
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            environ = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
+            cmd = Path(f'/proc/{pid}/cmdline').read_bytes()
+        except OSError:
+            continue
+        if b'traced_train.py' in cmd and f'RANK={rank}'.encode() in environ and b'torch.distributed.run' not in cmd:
+            return int(pid)
+    raise AssertionError(f'rank {rank} not found')
+
+
+def test_a_dead_rank_stops_the_others_in_bounded_time(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=50))
+    proc = start_torchrun(cfg, port=29555)
+    wait_for(tmp_path / 'run' / 'metrics.jsonl', proc)
+    os.kill(_rank_pid(1), signal.SIGKILL)
+    start = time.time()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - start < 120
+    assert 'FAILED' in err or 'ChildFailedError' in err, err[-2000:]
