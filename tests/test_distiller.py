@@ -127,7 +127,7 @@ def test_task_state_holds_projectors_beside_a_clean_student():
     a, b = distiller(X, Y), other(X, Y)
     for key in ('loss', 'proxy_ori', 's4_alt'):
         torch.testing.assert_close(a[key], b[key])
-    with pytest.raises(RuntimeError, match='distillation state does not match'):
+    with pytest.raises(ValueError, match='distillation state does not match'):
         _distiller(views='single').load_task_state(ckpt['task_state'])
 
 

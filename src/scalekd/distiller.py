@@ -31,8 +31,8 @@ from .views import build_views
 __all__ = ['Distiller', 'DistillationModule', 'TaskStateMismatchError']
 
 
-class TaskStateMismatchError(ValueError, RuntimeError):
-    """A distillation state from another configuration (also a ``RuntimeError``, what it used to be)."""
+class TaskStateMismatchError(ValueError):
+    """A distillation state from another configuration (a checkpoint of another run)."""
 
 
 class DistillationModule(nn.Module):

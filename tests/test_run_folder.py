@@ -1,0 +1,216 @@
+"""The output folder: one writer at a time, --force deletes only a run's own files, retention never
+deletes a file the run did not write, best.pth stays consistent with the run after a kill."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_fixtures import tiny_config
+from run_tools import finish, metrics, start, step_lines, wait_for
+from scalekd.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
+from scalekd.cli import main
+from scalekd.run_folder import MARKER, RunFolder, RunFolderError
+import scalekd.engine as engine
+
+EVERY_STEP = dict(checkpoint_every_steps=1, keep_checkpoints=20)
+
+
+def _refused(capsys, *argv) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1, err
+    return err
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+# -- one writer ----------------------------------------------------------------------------------
+def test_a_second_run_on_a_live_folder_is_refused_and_the_first_finishes_intact(tmp_path, data_root, capsys):
+    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=4))
+    first = start(cfg)
+    wait_for(tmp_path / 'run' / 'metrics.jsonl', first)
+    for extra in ([], ['--resume', 'auto'], ['--force']):
+        err = _refused(capsys, 'train', str(cfg), *extra)
+        assert 'is in use by another scalekd run (pid' in err and f'pid {first.pid} on' in err, err
+    finish(first)
+    assert [r['step'] for r in step_lines(tmp_path / 'run')] == list(range(1, 13))  # each step once
+    assert load_checkpoint(tmp_path / 'run' / 'checkpoint-0004.pth')['progress']['step'] == 12
+
+
+def test_the_lock_of_a_killed_run_does_not_stick(tmp_path, data_root):
+    folder = RunFolder(str(tmp_path / 'run'))
+    folder.acquire()
+    with pytest.raises(RunFolderError, match='in use by another scalekd run'):
+        RunFolder(str(tmp_path / 'run')).acquire()
+    folder.release()  # what the kernel does for a killed process
+    again = RunFolder(str(tmp_path / 'run'))
+    again.acquire()
+    again.release()
+
+
+# -- --force and where a run may write ------------------------------------------------------------
+def test_force_deletes_only_the_previous_runs_files(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=1), train=EVERY_STEP)
+    assert main(['train', str(cfg)]) == 0
+    run = tmp_path / 'run'
+    (run / 'notes.md').write_text('what I tried')
+    (run / 'results').mkdir()
+    (run / 'results' / 'table.csv').write_text('a,b')
+    (run / '.checkpoint-0000-000002.pth.x1.tmp').write_bytes(b'killed write')
+    mine = {k: v for k, v in _files(run).items() if k in ('notes.md', 'results/table.csv')}
+    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=1))
+    assert main(['train', str(cfg), '--force']) == 0
+    assert {k: v for k, v in _files(run).items() if k in mine} == mine
+    assert [p.name for p in checkpoints_by_age(run)] == ['checkpoint-0001.pth']  # the old mid-epoch ones are gone
+    assert not [f for f in os.listdir(run) if f.endswith('.tmp')]
+    assert "--force removed the previous run's" in (run / 'train.log').read_text()
+
+
+def test_files_that_no_run_wrote_are_never_overwritten(tmp_path, data_root, capsys):
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'config.yaml').write_text('my own notes, not a scalekd run\n')
+    (run / 'data.csv').write_text('1,2,3')
+    before = _files(run)
+    cfg = tiny_config(tmp_path, data_root)
+    for extra in ([], ['--force']):
+        err = _refused(capsys, 'train', str(cfg), *extra)
+        assert 'holds config.yaml, which no scalekd run wrote there' in err, err
+    assert {k: v for k, v in _files(run).items() if k != '.scalekd.lock'} == before
+
+
+@pytest.mark.parametrize('output', ['', '.', '~', '/'])
+def test_the_current_home_and_root_folders_are_refused_as_outputs(tmp_path, data_root, capsys, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'keep.txt').write_text('mine')
+    cfg = tiny_config(tmp_path, data_root, output=output)
+    err = _refused(capsys, 'train', str(cfg), '--force')
+    assert ('output is empty' in err) if output == '' else ('a run needs a folder of its own' in err), err
+    assert sorted(os.listdir(tmp_path)) == ['config.yaml', 'keep.txt']
+
+
+def test_an_output_under_a_file_is_refused(tmp_path, data_root, capsys):
+    (tmp_path / 'taken').write_text('a file')
+    cfg = tiny_config(tmp_path, data_root, output=str(tmp_path / 'taken' / 'run'))
+    assert 'taken is a file' in _refused(capsys, 'train', str(cfg))
+
+
+def test_a_failed_start_leaves_no_folder_behind(tmp_path, data_root, capsys):
+    cfg = tiny_config(tmp_path, data_root, output=str(tmp_path / 'new' / 'run'), student=dict(model='resnet1800'))
+    assert 'unknown student model' in _refused(capsys, 'train', str(cfg))
+    assert not (tmp_path / 'new').exists()
+
+
+# -- retention -------------------------------------------------------------------------------------
+def test_pruning_keeps_good_checkpoints_when_damaged_ones_are_numbered_above(straight, data_root, tmp_path,
+                                                                           monkeypatch):
+    """Two damaged checkpoints numbered above the good one, keep 2, killed right after a mid-epoch
+    checkpoint is written: every good checkpoint survives, the resume continues from the newest."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    save_checkpoint(load_checkpoint(straight / 'checkpoint-0001.pth'), run / 'checkpoint-0001.pth')
+    for name in ('checkpoint-0009.pth', 'checkpoint-0009-000001.pth'):
+        (run / name).write_bytes(b'damaged')
+    cfg = tiny_config(tmp_path, data_root, train=dict(checkpoint_every_steps=1, keep_checkpoints=2))
+    save = engine.save_checkpoint
+
+    def killed_after(state, path):
+        save(state, path)
+        if Path(path).name == 'checkpoint-0001-000002.pth':
+            raise _Killed()
+    monkeypatch.setattr(engine, 'save_checkpoint', killed_after)
+    with pytest.raises(_Killed):
+        main(['train', str(cfg), '--resume', 'auto', '--deterministic'])
+    monkeypatch.setattr(engine, 'save_checkpoint', save)
+    assert main(['train', str(cfg), '--resume', 'auto', '--deterministic']) == 0
+    log = (run / 'train.log').read_text()
+    assert f'resumed from {run / "checkpoint-0001-000002.pth"} at epoch 1 + 2 batches, step 5' in log
+    assert 'checkpoint-0009.pth cannot be loaded safely' in log  # passed over, named
+    assert [p.name for p in checkpoints_by_age(run)] == [
+        'checkpoint-0001.pth', 'checkpoint-0001-000001.pth', 'checkpoint-0001-000002.pth', 'checkpoint-0002.pth',
+        'checkpoint-0009.pth', 'checkpoint-0009-000001.pth']
+    assert (run / 'checkpoint-0009.pth').read_bytes() == b'damaged'
+    final, reference = load_checkpoint(run / 'checkpoint-0002.pth'), load_checkpoint(straight / 'checkpoint-0002.pth')
+    for key, value in reference['student'].items():
+        assert torch.equal(value, final['student'][key]), key
+
+
+def test_retention_deletes_the_oldest_of_the_runs_own_series(tmp_path):
+    folder = RunFolder(str(tmp_path / 'run'))
+    folder.acquire()
+    folder.mark(fresh=True)
+    (folder.path / 'checkpoint-0000-000001.pth').write_bytes(b'not ours')
+    written = []
+    for step, name in enumerate(['checkpoint-0000-000002.pth', 'checkpoint-0001.pth', 'checkpoint-0001-000001.pth',
+                                 'checkpoint-0001-000002.pth'], start=2):
+        (folder.path / name).write_bytes(b'ours')
+        written.append(folder.record_and_prune(folder.path / name, step, keep=2,
+                                               protect=[folder.path / 'checkpoint-0000-000002.pth']))
+    folder.release()
+    assert written == [[], [], [], ['checkpoint-0001.pth']]  # the protected one stays, the foreign one too
+    assert [p.name for p in checkpoints_by_age(folder.path)] == [
+        'checkpoint-0000-000001.pth', 'checkpoint-0000-000002.pth', 'checkpoint-0001-000001.pth',
+        'checkpoint-0001-000002.pth']
+
+
+def test_keep_checkpoints_zero_keeps_all_and_negative_is_refused(tmp_path, data_root, capsys):
+    cfg = tiny_config(tmp_path, data_root, train=dict(checkpoint_every_steps=1, keep_checkpoints=0))
+    err = _refused(capsys, 'train', str(cfg), '-o', 'train.keep_checkpoints=-1')
+    assert 'train.keep_checkpoints must be >= 0 (0 keeps every checkpoint), got -1' in err
+    assert main(['train', str(cfg)]) == 0
+    assert len(checkpoints_by_age(tmp_path / 'run')) == 6
+    import json
+    listed = json.loads((tmp_path / 'run' / MARKER).read_text())['checkpoints']
+    assert [e['step'] for e in listed] == [1, 2, 3, 4, 5, 6]
+
+
+# -- best.pth -------------------------------------------------------------------------------------
+class _Killed(BaseException):
+    """Stands for SIGKILL inside the process."""
+
+
+def test_a_kill_between_the_epoch_checkpoint_and_best_pth_leaves_them_consistent(tmp_path, data_root, monkeypatch):
+    cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
+    run = tmp_path / 'run'
+    save = engine.save_checkpoint
+
+    def killed_at_best(state, path):
+        if Path(path).name == 'best.pth':
+            raise _Killed()
+        save(state, path)
+    monkeypatch.setattr(engine, 'save_checkpoint', killed_at_best)
+    with pytest.raises(_Killed):
+        main(['train', str(cfg)])
+    monkeypatch.setattr(engine, 'save_checkpoint', save)
+    assert (run / 'checkpoint-0001.pth').is_file() and not (run / 'best.pth').exists()
+    assert main(['train', str(cfg), '--resume', 'auto']) == 0
+    assert 'best.pth rewritten from the resumed checkpoint (epoch 1)' in (run / 'train.log').read_text()
+    final, best = load_checkpoint(run / 'checkpoint-0002.pth'), load_checkpoint(run / 'best.pth')
+    assert best['progress']['best_step'] == final['progress']['best_step']
+    at_best = load_checkpoint(run / ('checkpoint-0001.pth' if final['progress']['best_epoch'] == 1 else
+                                     'checkpoint-0002.pth'))
+    for key, value in at_best['student'].items():
+        assert torch.equal(value, best['student'][key]), key
+    assert set(best) == {'format_version', 'progress', 'student', 'ema', 'config'}  # what eval / export need
+
+
+def test_best_pth_is_what_eval_and_export_need(straight, tmp_path, data_root):
+    best, full = (straight / 'best.pth').stat().st_size, (straight / 'checkpoint-0002.pth').stat().st_size
+    assert best < full / 3  # no optimizer, projectors, RNG
+    assert main(['export', str(straight / 'best.pth'), '--out', str(tmp_path / 'export')]) == 0
+    assert main(['eval', str(straight / 'best.pth'), '--data', str(data_root / 'val'), '--workers', '0']) == 0
+
+
+def test_resume_rewinds_metrics_to_the_checkpoint(straight, data_root, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    save_checkpoint(load_checkpoint(straight / 'checkpoint-0000-000002.pth'), run / 'checkpoint-0000-000002.pth')
+    lines = (straight / 'metrics.jsonl').read_text().splitlines()
+    (run / 'metrics.jsonl').write_text('\n'.join(lines) + '\n{"step": 9, "torn')  # 6 steps logged, a torn line
+    cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
+    assert main(['train', str(cfg), '--resume', 'auto', '--deterministic']) == 0
+    assert [r['step'] for r in step_lines(run)] == [1, 2, 3, 4, 5, 6]
+    assert len(metrics(run)) == len(lines)
