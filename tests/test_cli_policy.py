@@ -10,12 +10,13 @@ from torch.utils.data import TensorDataset
 
 import scalekd.bench as bench
 import scalekd.cli as cli
-from engine_fixtures import make_fashion_mnist, make_image_folder
+from engine_fixtures import make_fashion_mnist, make_image_folder, tiny_config
 from scalekd.analysis.inputs import feature_maps
 from scalekd.analysis.linear_probe import pre_logits
 from scalekd.cli import build_parser, main
 from scalekd.config import ConfigError
 from scalekd.devices import model_device, resolve_device
+from scalekd.distributed import init_distributed
 from scalekd.export import export_student
 from scalekd.inspection import _train_step
 from scalekd.models import create_timm_model
@@ -92,14 +93,21 @@ def test_every_command_refuses_missing_cuda_and_unknown_devices_in_one_line(comm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_train_checks_its_device_by_the_same_rule(cuda_count, capsys):
+def test_train_checks_its_device_by_the_same_rule(cuda_count, capsys, tmp_path, data_root):
+    cfg = tiny_config(tmp_path, data_root)
     cuda_count(0)
-    with pytest.raises(SystemExit) as stop:
-        main(['train', 'run.yaml', '--device', 'cuda'])
-    assert stop.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(NO_CUDA)
-    with pytest.raises(SystemExit) as stop:
-        main(['train', 'run.yaml', '--device', 'tpu'])
-    assert stop.value.code == 2 and "'tpu'" in capsys.readouterr().err
+    assert main(['train', str(cfg), '--device', 'cuda']) == 2
+    assert capsys.readouterr().err.splitlines() == [f'scalekd train: error: {NO_CUDA}']
+    assert main(['train', str(cfg), '--device', 'tpu']) == 2
+    assert "'tpu'" in capsys.readouterr().err
+    assert not (tmp_path / 'run').exists()
+
+
+def test_under_torchrun_each_process_takes_its_local_gpu(cuda_count, monkeypatch):
+    cuda_count(2)
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(ValueError, match='under torchrun each process uses cuda:LOCAL_RANK'):
+        init_distributed('cuda:1')
 
 
 @pytest.fixture(scope='module')

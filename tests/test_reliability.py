@@ -18,7 +18,12 @@ import scalekd.checkpoint as checkpoint_module
 from scalekd import build_distiller
 from scalekd.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint,
                                 save_checkpoint)
+from scalekd.checkpoint import rng_state, set_rng_state
 from scalekd.cli import main
+from scalekd.config import DataConfig
+from scalekd.data import Datasets, build_loaders, seed_epoch
+from scalekd.distributed import DistEnv
+from scalekd.engine import enable_determinism, optimizer_step
 from scalekd.distiller import Distiller
 from scalekd.weights import WeightsError, read_state_dict
 from tiny_models import IMG, make_teacher
@@ -232,3 +237,84 @@ def test_deterministic_runs_are_bit_identical(straight, data_root, tmp_path):
     cfg = tiny_config(tmp_path, data_root, train=dict(checkpoint_every_steps=1, keep_checkpoints=20))
     assert main(['train', str(cfg), '--deterministic']) == 0
     _assert_same_final_state(straight, tmp_path / 'run')
+
+
+# -- 8. mixed precision, devices, data ---------------------------------------------------------
+def test_fp16_step_unscales_before_clipping_and_skips_infinite_gradients():
+    """A real GradScaler on CPU: the update is the hand-computed one of the unscaled, clipped gradient."""
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    optimizer = torch.optim.SGD([w], lr=1.0)
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+    scaler.scale((w * 10).sum()).backward()  # gradient (10, 10), norm 14.14; scaled by 1024
+    optimizer_step(optimizer, scaler, [w], clip=1.0)
+    assert torch.allclose(w.detach(), torch.tensor([3.0, 4.0]) - 2 ** -0.5, atol=1e-6)  # clipped to norm 1
+    assert w.grad is None and scaler.get_scale() == 1024.0
+    scaler.scale((w * float('inf')).sum()).backward()
+    before = w.detach().clone()
+    optimizer_step(optimizer, scaler, [w], clip=1.0)
+    assert torch.equal(w.detach(), before) and scaler.get_scale() == 512.0  # skipped, scale backed off
+
+
+def test_determinism_on_cuda_sets_the_cublas_workspace(monkeypatch):
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
+    try:
+        enable_determinism(torch.device('cuda', 0))
+        assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8' and torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_checkpoints_hold_the_rng_of_the_process_gpu_only(monkeypatch):
+    """A rank saves and restores its own GPU's generator, so a node with another GPU count resumes."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device: calls.append(('get', device)) or torch.ones(3))
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device: calls.append(('set', state[0], device)))
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: pytest.fail('every GPU read'))
+    state = rng_state(torch.device('cuda', 1))
+    assert calls == [('get', torch.device('cuda', 1))] and torch.equal(state['cuda'], torch.ones(3))
+    set_rng_state(state, torch.device('cuda', 1))
+    assert calls[-1] == ('set', 1.0, torch.device('cuda', 1))
+    old = dict(state, cuda=[torch.zeros(3), torch.full((3,), 7.0)])  # format 1: every visible GPU
+    set_rng_state(old, torch.device('cuda', 1))
+    assert calls[-1] == ('set', 7.0, torch.device('cuda', 1))
+    set_rng_state(old, torch.device('cuda', 5))  # a GPU the saving node did not have: left as seeded
+    assert len(calls) == 3
+
+
+def test_one_channel_images_train_without_an_explicit_mean(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, data_root, data=dict(in_chans=1), sched=dict(epochs=1))
+    assert main(['train', str(cfg)]) == 0
+    assert load_checkpoint(tmp_path / 'run' / 'checkpoint-0001.pth')['student']['conv1.weight'].shape[1] == 1
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Each sample is the random numbers its transform would draw: torch, random and NumPy."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, index):
+        import numpy as np
+        return torch.tensor([index, torch.rand(()).item(), random.random(), np.random.rand()]), 0
+
+
+def _draws(world_size: int, rank: int, epoch: int = 0, start_batch: int = 0, workers: int = 2) -> dict:
+    """Global position -> (sample index, draws) of one rank's epoch, from ``start_batch`` on."""
+    per_rank = 8 // world_size
+    data = Datasets(_Draws(), _Draws(), ['a'])
+    loader, _ = build_loaders(data, DataConfig(workers=workers), per_rank, DistEnv(rank, world_size), seed=3)
+    seed_epoch(loader, 3, epoch, rank, start_batch)
+    rows = torch.cat([x for x, _ in loader])
+    return {(start_batch * per_rank + j) * world_size + rank: tuple(r.tolist()) for j, r in enumerate(rows)}
+
+
+def test_each_rank_draws_its_own_augmentations_and_a_resumed_run_the_same_ones():
+    rank0, rank1 = _draws(2, 0), _draws(2, 1)
+    assert not {v[1:] for v in rank0.values()} & {v[1:] for v in rank1.values()}  # no shared stream across ranks
+    assert all(len(set(v[1:])) == 3 for v in rank0.values())  # torch, random and NumPy draw different numbers
+    one = _draws(1, 0)
+    assert {**rank0, **rank1} == one  # the same sample and draws at each global position, on 1 or 2 processes
+    assert _draws(2, 1, start_batch=2) == {k: v for k, v in rank1.items() if k >= 16}  # resumed mid-epoch
+    assert _draws(1, 0, workers=0) == one  # workers or not
+    assert not {v[1:] for v in _draws(1, 0, epoch=1).values()} & {v[1:] for v in one.values()}  # a new epoch

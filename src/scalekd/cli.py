@@ -36,17 +36,8 @@ def _key_values(items: Optional[List[str]], flag: str) -> Dict[str, Any]:
     return out
 
 
-def _add_device(p, **kwargs: Any) -> None:
-    p.add_argument('--device', default='auto', help=DEVICE_HELP, **kwargs)
-
-
-def _train_device(spec: str) -> str:
-    """``--device`` of ``train``, checked by the one device rule and passed on as given."""
-    try:
-        resolve_device(spec)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return spec
+def _add_device(p, note: str = '') -> None:
+    p.add_argument('--device', default='auto', help=DEVICE_HELP + note)
 
 
 def _add_inspect(sub) -> None:
@@ -117,7 +108,7 @@ def _add_train(sub) -> None:
     p.add_argument('--deterministic', action='store_true', help='deterministic algorithms (same as '
                                                                 '-o train.deterministic=true)')
     p.add_argument('--max-nan-skips', type=int, metavar='N', help='skip up to N batches whose loss is not finite')
-    _add_device(p, choices=('auto', 'cpu', 'cuda'), type=_train_device)
+    _add_device(p, '; under torchrun, cuda means cuda:LOCAL_RANK')
     p.set_defaults(func=_run_train)
 
 

@@ -202,7 +202,7 @@ def seeded_rngs(seed: int) -> Iterator[None]:
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()
     torch.manual_seed(seed)
     random.seed(seed)
-    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32, 1])  # not random's init array: another stream
     try:
         yield
     finally:

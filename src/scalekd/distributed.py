@@ -7,6 +7,8 @@ from typing import Callable, Dict, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from .devices import resolve_device
+
 __all__ = ['DistEnv', 'init_distributed', 'all_reduce_sum', 'all_reduce_mean', 'any_rank', 'on_main', 'barrier',
            'cleanup', 'RankError']
 
@@ -36,19 +38,25 @@ class DistEnv:
 
 def init_distributed(device: str = 'auto', timeout_s: int = 1800) -> DistEnv:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-    ``MASTER_ADDR``/``MASTER_PORT``); nccl on CUDA, gloo on CPU. One process without them."""
-    use_cuda = torch.cuda.is_available() if device == 'auto' else device == 'cuda'
+    ``MASTER_ADDR``/``MASTER_PORT``); nccl on CUDA, gloo on CPU. One process without them.
+
+    ``device`` follows :func:`scalekd.devices.resolve_device`; under torchrun each process takes
+    ``cuda:LOCAL_RANK``, so an explicit ``cuda:N`` is refused there.
+    """
+    resolved = resolve_device(device)
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device('cuda', local_rank)
-    else:
-        dev = torch.device('cpu')
+    if resolved.type == 'cuda':
+        if world_size > 1 and resolved.index is not None:
+            raise ValueError(f'--device {device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device '
+                             f'cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES')
+        resolved = torch.device('cuda', local_rank if world_size > 1 else resolved.index or 0)
+        torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if use_cuda else 'gloo', timeout=timedelta(seconds=timeout_s))
-    return DistEnv(rank, world_size, local_rank, dev)
+        dist.init_process_group(backend='nccl' if resolved.type == 'cuda' else 'gloo',
+                                timeout=timedelta(seconds=timeout_s))
+    return DistEnv(rank, world_size, local_rank, resolved)
 
 
 def all_reduce_sum(values: Dict[str, float], env: DistEnv) -> Dict[str, float]:

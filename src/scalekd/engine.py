@@ -142,7 +142,9 @@ class EpochLosses:
         self._window: List[torch.Tensor] = []
 
     def load(self, totals: Dict[str, float], batches: int) -> None:
-        """Start from sums carried over (by the main process of a resumed run)."""
+        """Start from sums carried over (by the main process of a resumed run; none at an epoch's end)."""
+        if not totals:
+            return self.reset()
         self.names = sorted(totals)
         self.sums = torch.tensor([totals[n] for n in self.names], dtype=torch.float64, device=self.device)
         self.batches = batches
@@ -340,10 +342,7 @@ class Trainer:
         progress = dict(state['progress'])
         totals, batches = progress.pop('totals', {}), progress.pop('batches', 0)
         self.progress = _Progress(**progress)
-        if self.env.is_main:
-            self.losses.load(totals, batches)
-        elif totals:
-            self.losses.load(dict.fromkeys(totals, 0.0), 0)
+        self.losses.load(totals if self.env.is_main else dict.fromkeys(totals, 0.0), batches if self.env.is_main else 0)
         self.progress.batch = self._batch_in_epoch(old, path)
         rngs = state['rng']
         if len(rngs) == self.env.world_size:
