@@ -1,19 +1,15 @@
 """Runs survive crashes, checkpoints are never corrupt, bad input is refused clearly."""
-import json
 import os
 import pathlib
 import random
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine_fixtures import make_image_folder, tiny_config
-from run_tools import finish, kill_group, metrics, start, step_lines, wait_for
+from run_tools import kill_group, metrics, start, step_lines, wait_for
 import scalekd.checkpoint as checkpoint_module
 from scalekd import build_distiller
 from scalekd.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint,

@@ -1,5 +1,6 @@
 """The output folder: one writer at a time, --force deletes only a run's own files, retention never
 deletes a file the run did not write, best.pth stays consistent with the run after a kill."""
+import json
 import os
 from pathlib import Path
 
@@ -162,7 +163,6 @@ def test_keep_checkpoints_zero_keeps_all_and_negative_is_refused(tmp_path, data_
     assert 'train.keep_checkpoints must be >= 0 (0 keeps every checkpoint), got -1' in err
     assert main(['train', str(cfg)]) == 0
     assert len(checkpoints_by_age(tmp_path / 'run')) == 6
-    import json
     listed = json.loads((tmp_path / 'run' / MARKER).read_text())['checkpoints']
     assert [e['step'] for e in listed] == [1, 2, 3, 4, 5, 6]
 

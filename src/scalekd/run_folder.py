@@ -18,7 +18,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 from .checkpoint import checkpoints_by_age
 
