@@ -10,22 +10,20 @@ from typing import Dict, List
 TRACED = str(Path(__file__).with_name('traced_train.py'))
 
 
-def child_env(**extra: str) -> Dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS='1', **extra)
-
-
 def start(cfg: Path, *args: str, **env: str) -> subprocess.Popen:
-    """``scalekd train cfg args`` in one child process (instrumented: see traced_train.py)."""
+    """``scalekd train cfg args`` in one child process (instrumented: see traced_train.py), with the
+    test process's threads, so that its numbers match runs inside the test process bit for bit."""
     return subprocess.Popen([sys.executable, TRACED, 'train', str(cfg), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env(**env), start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, **env), start_new_session=True)
 
 
 def start_torchrun(cfg: Path, *args: str, port: int, nproc: int = 2, **env: str) -> subprocess.Popen:
-    """``torchrun --nproc_per_node N traced_train.py train cfg args``, in its own process group."""
+    """``torchrun --nproc_per_node N traced_train.py train cfg args``, in its own process group, one
+    thread per process."""
     return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
                              '--master_port', str(port), TRACED, 'train', str(cfg), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(**env),
-                            start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS='1', **env), start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:

@@ -20,7 +20,7 @@ from scalekd.distributed import init_distributed
 from scalekd.export import export_student
 from scalekd.inspection import _train_step
 from scalekd.models import create_timm_model
-from test_analysis import _checkpoint
+from test_analysis import _checkpoint, tiny_export  # noqa: F401 (a fixture)
 
 NO_CUDA = '--device cuda: no CUDA device is available (torch.cuda.is_available() is False)'
 # each command's arguments but --device; the device is resolved before any of them is read
@@ -111,14 +111,10 @@ def test_under_torchrun_each_process_takes_its_local_gpu(cuda_count, monkeypatch
 
 
 @pytest.fixture(scope='module')
-def grey_export(tmp_path_factory):
+def grey_export(tiny_export, tmp_path_factory):
     """A tiny grey-input ViT exported like a trained student, and Fashion-MNIST-format files."""
-    model = create_timm_model('vit_tiny_patch16_224', (28, 28), num_classes=10, in_chans=1,
-                              patch_size=7, embed_dim=32, depth=2, num_heads=2)
-    folder = tmp_path_factory.mktemp('export')
-    export_student(model, folder, dict(input_size=(1, 28, 28), mean=(0.5,), std=(0.5,), crop_pct=1.0,
-                                       interpolation='bilinear'))
-    return folder, make_fashion_mnist(tmp_path_factory.mktemp('fmnist'), n_train=40, n_test=24)
+    folder = tiny_export
+return folder, make_fashion_mnist(tmp_path_factory.mktemp('fmnist'), n_train=40, n_test=24)
 
 
 def test_inspect_runs_its_step_on_cpu(capsys):

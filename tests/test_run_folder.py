@@ -77,7 +77,7 @@ def test_files_that_no_run_wrote_are_never_overwritten(tmp_path, data_root, caps
     (run / 'data.csv').write_text('1,2,3')
     before = _files(run)
     cfg = tiny_config(tmp_path, data_root)
-    for extra in ([], ['--force']):
+    for extra in ([], ['--force'], ['--resume', 'auto']):
         err = _refused(capsys, 'train', str(cfg), *extra)
         assert 'holds config.yaml, which no scalekd run wrote there' in err, err
     assert {k: v for k, v in _files(run).items() if k != '.scalekd.lock'} == before

@@ -265,7 +265,7 @@ class Trainer:
                     raise RunError(f'output folder {self.folder.path} holds another run; resume {path} into its own '
                                    f'folder (set output) or use --resume auto')
                 self._resume_state = read_training_checkpoint(path)
-            else:
+            if not resume or not self.folder.holds_run():  # a new run here: nothing of another may be lost
                 removed = self.folder.check_fresh(force)
                 self._notes += [f'--force removed the previous run\'s {", ".join(removed)}'] if removed else []
             partial = self.folder.remove_partial_writes()

@@ -97,10 +97,10 @@ class RunFolder:
 
     # -- what is in the folder ------------------------------------------------------------------------
     def holds_run(self) -> bool:
-        """A scalekd run: the marker, or (before markers) a config.yaml beside a train.log or checkpoints."""
+        """A scalekd run: the marker, checkpoints, or (before markers) a config.yaml beside a train.log."""
         p = self.path
-        return (p / MARKER).is_file() or ((p / 'config.yaml').is_file()
-                                          and ((p / 'train.log').is_file() or bool(checkpoints_by_age(p))))
+        return ((p / MARKER).is_file() or bool(checkpoints_by_age(p))
+                or ((p / 'config.yaml').is_file() and (p / 'train.log').is_file()))
 
     def _artefacts(self) -> List[Path]:
         p = self.path
