@@ -113,8 +113,7 @@ def test_under_torchrun_each_process_takes_its_local_gpu(cuda_count, monkeypatch
 @pytest.fixture(scope='module')
 def grey_export(tiny_export, tmp_path_factory):
     """A tiny grey-input ViT exported like a trained student, and Fashion-MNIST-format files."""
-    folder = tiny_export
-return folder, make_fashion_mnist(tmp_path_factory.mktemp('fmnist'), n_train=40, n_test=24)
+    return tiny_export, make_fashion_mnist(tmp_path_factory.mktemp('fmnist'), n_train=40, n_test=24)
 
 
 def test_inspect_runs_its_step_on_cpu(capsys):
