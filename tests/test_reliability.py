@@ -1,4 +1,5 @@
 """Runs survive crashes, checkpoints are never corrupt, bad input is refused clearly."""
+import json
 import os
 import pathlib
 import random
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN
 
 from engine_fixtures import make_image_folder, tiny_config
 from run_tools import kill_group, metrics, start, step_lines, wait_for
@@ -282,6 +284,10 @@ def test_one_channel_images_train_without_an_explicit_mean(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, data=dict(in_chans=1), sched=dict(epochs=1))
     assert main(['train', str(cfg)]) == 0
     assert load_checkpoint(tmp_path / 'run' / 'checkpoint-0001.pth')['student']['conv1.weight'].shape[1] == 1
+    assert main(['export', str(tmp_path / 'run' / 'best.pth'), '--out', str(tmp_path / 'export')]) == 0
+    exported = json.loads((tmp_path / 'export' / 'config.json').read_text())['pretrained_cfg']
+    assert exported['mean'] == [pytest.approx(sum(IMAGENET_DEFAULT_MEAN) / 3)]  # the student's RGB mean, averaged
+    assert main(['eval', str(tmp_path / 'export'), '--data', str(data_root / 'val'), '--workers', '0']) == 0
 
 
 class _Draws(torch.utils.data.Dataset):

@@ -14,13 +14,12 @@ from typing import Any, Collection, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.task import TrainingTask
 from timm.task.classification import resolve_classification_loss
 from timm.utils import unwrap_model
 
 from .adapters import ScaleKDTeacher, StudentAdapter, TeacherFeatures
-from .adapters.common import Shape, channel_stats
+from .adapters.common import Shape, input_normalization
 from .losses import logit_kd_loss
 from .mimicking import FeatureMimicking
 from .options import DistillOptions
@@ -150,10 +149,7 @@ class Distiller(TrainingTask):
         taps = StudentAdapter(student, img_size, in_chans, self.options.student_s3_block)
         self.trainable_module = DistillationModule(student, taps, self.options, self.teacher)
         self.criterion = resolve_classification_loss(criterion, self.device)
-        cfg = getattr(student, 'pretrained_cfg', None) or {}
-        mean = input_mean if input_mean is not None else cfg.get('mean', IMAGENET_DEFAULT_MEAN)
-        std = input_std if input_std is not None else cfg.get('std', IMAGENET_DEFAULT_STD)
-        mean, std = channel_stats(mean, in_chans), channel_stats(std, in_chans)
+        mean, std = input_normalization(getattr(student, 'pretrained_cfg', None), in_chans, input_mean, input_std)
         self.register_buffer('student_mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('student_std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.train()

@@ -4,10 +4,9 @@ from typing import Any, Optional, Sequence, Tuple
 
 import timm
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg_value, split_model_name_tag
 
-from .adapters.common import channel_stats
+from .adapters.common import input_normalization as normalization_of
 
 __all__ = ['create_timm_model', 'default_img_size', 'input_normalization', 'UnknownModelError']
 
@@ -51,10 +50,7 @@ def create_timm_model(
 
 def input_normalization(name: Optional[str], in_chans: int, mean: Optional[Sequence[float]] = None,
                         std: Optional[Sequence[float]] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """The per-channel mean / std images are normalised with: ``mean`` / ``std`` when both are
-    given, else the timm model ``name``'s pretrained cfg, else ImageNet's; RGB statistics are
-    averaged for a model of another channel count (e.g. 1-channel images)."""
-    if mean is None or std is None:
-        mean = (get_pretrained_cfg_value(name, 'mean') if name else None) or IMAGENET_DEFAULT_MEAN
-        std = (get_pretrained_cfg_value(name, 'std') if name else None) or IMAGENET_DEFAULT_STD
-    return channel_stats(mean, in_chans), channel_stats(std, in_chans)
+    """:func:`scalekd.adapters.common.input_normalization` of the timm model ``name`` (its
+    pretrained cfg without building it)."""
+    cfg = {k: get_pretrained_cfg_value(name, k) for k in ('mean', 'std')} if name else None
+    return normalization_of(cfg, in_chans, mean, std)

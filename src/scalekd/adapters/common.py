@@ -1,10 +1,11 @@
 """Helpers shared by the student and teacher adapters."""
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence, Tuple, Type
+from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 Shape = Tuple[int, int, int]  # (C, H, W) of one sample
 
@@ -88,6 +89,18 @@ def dummy_input(model: nn.Module, img_size: Tuple[int, int], in_chans: int, batc
     """A zero batch on the model's device and dtype at the configured resolution."""
     p = next(model.parameters())
     return torch.zeros(batch, in_chans, *img_size, device=p.device, dtype=p.dtype)
+
+
+def input_normalization(pretrained_cfg: Optional[Mapping[str, Any]], in_chans: int,
+                        mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
+                        ) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The per-channel mean / std images are normalised with: ``mean`` / ``std`` when both are given,
+    else the model's pretrained cfg's, else ImageNet's; one value per input channel (RGB statistics
+    averaged for a 1-channel model)."""
+    if mean is None or std is None:
+        cfg = pretrained_cfg or {}
+        mean, std = cfg.get('mean') or IMAGENET_DEFAULT_MEAN, cfg.get('std') or IMAGENET_DEFAULT_STD
+    return channel_stats(mean, in_chans), channel_stats(std, in_chans)
 
 
 def channel_stats(values: Sequence[float], in_chans: int) -> Tuple[float, ...]:
