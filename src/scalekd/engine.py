@@ -332,8 +332,9 @@ class Trainer:
             self.task.load_task_state(state['task_state'])
             self.optimizer.load_state_dict(state['optimizer'])
         except (RuntimeError, ValueError, KeyError) as e:
+            detail = ' '.join(line.strip() for line in str(e).splitlines())
             raise CheckpointError(f'{path} does not fit this run ({self.cfg.student.model}, method '
-                                  f'{self.cfg.distill.method}): {str(e).splitlines()[0]}') from None
+                                  f'{self.cfg.distill.method}): {detail[:400]}') from None
         self.scheduler.load_state_dict(state['scheduler'])
         if self.scaler is not None and state.get('scaler'):
             self.scaler.load_state_dict(state['scaler'])
@@ -350,8 +351,8 @@ class Trainer:
         else:  # another number of processes: data order and augmentations carry over, not the other streams
             random_seed(self.cfg.seed + self.progress.step, self.env.rank)
         if self.env.is_main:
-            self._changed = changed_settings(old, self.cfg)
-            self._notes += [f'settings changed since the checkpoint: {"; ".join(self._changed)}'] if self._changed else []
+            changed = changed_settings(old, self.cfg)
+            self._notes += [f'settings changed since the checkpoint: {"; ".join(changed)}'] if changed else []
             self._reconcile_best(state)
 
     def _batch_in_epoch(self, old: RunConfig, path: Path) -> int:
