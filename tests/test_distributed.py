@@ -72,12 +72,12 @@ def test_mid_epoch_resume_from_two_processes_on_one(straight2, data_root, tmp_pa
     _assert_continues(straight2, tmp_path / 'run', 3, ref_batch=4, resumed_batch=8)
 
 
-def test_a_global_batch_that_does_not_divide_the_position_is_refused(straight, data_root, tmp_path, capsys):
-    _resume_folder(tmp_path, straight / 'checkpoint-0000-000001.pth')  # 8 images into epoch 1
+def test_another_global_batch_is_refused_on_resume(straight, data_root, tmp_path, capsys):
+    _resume_folder(tmp_path, straight / 'checkpoint-0000-000001.pth')
     cfg = tiny_config(tmp_path, data_root, train=dict(batch_size=6))
     assert main(['train', str(cfg), '--resume', 'auto']) == 2
     err = capsys.readouterr().err
-    assert 'stopped 8 images into epoch 1' in err and 'resume with train.batch_size 8' in err, err
+    assert 'was trained with train.batch_size 8, this run asks for 6' in err and 'resume with train.batch_size 8' in err
 
 
 def test_a_two_process_run_killed_and_resumed_logs_what_the_uninterrupted_one_logs(straight2, data_root, tmp_path):

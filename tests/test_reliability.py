@@ -18,7 +18,7 @@ from scalekd.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name
                                 save_checkpoint)
 from scalekd.checkpoint import rng_state, set_rng_state
 from scalekd.cli import main
-from scalekd.config import DataConfig
+from scalekd.config import DataConfig, load_config
 from scalekd.data import Datasets, build_loaders, seed_epoch
 from scalekd.distributed import DistEnv
 from scalekd.engine import enable_determinism, optimizer_step
@@ -193,6 +193,8 @@ def test_unknown_model_and_unmatched_shapes(tmp_path, data_root, capsys):
 def test_wrong_value_type_and_unknown_key(tmp_path, data_root, capsys):
     err = _refused(tiny_config(tmp_path, data_root), capsys, '-o', 'optim.lr=fast')
     assert 'optim.lr in' in err and "must be float, got str 'fast'" in err
+    cfg = load_config(tiny_config(tmp_path, data_root), ['optim.lr=1e-3', 'optim.weight_decay=5E2', 'sched.min_lr=.5e-6'])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.sched.min_lr) == (1e-3, 500.0, 5e-7)  # YAML 1.1 reads them as str
     err = _refused(tiny_config(tmp_path, data_root), capsys, '-o', 'optim.learning_rate=0.1')
     assert "unknown config key 'optim.learning_rate'" in err
 
@@ -220,6 +222,24 @@ def test_nan_loss_stops_with_step_term_and_checkpoint(tmp_path, data_root, capsy
     assert 'non-finite loss at epoch 1, step 2 in term(s) loss, s4_ori' in err
     saved = tmp_path / 'run' / 'checkpoint-0000-000001.pth'
     assert str(saved) in err and load_checkpoint(saved)['progress']['step'] == 1
+
+
+def test_the_state_saved_before_a_bad_step_has_the_norm_statistics_before_it(tmp_path, data_root, monkeypatch):
+    forward, before = Distiller.forward, {}
+
+    def poisoned(self, input, target):
+        bn = self.student.bn1
+        if int(bn.num_batches_tracked) == 1:  # the second forward: its statistics blow up too
+            before.update({k: v.clone() for k, v in bn.state_dict().items()})
+            out = forward(self, input, target)
+            bn.running_mean.fill_(float('inf'))
+            return dict(out, loss=out['loss'] * float('nan'))
+        return forward(self, input, target)
+    monkeypatch.setattr(Distiller, 'forward', poisoned)
+    assert main(['train', str(tiny_config(tmp_path, data_root))]) == 2
+    saved = load_checkpoint(tmp_path / 'run' / 'checkpoint-0000-000001.pth')['student']
+    for key, value in before.items():
+        assert torch.equal(saved[f'bn1.{key}'], value), key
 
 
 def test_max_nan_skips_skips_bounded_bad_steps(tmp_path, data_root, nan_at_step_2):

@@ -1,7 +1,9 @@
 """The output folder: one writer at a time, --force deletes only a run's own files, retention never
 deletes a file the run did not write, best.pth stays consistent with the run after a kill."""
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,7 +82,12 @@ def test_files_that_no_run_wrote_are_never_overwritten(tmp_path, data_root, caps
     for extra in ([], ['--force'], ['--resume', 'auto']):
         err = _refused(capsys, 'train', str(cfg), *extra)
         assert 'holds config.yaml, which no scalekd run wrote there' in err, err
-    assert {k: v for k, v in _files(run).items() if k != '.scalekd.lock'} == before
+    (run / 'train.log').write_text('my own log')  # a config.yaml beside a train.log is no run either
+    before = _files(run)
+    for extra in ([], ['--force'], ['--resume', 'auto']):
+        err = _refused(capsys, 'train', str(cfg), *extra)
+        assert 'holds config.yaml, train.log, which no scalekd run wrote there' in err, err
+    assert _files(run) == before  # not even a lock file is left
 
 
 @pytest.mark.parametrize('output', ['', '.', '~', '/'])
@@ -130,9 +137,9 @@ def test_pruning_keeps_good_checkpoints_when_damaged_ones_are_numbered_above(str
     log = (run / 'train.log').read_text()
     assert f'resumed from {run / "checkpoint-0001-000002.pth"} at epoch 1 + 2 batches, step 5' in log
     assert 'checkpoint-0009.pth cannot be loaded safely' in log  # passed over, named
-    assert [p.name for p in checkpoints_by_age(run)] == [
-        'checkpoint-0001.pth', 'checkpoint-0001-000001.pth', 'checkpoint-0001-000002.pth', 'checkpoint-0002.pth',
-        'checkpoint-0009.pth', 'checkpoint-0009-000001.pth']
+    assert [p.name for p in checkpoints_by_age(run)] == [  # the copied one, the resumed-from one, the newest
+        'checkpoint-0001.pth', 'checkpoint-0001-000002.pth', 'checkpoint-0002.pth', 'checkpoint-0009.pth',
+        'checkpoint-0009-000001.pth']
     assert (run / 'checkpoint-0009.pth').read_bytes() == b'damaged'
     final, reference = load_checkpoint(run / 'checkpoint-0002.pth'), load_checkpoint(straight / 'checkpoint-0002.pth')
     for key, value in reference['student'].items():
@@ -144,14 +151,14 @@ def test_retention_deletes_the_oldest_of_the_runs_own_series(tmp_path):
     folder.acquire()
     folder.mark(fresh=True)
     (folder.path / 'checkpoint-0000-000001.pth').write_bytes(b'not ours')
-    written = []
+    deleted = []
     for step, name in enumerate(['checkpoint-0000-000002.pth', 'checkpoint-0001.pth', 'checkpoint-0001-000001.pth',
                                  'checkpoint-0001-000002.pth'], start=2):
+        folder.record(folder.path / name, step)
         (folder.path / name).write_bytes(b'ours')
-        written.append(folder.record_and_prune(folder.path / name, step, keep=2,
-                                               protect=[folder.path / 'checkpoint-0000-000002.pth']))
+        deleted.append(folder.prune(keep=2, protect=[folder.path / 'checkpoint-0000-000002.pth']))
     folder.release()
-    assert written == [[], [], [], ['checkpoint-0001.pth']]  # the protected one stays, the foreign one too
+    assert deleted == [[], [], [], ['checkpoint-0001.pth']]  # the protected one stays, the foreign one too
     assert [p.name for p in checkpoints_by_age(folder.path)] == [
         'checkpoint-0000-000001.pth', 'checkpoint-0000-000002.pth', 'checkpoint-0001-000001.pth',
         'checkpoint-0001-000002.pth']
@@ -214,3 +221,70 @@ def test_resume_rewinds_metrics_to_the_checkpoint(straight, data_root, tmp_path)
     assert main(['train', str(cfg), '--resume', 'auto', '--deterministic']) == 0
     assert [r['step'] for r in step_lines(run)] == [1, 2, 3, 4, 5, 6]
     assert len(metrics(run)) == len(lines)
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, data_root, capsys, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(30, 'Read-only file system')
+    monkeypatch.setattr('scalekd.run_folder.open', read_only, raising=False)
+    err = _refused(capsys, 'train', str(tiny_config(tmp_path, data_root)))
+    assert f'output folder {tmp_path / "run"} cannot be written: Read-only file system' in err
+
+
+def test_force_removes_a_linked_artefact_without_following_it(tmp_path, data_root):
+    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=1), log=dict(tensorboard=False))
+    assert main(['train', str(cfg)]) == 0
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    (elsewhere / 'events').write_text('keep')
+    (tmp_path / 'run' / 'tensorboard').symlink_to(elsewhere)
+    assert main(['train', str(cfg), '--force']) == 0
+    assert (elsewhere / 'events').read_text() == 'keep' and not (tmp_path / 'run' / 'tensorboard').exists()
+
+
+def test_resume_of_a_folder_says_what_to_give(tmp_path, data_root, capsys):
+    err = _refused(capsys, 'train', str(tiny_config(tmp_path, data_root)), '--resume', str(tmp_path))
+    assert 'is a folder: give one of its checkpoint-*.pth' in err
+
+
+# -- rewinding and changing settings ------------------------------------------------------------------
+def test_resuming_an_older_checkpoint_sets_the_later_history_aside(straight, data_root, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(straight, run)
+    cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
+    later = ['checkpoint-0001-000001.pth', 'checkpoint-0001-000002.pth', 'checkpoint-0002.pth']
+    old = {n: (run / n).read_bytes() for n in later}
+    assert main(['train', str(cfg), '--resume', str(run / 'checkpoint-0001.pth'), '--deterministic']) == 0
+    aside = run / 'abandoned-after-step-3'
+    assert {n: (aside / n).read_bytes() for n in later} == old  # kept, out of the way
+    assert 'abandoned history moved to' in (run / 'train.log').read_text()
+    series = [e['file'] for e in json.loads((run / MARKER).read_text())['checkpoints']]
+    assert series[-3:] == later and all((run / n).read_bytes() != old[n] for n in later)  # rewritten anew
+    assert [r['step'] for r in step_lines(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resumed_run_uses_the_learning_rate_and_length_it_is_given(straight, data_root, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    save_checkpoint(load_checkpoint(straight / 'checkpoint-0001.pth'), run / 'checkpoint-0001.pth')
+    cfg = tiny_config(tmp_path, data_root, optim=dict(lr=0.5), sched=dict(epochs=3))
+    assert main(['train', str(cfg), '--resume', 'auto']) == 0
+    lrs = {r['step']: r['lr'] for r in step_lines(run)}
+    assert sorted(lrs) == list(range(4, 10))  # 3 epochs of 3 steps now
+    for step, lr in lrs.items():  # timm's cosine from 0.5 over 9 updates, by hand
+        assert lr == pytest.approx(0.25 * (1 + math.cos(math.pi * step / 9)), abs=1e-9), step
+    assert 'settings changed since the checkpoint, applied: optim.lr: 0.05 -> 0.5; sched.epochs: 2 -> 3' in \
+        (run / 'train.log').read_text()
+
+
+def test_a_best_epoch_that_cannot_be_restored_is_tracked_afresh(straight, data_root, tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    save_checkpoint(load_checkpoint(straight / 'checkpoint-0001-000001.pth'), run / 'checkpoint-0001-000001.pth')
+    cfg = tiny_config(tmp_path, data_root)
+    assert main(['train', str(cfg), '--resume', 'auto']) == 0
+    assert 'the best epoch is tracked afresh from here' in (run / 'train.log').read_text()
+    best, final = load_checkpoint(run / 'best.pth'), load_checkpoint(run / 'checkpoint-0002.pth')
+    assert best['progress']['best_epoch'] == final['progress']['best_epoch'] == 2
+    for key, value in final['student'].items():
+        assert torch.equal(value, best['student'][key]), key

@@ -3,7 +3,7 @@ the newest complete one.
 
 A training checkpoint is a dict with ``format_version`` (:data:`FORMAT_VERSION`), ``config``,
 ``progress``, ``student`` and, for a full training state, ``task_state``, ``optimizer``,
-``scheduler``, ``scaler``, ``ema``, ``rng``, ``world_size``. ``best.pth`` holds only what eval and
+``scaler``, ``ema``, ``rng``, ``world_size`` (the schedule is the config's, at ``progress.step``). ``best.pth`` holds only what eval and
 export need (``config``, ``progress``, ``student``, ``ema``). Files written before versioning
 are format 1; :func:`read_training_checkpoint` migrates every older format to the current one.
 """
@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 __all__ = ['FORMAT_VERSION', 'save_checkpoint', 'load_checkpoint', 'read_training_checkpoint', 'migrate',
-           'latest_checkpoint', 'checkpoints_by_age', 'checkpoint_name', 'rng_state', 'set_rng_state',
+           'latest_checkpoint', 'checkpoints_by_age', 'checkpoint_name', 'checkpoint_position', 'rng_state', 'set_rng_state',
            'CheckpointError']
 
 FORMAT_VERSION = 2
 
-# checkpoint-EEEE.pth after E epochs; checkpoint-EEEE-BBBBBB.pth after E epochs and B batches of the next
+# checkpoint-EEEE.pth after E epochs; checkpoint-EEEE-UUUUUU.pth after E epochs and U updates of the next
 _CHECKPOINT_FILE = re.compile(r'^checkpoint-(\d+)(?:-(\d+))?\.pth$')
 
 
@@ -31,9 +31,9 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, unsafe or of an unknown format."""
 
 
-def checkpoint_name(epoch: int, batch: int) -> str:
-    """The file name of the checkpoint after ``epoch`` epochs and ``batch`` batches of the next."""
-    return f'checkpoint-{epoch:04d}.pth' if batch == 0 else f'checkpoint-{epoch:04d}-{batch:06d}.pth'
+def checkpoint_name(epoch: int, updates: int) -> str:
+    """The file name of the checkpoint after ``epoch`` epochs and ``updates`` optimizer updates of the next."""
+    return f'checkpoint-{epoch:04d}.pth' if updates == 0 else f'checkpoint-{epoch:04d}-{updates:06d}.pth'
 
 
 def rng_state(device: torch.device) -> Dict[str, Any]:
@@ -132,13 +132,18 @@ def read_training_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     return migrate(state, str(path))
 
 
+def checkpoint_position(name: str) -> Optional[Tuple[int, int]]:
+    """(epochs, updates into the next) of a checkpoint file name; ``None`` for another name."""
+    m = _CHECKPOINT_FILE.match(name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
 def checkpoints_by_age(folder: Union[str, Path]) -> List[Path]:
-    """The run's checkpoints in ``folder``, oldest first by (epochs, batches) done."""
+    """The run's checkpoints in ``folder``, oldest first by (epochs, updates) done."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [((int(m.group(1)), int(m.group(2) or 0)), p) for p in folder.iterdir()
-             if (m := _CHECKPOINT_FILE.match(p.name))]
+    found = [(pos, p) for p in folder.iterdir() if (pos := checkpoint_position(p.name)) is not None]
     return [p for _, p in sorted(found)]
 
 

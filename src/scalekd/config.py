@@ -7,6 +7,7 @@ the wrong type is an error that names the key and the file.
 """
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -174,6 +175,9 @@ def _type_name(tp) -> str:
     return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
 
 
+_FLOAT = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?')
+
+
 def _coerce(value: Any, tp, key: str, where: str) -> Any:
     """Check ``value`` against the type hint ``tp``; ints are accepted for floats, lists for tuples."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -209,6 +213,8 @@ def _coerce(value: Any, tp, key: str, where: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot, no exponent sign) as a string
     if tp is int and isinstance(value, bool):
         raise ConfigError(f'{key} in {where} must be int, got {value!r}')
     if isinstance(value, tp):

@@ -19,8 +19,8 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, random_seed
 
 from .builder import build_distiller
-from .checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, latest_checkpoint,
-                         read_training_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, checkpoint_position, checkpoints_by_age,
+                         latest_checkpoint, read_training_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .config import RunConfig, config_from_dict, config_to_dict, save_config
 from .data import build_datasets, build_loaders, build_mixup, seed_epoch
 from .distiller import Distiller
@@ -261,10 +261,16 @@ class Trainer:
                 self._notes += [f'passed over {p}' for p in passed]
             elif resume:
                 path = Path(resume)
-                if self.folder.holds_run() and path.resolve().parent != self.folder.path.resolve():
+                if path.is_dir():
+                    raise RunError(f'--resume {path} is a folder: give one of its checkpoint-*.pth, or set output to it '
+                                   f'and pass --resume auto')
+                inside = path.resolve().parent == self.folder.path.resolve()
+                if self.folder.holds_run() and not inside:
                     raise RunError(f'output folder {self.folder.path} holds another run; resume {path} into its own '
                                    f'folder (set output) or use --resume auto')
                 self._resume_state = read_training_checkpoint(path)
+                if inside:
+                    self._set_aside_later(path)
             if not resume or not self.folder.holds_run():  # a new run here: nothing of another may be lost
                 removed = self.folder.check_fresh(force)
                 self._notes += [f'--force removed the previous run\'s {", ".join(removed)}'] if removed else []
@@ -274,6 +280,28 @@ class Trainer:
         except BaseException:
             self.folder.release(failed=True)
             raise
+
+    def _set_aside_later(self, path: Path) -> None:
+        """Resuming from an older checkpoint of this folder abandons the history after it: its later
+        checkpoints and a best.pth from after it move aside, so that no later resume mixes them in."""
+        progress, train = self._resume_state['progress'], self._resume_state['config']['train']
+        resumed = (progress['epoch'], progress['batch'] // train.get('accum_steps', 1))
+        later = [p for p in checkpoints_by_age(self.folder.path) if checkpoint_position(p.name) > resumed]
+        best, step = self.folder.path / 'best.pth', progress['step']
+        if best.is_file() and self._best_step_on_disk(best) > step:
+            later.append(best)
+        if later:
+            aside = self.folder.set_aside(later, step)
+            self._notes.append(f'resumed from an older checkpoint: {", ".join(p.name for p in later)} of the '
+                               f'abandoned history moved to {aside}')
+
+    def _best_step_on_disk(self, best: Path) -> int:
+        """The step of the best epoch ``best.pth`` holds (-1 when it does not load, with a note)."""
+        try:
+            return read_training_checkpoint(best)['progress'].get('best_step', -1)
+        except CheckpointError as e:
+            self._notes.append(f'best.pth is unreadable ({e})')
+            return -1
 
     def _build(self, resuming: bool) -> None:
         cfg, env, tcfg = self.cfg, self.env, self.cfg.train
@@ -304,6 +332,7 @@ class Trainer:
 
         self.progress = _Progress()
         self.losses = EpochLosses(env.device)
+        self._buffers = list(self.task.trainable_module.buffers())  # running statistics a forward updates
         if self.resumed_from is not None:
             state = self._resume_state if env.is_main else read_training_checkpoint(self.resumed_from)
             self._load(state, self.resumed_from)
@@ -322,11 +351,20 @@ class Trainer:
         self._stop_signal: Optional[int] = None
 
     def _load(self, state: Dict[str, Any], path: Path) -> None:
-        """Continue from a training checkpoint, on this run's number of processes."""
+        """Continue from a training checkpoint, on this run's number of processes and accumulation
+        steps (the same global image position: an epoch is one global order dealt round-robin to the
+        processes, see :class:`scalekd.data.EpochSampler`). The config's optimizer settings and
+        schedule apply from the resumed step on; another global batch is refused."""
         if 'optimizer' not in state:
             raise CheckpointError(f'{path} holds a student for eval / export, not a training state; resume from a '
                                   f'checkpoint-*.pth')
         old = config_from_dict(state['config'], where=str(path))
+        if old.train.batch_size != self.cfg.train.batch_size:
+            raise RunError(f'{path} was trained with train.batch_size {old.train.batch_size}, this run asks for '
+                           f'{self.cfg.train.batch_size}: a run\'s data order, steps and schedule are those of its '
+                           f'global batch; resume with train.batch_size {old.train.batch_size} (on any number of '
+                           f'processes and accumulation steps that divide it) or start a new run')
+        hyper = [{k: v for k, v in g.items() if k != 'params'} for g in self.optimizer.param_groups]
         try:
             self.task.student.load_state_dict(state['student'])
             self.task.load_task_state(state['task_state'])
@@ -335,7 +373,8 @@ class Trainer:
             detail = ' '.join(line.strip() for line in str(e).splitlines())
             raise CheckpointError(f'{path} does not fit this run ({self.cfg.student.model}, method '
                                   f'{self.cfg.distill.method}): {detail[:400]}') from None
-        self.scheduler.load_state_dict(state['scheduler'])
+        for group, values in zip(self.optimizer.param_groups, hyper):  # the config's lr, decay, momentum ...
+            group.update(values)
         if self.scaler is not None and state.get('scaler'):
             self.scaler.load_state_dict(state['scaler'])
         if self.ema is not None and state.get('ema'):
@@ -344,7 +383,8 @@ class Trainer:
         totals, batches = progress.pop('totals', {}), progress.pop('batches', 0)
         self.progress = _Progress(**progress)
         self.losses.load(totals if self.env.is_main else dict.fromkeys(totals, 0.0), batches if self.env.is_main else 0)
-        self.progress.batch = self._batch_in_epoch(old, path)
+        self.progress.batch = self.progress.batch // old.train.accum_steps * self.cfg.train.accum_steps
+        self.scheduler.step_update(self.progress.step)  # the config's schedule, at the resumed step
         rngs = state['rng']
         if len(rngs) == self.env.world_size:
             set_rng_state(rngs[self.env.rank], self.env.device)
@@ -352,45 +392,23 @@ class Trainer:
             random_seed(self.cfg.seed + self.progress.step, self.env.rank)
         if self.env.is_main:
             changed = changed_settings(old, self.cfg)
-            self._notes += [f'settings changed since the checkpoint: {"; ".join(changed)}'] if changed else []
+            self._notes += [f'settings changed since the checkpoint, applied: {"; ".join(changed)}'] if changed else []
             self._reconcile_best(state)
 
-    def _batch_in_epoch(self, old: RunConfig, path: Path) -> int:
-        """This run's batches per process into the checkpoint's epoch: the same global image
-        position (an epoch is one global order dealt round-robin to the processes, see
-        :class:`scalekd.data.EpochSampler`); refused when it is not a whole number of this run's updates."""
-        t = self.cfg.train
-        images = self.progress.batch * old.train.batch_size // old.train.accum_steps
-        per_update = t.batch_size
-        if images % per_update:
-            raise RunError(
-                f'{path} stopped {images} images into epoch {self.progress.epoch + 1}, which is not a whole number of '
-                f'updates of train.batch_size {t.batch_size}: resume with train.batch_size {old.train.batch_size} '
-                f'(on any number of processes that divides it), or from an epoch-end checkpoint')
-        return images // per_update * t.accum_steps
-
     def _reconcile_best(self, state: Dict[str, Any]) -> None:
-        """Make ``best.pth`` match the resumed progress after a kill between the two writes: rewrite it
-        when the resumed state is the best one; move aside a best.pth from steps this run will redo."""
+        """Make ``best.pth`` hold the resumed progress's best epoch: rewrite it when the resumed state is
+        that epoch (a kill between the two writes); when it cannot be restored, track the best afresh
+        from here, so that best.pth and the recorded best always agree."""
         p, best = self.progress, self.out_dir / 'best.pth'
-        on_disk = -1
-        if best.is_file():
-            try:
-                on_disk = read_training_checkpoint(best)['progress'].get('best_step', -1)
-            except CheckpointError as e:
-                self._notes.append(f'best.pth is unreadable ({e}); it is rewritten at the next best epoch')
-        if on_disk == p.best_step or p.best_step < 0 and on_disk < 0:
+        if p.best_step < 0 or (best.is_file() and self._best_step_on_disk(best) == p.best_step):
             return
-        if on_disk > p.step:
-            aside = best.with_name(f'best-from-step-{on_disk}.pth')
-            os.replace(best, aside)
-            self._notes.append(f'best.pth came from step {on_disk}, after the resumed step {p.step}: moved to {aside}')
         if p.best_step == p.step and p.batch == 0:
             save_checkpoint(self._best_state(state), best)
             self._notes.append(f'best.pth rewritten from the resumed checkpoint (epoch {p.best_epoch})')
-        elif p.best_step >= 0:
-            self._notes.append(f'best.pth does not hold the best epoch {p.best_epoch} (step {p.best_step}) and the '
-                               f'resumed checkpoint cannot restore it; it is rewritten at the next best epoch')
+            return
+        self._notes.append(f'the best epoch so far ({p.best_epoch}, top-1 {p.best_top1:.2f}) is not in best.pth and '
+                           f'the resumed checkpoint cannot restore it: the best epoch is tracked afresh from here')
+        p.best_top1, p.best_top5, p.best_epoch, p.best_step = -1.0, 0.0, -1, -1
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self) -> Dict[str, Any]:
@@ -406,7 +424,7 @@ class Trainer:
             progress=dict(dataclasses.asdict(self.progress), totals=totals, batches=batches),
             world_size=self.env.world_size,
             student=self.task.student.state_dict(), task_state=self.task.get_task_state(),
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             ema=self.ema.module.state_dict() if self.ema is not None else None,
             rng=rngs, config=config_to_dict(self.cfg))
@@ -420,13 +438,14 @@ class Trainer:
         """Checkpoint the current state (all ranks take part; the main process writes), then best.pth,
         then drop the oldest checkpoints of the run's series beyond ``train.keep_checkpoints``."""
         state = self._state()
-        path = self.out_dir / checkpoint_name(self.progress.epoch, self.progress.batch)
+        path = self.out_dir / checkpoint_name(self.progress.epoch, self.progress.batch // self.cfg.train.accum_steps)
         if self.env.is_main:
+            self.folder.record(path, self.progress.step)
             save_checkpoint(state, path)
             if is_best:
                 save_checkpoint(self._best_state(state), self.out_dir / 'best.pth')
             protect = [self.resumed_from] if self.resumed_from is not None else []
-            self.folder.record_and_prune(path, self.progress.step, self.cfg.train.keep_checkpoints, protect)
+            self.folder.prune(self.cfg.train.keep_checkpoints, protect)
         return path
 
     # -- training ------------------------------------------------------------------------------
@@ -499,13 +518,16 @@ class Trainer:
             boundary = (p.batch + 1) % accum == 0
             if not skip_window:
                 images, targets = self._step_inputs(images, targets)
+                before = [b.clone() for b in self._buffers]
                 with task.no_sync() if not boundary else nullcontext():
                     with autocast(self.precision, env.device):
                         out = task(images, targets)
                     terms = {k: v.detach().float() for k, v in out.items() if k != 'output'}
                     non_finite, stop = any_rank([~torch.isfinite(terms['loss']),
                                                  torch.tensor(self._stop_signal is not None)], env)
-                    if non_finite:
+                    if non_finite:  # undo what the bad forward did to the norm layers' running statistics
+                        for buffer, value in zip(self._buffers, before):
+                            buffer.copy_(value)
                         self._non_finite(terms, epoch, p.batch - p.batch % accum)
                         skip_window = True
                     else:

@@ -58,17 +58,20 @@ class RunFolder:
         self.path = check_output_path(output)
         self._lock_file = None
         self._created: List[Path] = []
+        self._new_lock = False
 
     # -- the lock ---------------------------------------------------------------------------------
     def acquire(self) -> None:
         """Create the folder if needed and take the lock, or refuse naming the run that holds it."""
         missing = [p for p in [self.path, *self.path.parents] if not p.exists()]
+        lock = self.path / LOCK
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self._created = list(reversed(missing))
+            self._new_lock = not lock.exists()
+            f = open(lock, 'a+')
         except OSError as e:
-            raise RunFolderError(f'output folder {self.path} cannot be created: {e.strerror or e}') from None
-        self._created = list(reversed(missing))
-        f = open(self.path / LOCK, 'a+')
+            raise RunFolderError(f'output folder {self.path} cannot be written: {e.strerror or e}') from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -84,23 +87,24 @@ class RunFolder:
         self._lock_file = f
 
     def release(self, failed: bool = False) -> None:
-        """Let the lock go; after a failed start, remove the folders :meth:`acquire` created when they
-        hold nothing but the lock (nothing half-written is left behind)."""
+        """Let the lock go; after a failed start, remove what :meth:`acquire` created (the folders,
+        the lock file) when nothing else was written (nothing half-written is left behind)."""
         if self._lock_file is None:
             return
         self._lock_file.close()
         self._lock_file = None
-        if failed and self._created and [p.name for p in self.path.iterdir()] == [LOCK]:
-            (self.path / LOCK).unlink()
-            for folder in reversed(self._created):
-                folder.rmdir()
+        if not failed or not self._new_lock or (self.path / MARKER).exists():
+            return
+        (self.path / LOCK).unlink(missing_ok=True)
+        for folder in reversed(self._created):
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()
 
     # -- what is in the folder ------------------------------------------------------------------------
     def holds_run(self) -> bool:
-        """A scalekd run: the marker, checkpoints, or (before markers) a config.yaml beside a train.log."""
-        p = self.path
-        return ((p / MARKER).is_file() or bool(checkpoints_by_age(p))
-                or ((p / 'config.yaml').is_file() and (p / 'train.log').is_file()))
+        """A scalekd run: the marker, or checkpoints (a run from before markers, a copied checkpoint)."""
+        return (self.path / MARKER).is_file() or bool(checkpoints_by_age(self.path))
 
     def _artefacts(self) -> List[Path]:
         p = self.path
@@ -115,8 +119,8 @@ class RunFolder:
                 raise RunFolderError(f'output folder {self.path} already holds a run; pass --resume auto to continue '
                                      f'it or --force to start over')
             removed = self._artefacts()
-            for path in removed:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            for path in removed:  # a link is removed, never followed
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             return sorted(p.name for p in removed)
         clashes = sorted(p.name for p in self._artefacts())
         if clashes:
@@ -160,18 +164,31 @@ class RunFolder:
         entries = [e for e in self.read_marker().get('checkpoints', []) if isinstance(e, dict)]
         return sorted(entries, key=lambda e: e.get('step', 0))
 
-    def record_and_prune(self, written: Path, step: int, keep: int, protect: Sequence[Path] = ()) -> List[str]:
-        """Add a checkpoint just written to the series; then delete the series' oldest beyond the newest
-        ``keep`` (0: keep all), never one in ``protect``. The marker is updated before any deletion,
-        so a kill leaves at worst an unlisted file, never a listed file that is gone. Returns the deleted names."""
-        entries = [e for e in self.series() if e.get('file') != written.name] + [dict(file=written.name, step=step)]
-        entries.sort(key=lambda e: e['step'])
-        keep_names = {p.name for p in protect} | {written.name}
-        drop = [e for e in entries[:-keep]] if keep > 0 else []
-        drop = [e for e in drop if e['file'] not in keep_names]
-        data = self.read_marker()
-        data['checkpoints'] = [e for e in entries if e not in drop]
-        self._write_marker(data)
+    def record(self, path: Path, step: int) -> None:
+        """List a checkpoint in the series before it is written (a kill then leaves at worst a listed
+        name without a file, never a file that retention does not know)."""
+        entries = [e for e in self.series() if e.get('file') != path.name] + [dict(file=path.name, step=step)]
+        self._write_marker(dict(self.read_marker(), checkpoints=sorted(entries, key=lambda e: e['step'])))
+
+    def prune(self, keep: int, protect: Sequence[Path] = ()) -> List[str]:
+        """Delete the series' oldest checkpoints beyond the newest ``keep`` (0: keep all), never one
+        in ``protect``; the marker is updated before any deletion. Returns the deleted names."""
+        entries = self.series()
+        names = {p.name for p in protect}
+        drop = [e for e in (entries[:-keep] if keep > 0 else []) if e['file'] not in names]
+        if drop:
+            self._write_marker(dict(self.read_marker(), checkpoints=[e for e in entries if e not in drop]))
         for e in drop:
             (self.path / e['file']).unlink(missing_ok=True)
         return [e['file'] for e in drop]
+
+    def set_aside(self, paths: Sequence[Path], step: int) -> Path:
+        """Move files of a history a run abandoned (it resumed from an older checkpoint) into
+        ``abandoned-after-step-N/`` and drop them from the series: kept, never resumed by mistake."""
+        aside = self.path / f'abandoned-after-step-{step}'
+        aside.mkdir(exist_ok=True)
+        names = {p.name for p in paths}
+        self._write_marker(dict(self.read_marker(), checkpoints=[e for e in self.series() if e['file'] not in names]))
+        for p in paths:
+            os.replace(p, aside / p.name)
+        return aside
