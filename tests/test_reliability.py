@@ -64,6 +64,15 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == ['checkpoint-0001.pth']  # no temporary file left behind
 
 
+def test_checkpoints_get_the_mode_open_would_give(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint({'w': torch.ones(3)}, tmp_path / 'shared.pth')
+    finally:
+        os.umask(umask)
+    assert (tmp_path / 'shared.pth').stat().st_mode & 0o777 == 0o644  # readable by the group, as open() makes it
+
+
 def _training_state(step: int) -> dict:
     return dict(config={}, student={'w': torch.full((3,), float(step))}, progress=dict(step=step))
 

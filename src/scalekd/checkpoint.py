@@ -70,7 +70,10 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # what open() would give, not mkstemp's owner-only mode
         with os.fdopen(fd, 'wb') as f:
             torch.save(state, f)
             f.flush()
