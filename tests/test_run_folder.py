@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine_fixtures import tiny_config
 from run_tools import finish, metrics, start, step_lines, wait_for
@@ -217,10 +218,14 @@ def test_resume_rewinds_metrics_to_the_checkpoint(straight, data_root, tmp_path)
     save_checkpoint(load_checkpoint(straight / 'checkpoint-0000-000002.pth'), run / 'checkpoint-0000-000002.pth')
     lines = (straight / 'metrics.jsonl').read_text().splitlines()
     (run / 'metrics.jsonl').write_text('\n'.join(lines) + '\n{"step": 9, "torn')  # 6 steps logged, a torn line
+    shutil.copytree(straight / 'tensorboard', run / 'tensorboard')  # and their TensorBoard events
     cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
     assert main(['train', str(cfg), '--resume', 'auto', '--deterministic']) == 0
     assert [r['step'] for r in step_lines(run)] == [1, 2, 3, 4, 5, 6]
     assert len(metrics(run)) == len(lines)
+    events = EventAccumulator(str(run / 'tensorboard'))
+    events.Reload()
+    assert [e.step for e in events.Scalars('train/loss')] == [1, 2, 3, 4, 5, 6]  # steps 3-6 purged, then redone
 
 
 def test_an_output_that_cannot_be_written_is_one_line(tmp_path, data_root, capsys, monkeypatch):
