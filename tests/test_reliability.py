@@ -349,3 +349,19 @@ def test_each_rank_draws_its_own_augmentations_and_a_resumed_run_the_same_ones()
     assert _draws(2, 1, start_batch=2) == {k: v for k, v in rank1.items() if k >= 16}  # resumed mid-epoch
     assert _draws(1, 0, workers=0) == one  # workers or not
     assert not {v[1:] for v in _draws(1, 0, epoch=1).values()} & {v[1:] for v in one.values()}  # a new epoch
+
+
+@pytest.mark.parametrize('content', [b'', bytes(range(256)) * 8], ids=['empty', 'garbage'])
+def test_an_empty_or_damaged_file_is_named_in_one_line_wherever_a_path_is_taken(content, tmp_path, data_root, capsys):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(content)
+    cfg = tiny_config(tmp_path, data_root)
+    for argv in (['eval', str(bad), '--data', str(data_root / 'val')], ['export', str(bad), '--out', str(tmp_path / 'x')],
+                 ['train', str(cfg), '--resume', str(bad)],
+                 ['train', str(cfg), '-o', f'teacher.checkpoint={bad}']):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and 'bad.pth' in err, (argv, err)
+        assert ('is empty (0 bytes)' in err) if not content else ('cannot be loaded safely' in err), err
+        assert 'weights_only=False' not in err  # never the advice to load a damaged file unsafely
+    assert sorted(os.listdir(tmp_path)) == ['bad.pth', 'config.yaml']

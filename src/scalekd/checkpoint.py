@@ -89,11 +89,17 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} does not exist')
+    if path.stat().st_size == 0:
+        raise CheckpointError(f'checkpoint {path} is empty (0 bytes): a write that never happened')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        detail = re.split(r'(?<=\.) ', str(e).splitlines()[0])[0] if str(e) else type(e).__name__
-        raise CheckpointError(f'checkpoint {path} cannot be loaded safely: {detail}') from None
+        raise CheckpointError(f'checkpoint {path} cannot be loaded safely: {load_error(e)}') from None
+
+
+def load_error(e: Exception) -> str:
+    """The first sentence of torch.load's error (not its advice to load unsafely)."""
+    return re.split(r'(?<=\.) ', str(e).splitlines()[0])[0] if str(e).strip() else type(e).__name__
 
 
 def _from_format_1(state: Dict[str, Any]) -> Dict[str, Any]:

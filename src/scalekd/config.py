@@ -16,10 +16,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
+from .config_rules import check_values
 from .options import DistillOptions
 
 __all__ = ['ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'SchedConfig', 'TrainConfig',
-           'LogConfig', 'RunConfig', 'load_config', 'config_to_dict', 'save_config']
+           'LogConfig', 'RunConfig', 'load_config', 'validate_config', 'config_to_dict', 'save_config']
 
 
 class ConfigError(ValueError):
@@ -44,7 +45,7 @@ class DataConfig:
     root: str = ''
     train_split: str = 'train'
     val_split: str = 'val'
-    train_subset: Optional[int] = None  # first-N fixed, seeded subset of the training split
+    train_subset: Optional[int] = None  # a fixed random subset of N training images, drawn by the seed
     val_subset: Optional[int] = None    # the same for the split evaluated after each epoch
     img_size: int = 224
     in_chans: int = 3
@@ -110,11 +111,6 @@ class TrainConfig:
     deterministic: bool = False  # deterministic algorithms (with the seed: bit-identical CPU runs)
     dist_timeout_s: int = 1800   # a collective waiting longer on a dead rank fails
 
-    def __post_init__(self):
-        if self.keep_checkpoints < 0:
-            raise ConfigError(f'train.keep_checkpoints must be >= 0 (0 keeps every checkpoint), '
-                              f'got {self.keep_checkpoints}')
-
 
 @dataclass
 class LogConfig:
@@ -153,15 +149,27 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f'key {", ".join(twice)} is given twice',
+                                                    node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f'config file {path} does not exist')
     if path.resolve() in seen:
         raise ConfigError(f'config {path} includes itself through base:')
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f'config {path} is not valid YAML: {e}') from None
+        raise ConfigError(f'config {path} is not valid YAML: {" ".join(str(e).split())}') from None
     if not isinstance(data, dict):
         raise ConfigError(f'config {path} must be a mapping at the top level')
     bases = data.pop('base', None) or []
@@ -256,7 +264,13 @@ def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -
     for override in overrides or []:
         _apply_override(data, override)
     where = f'{path} (with overrides)' if overrides else str(path)
-    cfg = _build(RunConfig, data, '', where)
+    return validate_config(_build(RunConfig, data, '', where), where)
+
+
+def validate_config(cfg: RunConfig, where: str) -> RunConfig:
+    """``cfg`` once every value is in its range (:mod:`scalekd.config_rules`) and the distill section
+    resolves; else a :class:`ConfigError` naming the key, ``where`` and what is allowed."""
+    check_values(cfg, where, ConfigError)
     try:
         cfg.distill_options()
     except ValueError as e:

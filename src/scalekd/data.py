@@ -14,12 +14,12 @@ from timm.data import ImageDataset, Mixup, create_transform
 from timm.data.readers.img_extensions import get_img_extensions
 
 from .config import DataConfig
+from .config_rules import DATASETS
 from .distributed import DistEnv
 
 __all__ = ['DataError', 'Datasets', 'build_datasets', 'build_loaders', 'build_mixup', 'seed_epoch', 'seeded_subset',
            'ShardSampler', 'EpochSampler', 'SeededSamples', 'epoch_seed']
 
-DATASETS = ('folder', 'fashion_mnist')
 _CHECK_AUTO_LIMIT = 50_000
 _SEED_MASK = (1 << 63) - 1
 _logger = logging.getLogger('scalekd')

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from .config import RunConfig, config_from_dict
+from .config import RunConfig, config_from_dict, validate_config
 from .data import build_datasets
 from .devices import resolve_device
 from .distributed import DistEnv
@@ -78,14 +78,14 @@ def _run_config(settings: DemoSettings, student: str, method: str) -> RunConfig:
                 mean=list(FASHION_MNIST_MEAN), std=list(FASHION_MNIST_STD), scale=[0.75, 1.0], ratio=[0.9, 1.1],
                 hflip=0.5, interpolation='bilinear', crop_pct=1.0, workers=0, val_batch_size=500, check_images=False)
     teacher = dict(TEACHER, checkpoint=s.teacher_weights, mean=list(TEACHER['mean']), std=list(TEACHER['std']))
-    return config_from_dict(dict(
+    return validate_config(config_from_dict(dict(
         output=str(Path(s.output) / f'{student}-{METHOD_LABELS[method]}'), seed=s.seed,
         teacher=teacher if method != 'none' else {}, student=STUDENTS[student],
         distill=dict(method=method, **(s.distill if method == 'scalekd' else {})), data=data,
         optim=dict(opt='adamw', lr=s.lr, weight_decay=0.05, clip_grad=5.0),
-        sched=dict(sched='cosine', epochs=s.epochs, warmup_epochs=1, min_lr=1e-5),
+        sched=dict(sched='cosine', epochs=s.epochs, warmup_epochs=min(1, s.epochs - 1), min_lr=1e-5),
         train=dict(batch_size=s.batch_size, precision='auto', keep_checkpoints=1),
-        log=dict(tensorboard=False, progress=s.progress, console=False)), where='demo settings')
+        log=dict(tensorboard=False, progress=s.progress, console=False)), where='demo settings'), 'demo settings')
 
 
 def load_teacher(weights: str) -> torch.nn.Module:

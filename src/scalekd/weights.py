@@ -5,6 +5,8 @@ from typing import Dict, Union
 import torch
 import torch.nn as nn
 
+from .checkpoint import load_error
+
 __all__ = ['WeightsError', 'read_state_dict', 'load_weights']
 
 
@@ -23,10 +25,12 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise WeightsError(f'{path} is not a readable safetensors file: {e}') from None
+    if path.stat().st_size == 0:
+        raise WeightsError(f'weight file {path} is empty (0 bytes)')
     try:
         data = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # UnpicklingError for unsafe content, RuntimeError / EOFError for truncated files
-        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {str(e).splitlines()[0]}') from None
+        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e)}') from None
     for key in ('state_dict', 'model', 'state_dict_ema'):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]

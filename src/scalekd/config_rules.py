@@ -1,0 +1,121 @@
+"""The allowed values of a run config, as data: every rule names its key and what it accepts.
+
+Checked by :func:`check_values` after the types (``config.py``) and before anything is built or
+written, so a wrong value is one line naming the key, the file and the allowed range.
+"""
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+from timm.optim import list_optimizers
+
+from .precision import PRECISIONS
+
+__all__ = ['Rule', 'RULES', 'check_values', 'DATASETS', 'SCHEDULERS']
+
+DATASETS = ('folder', 'fashion_mnist')
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'rsqrt', 'constant')  # timm's
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'lanczos', 'box', 'hamming', 'random')
+RE_MODES = ('const', 'rand', 'pixel')
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``ok(value)`` must hold for the dotted ``key``; ``allowed`` says what it accepts."""
+    key: str
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def _min(low: float) -> Tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f'>= {low:g}'
+
+
+def _above(low: float) -> Tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > low), f'> {low:g}'
+
+
+def _unit(low_open: bool = False, high_open: bool = False) -> Tuple[Callable[[Any], bool], str]:
+    ok = lambda v: (0 < v if low_open else 0 <= v) and (v < 1 if high_open else v <= 1)  # noqa: E731
+    return ok, f'in {"(" if low_open else "["}0, 1{")" if high_open else "]"}'
+
+
+def _one_of(names: Sequence[str]) -> Tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in names), f'one of {", ".join(names)}'
+
+
+def _optional(rule: Tuple[Callable[[Any], bool], str]) -> Tuple[Callable[[Any], bool], str]:
+    return (lambda v: v is None or rule[0](v)), f'null or {rule[1]}'
+
+
+def _ordered(low: float, high: Optional[float]) -> Tuple[Callable[[Any], bool], str]:
+    top = '' if high is None else f' <= {high:g}'
+    return (lambda v: low < v[0] <= v[1] and (high is None or v[1] <= high)), f'[min, max] with {low:g} < min <= max{top}'
+
+
+def _optimizer(name: str) -> bool:
+    """A name timm's ``create_optimizer_v2`` knows (optionally ``lookahead_``-prefixed)."""
+    base = name.lower().split('_', 1)[1] if name.lower().startswith('lookahead_') else name.lower()
+    return base in list_optimizers()
+
+
+RULES = tuple(Rule(key, *check) for key, check in (
+    ('data.dataset', _one_of(DATASETS)),
+    ('data.img_size', _min(1)),
+    ('data.in_chans', _min(1)),
+    ('data.num_classes', _min(2)),
+    ('data.train_subset', _optional(_min(1))),
+    ('data.val_subset', _optional(_min(1))),
+    ('data.scale', _ordered(0, 1)),
+    ('data.ratio', _ordered(0, None)),
+    ('data.hflip', _unit()),
+    ('data.color_jitter', _min(0)),
+    ('data.re_prob', _unit()),
+    ('data.re_mode', _one_of(RE_MODES)),
+    ('data.label_smoothing', _unit(high_open=True)),
+    ('data.mixup', _min(0)),
+    ('data.cutmix', _min(0)),
+    ('data.interpolation', _one_of(INTERPOLATIONS)),
+    ('data.crop_pct', _unit(low_open=True)),
+    ('data.workers', _min(0)),
+    ('data.val_batch_size', _optional(_min(1))),
+    ('optim.opt', ((lambda v: _optimizer(v)), 'an optimizer timm knows (timm.optim.list_optimizers())')),
+    ('optim.lr', _above(0)),
+    ('optim.weight_decay', _min(0)),
+    ('optim.momentum', _unit(high_open=True)),
+    ('optim.clip_grad', _optional(_above(0))),
+    ('sched.sched', _one_of(SCHEDULERS)),
+    ('sched.epochs', _min(1)),
+    ('sched.decay_epochs', _above(0)),
+    ('sched.decay_rate', _above(0)),
+    ('sched.warmup_epochs', _min(0)),
+    ('sched.warmup_lr', _min(0)),
+    ('sched.min_lr', _min(0)),
+    ('train.batch_size', _min(1)),
+    ('train.accum_steps', _min(1)),
+    ('train.precision', _one_of(PRECISIONS)),
+    ('train.ema_decay', _unit(low_open=True, high_open=True)),
+    ('train.eval_every', _min(1)),
+    ('train.keep_checkpoints', ((lambda v: v >= 0), '>= 0 (0 keeps every checkpoint)')),
+    ('train.checkpoint_every_steps', _min(0)),
+    ('train.max_nan_skips', _min(0)),
+    ('train.dist_timeout_s', _min(1)),
+    ('log.interval', _min(1)),
+))
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split('.'):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_values(cfg: Any, where: str, error: Callable[[str], Exception]) -> None:
+    """Raise ``error(message)`` for the first value of ``cfg`` outside its rule, or a warmup that
+    does not end before the run."""
+    for rule in RULES:
+        value = _get(cfg, rule.key)
+        if not rule.ok(value):
+            raise error(f'{rule.key} in {where} must be {rule.allowed}, got {value!r}')
+    if cfg.sched.warmup_epochs >= cfg.sched.epochs:
+        raise error(f'sched.warmup_epochs in {where} must be less than sched.epochs ({cfg.sched.epochs}), '
+                    f'got {cfg.sched.warmup_epochs}')
