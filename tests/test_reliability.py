@@ -23,6 +23,8 @@ from scalekd.data import Datasets, build_loaders, seed_epoch
 from scalekd.distributed import DistEnv
 from scalekd.engine import enable_determinism, optimizer_step
 from scalekd.distiller import Distiller
+from scalekd.export import export_student
+from scalekd.models import create_timm_model
 from scalekd.weights import WeightsError, read_state_dict
 from tiny_models import IMG, make_teacher
 
@@ -100,7 +102,7 @@ def test_resume_auto_with_only_damaged_checkpoints_names_each_and_changes_nothin
     assert main(['train', str(cfg), '--resume', 'auto']) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'holds 2 checkpoint(s) and none loads' in err, err
-    assert 'checkpoint-0001.pth cannot be loaded safely' in err and 'checkpoint-0002.pth cannot be loaded' in err
+    assert 'checkpoint-0001.pth cannot be loaded safely' in err and 'checkpoint-0002.pth is empty (0 bytes)' in err
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.name != '.scalekd.lock'} == before
 
 
@@ -229,6 +231,7 @@ def test_nan_loss_stops_with_step_term_and_checkpoint(tmp_path, data_root, capsy
     assert main(['train', str(cfg)]) == 2
     err = capsys.readouterr().err
     assert 'non-finite loss at epoch 1, step 2 in term(s) loss, s4_ori' in err
+    assert 'continue from it with a lower learning rate (--resume auto -o optim.lr=...' in err
     saved = tmp_path / 'run' / 'checkpoint-0000-000001.pth'
     assert str(saved) in err and load_checkpoint(saved)['progress']['step'] == 1
 
@@ -365,3 +368,37 @@ def test_an_empty_or_damaged_file_is_named_in_one_line_wherever_a_path_is_taken(
         assert ('is empty (0 bytes)' in err) if not content else ('cannot be loaded safely' in err), err
         assert 'weights_only=False' not in err  # never the advice to load a damaged file unsafely
     assert sorted(os.listdir(tmp_path)) == ['bad.pth', 'config.yaml']
+
+
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_eval_names_an_unreadable_image_instead_of_counting_its_neighbour(tmp_path, straight, workers, capsys):
+    root = make_image_folder(tmp_path / 'data', train_per_class=1, val_per_class=3)
+    (root / 'val' / 'red' / '1.png').write_bytes(b'not an image')
+    assert main(['eval', str(straight / 'best.pth'), '--data', str(root / 'val'), '--workers', workers]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'unreadable image' in err and 'red/1.png' in err, err
+
+
+def test_an_image_beyond_the_pixel_limit_is_named(tmp_path, data_root, capsys, monkeypatch):
+    from PIL import Image
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)  # the 32x32 images are then "bombs" (> 2x the limit)
+    err = _refused(tiny_config(tmp_path, data_root), capsys)
+    assert 'unreadable image(s)' in err and 'train/blue/0.png: Image size (1024 pixels) exceeds limit' in err, err
+
+
+def test_a_teacher_trained_here_is_taken_as_a_checkpoint_or_an_export(data_root, tmp_path):
+    """A teacher given as a scalekd checkpoint (its EMA weights) or an export folder, not only a weight file."""
+    kwargs = dict(patch_size=8, embed_dim=64, depth=4, num_heads=2)
+    teacher = create_timm_model('vit_tiny_patch16_224', (32, 32), num_classes=3, **kwargs)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in teacher.state_dict().items()}
+    save_checkpoint(dict(config={}, student=teacher.state_dict(), ema=ema), tmp_path / 'best.pth')
+    export_student(teacher, tmp_path / 'export', dict(input_size=(3, 32, 32)))
+    assert torch.equal(read_state_dict(tmp_path / 'best.pth')['cls_token'], ema['cls_token'])
+    assert torch.equal(read_state_dict(tmp_path / 'export')['cls_token'], teacher.state_dict()['cls_token'])
+    for source in (tmp_path / 'best.pth', tmp_path / 'export'):
+        out = tmp_path / f'from-{source.name}'
+        out.mkdir()
+        cfg = tiny_config(out, data_root, teacher=dict(checkpoint=str(source)), sched=dict(epochs=1))
+        assert main(['train', str(cfg), '--no-progress']) == 0
+        assert f'teacher weights: {source}' in (out / 'run' / 'train.log').read_text()
+        assert 'progress: false' in (out / 'run' / 'config.yaml').read_text()

@@ -169,7 +169,8 @@ def latest_checkpoint(folder: Union[str, Path]) -> Tuple[Optional[Path], Optiona
         except CheckpointError as e:
             failures.append(str(e))
     if failures:
-        raise CheckpointError(f'{folder} holds {len(failures)} checkpoint(s) and none loads: ' + '; '.join(failures)
+        raise CheckpointError(f'{folder} holds {len(failures)} checkpoint(s) and none loads: '
+                              + '; '.join(f.rstrip('.') for f in failures)
                               + '. Nothing was changed; move the damaged files away to start afresh, or pass '
                                 '--resume PATH')
     return None, None, []

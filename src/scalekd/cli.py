@@ -1,6 +1,7 @@
 """The ``scalekd`` command line."""
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -108,6 +109,7 @@ def _add_train(sub) -> None:
     p.add_argument('--deterministic', action='store_true', help='deterministic algorithms (same as '
                                                                 '-o train.deterministic=true)')
     p.add_argument('--max-nan-skips', type=int, metavar='N', help='skip up to N batches whose loss is not finite')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars (same as -o log.progress=false)')
     _add_device(p, '; under torchrun, cuda means cuda:LOCAL_RANK')
     p.set_defaults(func=_run_train)
 
@@ -122,6 +124,8 @@ def _run_train(args: argparse.Namespace) -> int:
         overrides.append('train.deterministic=true')
     if args.max_nan_skips is not None:
         overrides.append(f'train.max_nan_skips={args.max_nan_skips}')
+    if args.no_progress:
+        overrides.append('log.progress=false')
     cfg = load_config(args.config, overrides)
     env = init_distributed(args.device, cfg.train.dist_timeout_s)
     if env.device.type == 'cpu':
@@ -147,7 +151,7 @@ def _add_eval(sub) -> None:
     p.add_argument('checkpoint', help='training checkpoint (.pth) or export folder')
     p.add_argument('--data', required=True, help='folder with one sub-folder per class, or the Fashion-MNIST IDX files')
     p.add_argument('--batch', type=int, default=64)
-    p.add_argument('--workers', type=int, default=4)
+    p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='loader workers (default: up to 4, at most one per CPU)')
     _add_device(p)
     p.add_argument('--json', action='store_true')
     p.set_defaults(func=_run_eval)
@@ -397,6 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_message(e: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (its message then carries the
+    worker's traceback), the original message alone."""
+    message = str(e)
+    if 'Original Traceback' in message:
+        message = message.strip().splitlines()[-1].split(': ', 1)[-1]
+    return message
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``scalekd`` command: a user error prints one line and exits with 2; any other
     error keeps its traceback (exit 1), out of memory followed by a hint."""
@@ -404,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        print(f'scalekd {args.command}: error: {e}', file=sys.stderr)
+        print(f'scalekd {args.command}: error: {_user_message(e)}', file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
         traceback.print_exc()

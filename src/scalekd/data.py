@@ -17,11 +17,13 @@ from .config import DataConfig
 from .config_rules import DATASETS
 from .distributed import DistEnv
 
-__all__ = ['DataError', 'Datasets', 'build_datasets', 'build_loaders', 'build_mixup', 'seed_epoch', 'seeded_subset',
+__all__ = ['DataError', 'Datasets', 'CheckedImageDataset', 'build_datasets', 'build_loaders', 'build_mixup', 'seed_epoch', 'seeded_subset',
            'ShardSampler', 'EpochSampler', 'SeededSamples', 'epoch_seed']
 
 _CHECK_AUTO_LIMIT = 50_000
 _SEED_MASK = (1 << 63) - 1
+# what Pillow raises for a file it cannot decode, or one beyond its pixel limit (Image.MAX_IMAGE_PIXELS)
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _logger = logging.getLogger('scalekd')
 
 
@@ -76,7 +78,7 @@ class CheckedImageDataset(ImageDataset):
             try:
                 with Image.open(path) as img:
                     img.load()
-            except (OSError, SyntaxError, ValueError) as e:
+            except _UNREADABLE as e:
                 bad.append((str(path), str(e).splitlines()[0] if str(e) else type(e).__name__))
         return bad
 
@@ -89,7 +91,7 @@ class CheckedImageDataset(ImageDataset):
         try:
             with Image.open(path) as img:
                 img = img.convert(self.input_img_mode)
-        except (OSError, SyntaxError, ValueError) as e:
+        except _UNREADABLE as e:
             if not self.skip_unreadable:
                 raise DataError(f'unreadable image {path}: {e} (set data.skip_unreadable: true to skip such '
                                 f'images)') from None

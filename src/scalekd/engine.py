@@ -307,6 +307,10 @@ class Trainer:
         cfg, env, tcfg = self.cfg, self.env, self.cfg.train
         random_seed(cfg.seed, 0)  # identical initial weights (teacher included) on every rank
         self.task = build_task(cfg, env.device)
+        if self.task.teacher is not None:
+            source = cfg.teacher.checkpoint or ('the hub' if cfg.teacher.pretrained else None)
+            self._notes.append(f'teacher weights: {source}' if source else
+                               'teacher weights: none given (random): set teacher.checkpoint or teacher.pretrained')
         random_seed(cfg.seed, env.rank)  # then each rank its own stream (drop path, mixup)
         if tcfg.channels_last:
             self.task.trainable_module.to(memory_format=torch.channels_last)
@@ -496,7 +500,8 @@ class Trainer:
         self.losses.discard()
         path = self._save()
         raise FloatingPointError(f'non-finite loss at {where} in term(s) {bad}; the state before it is saved in '
-                                 f'{path}; lower the learning rate or allow --max-nan-skips')
+                                 f'{path}: continue from it with a lower learning rate (--resume auto -o optim.lr=...; '
+                                 f'the new rate applies from there) or skip such updates (--max-nan-skips N)')
 
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
         """Train the rest of one epoch; the epoch's mean loss terms over every rank, and images / s.

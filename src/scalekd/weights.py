@@ -15,10 +15,15 @@ class WeightsError(ValueError):
 
 
 def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a torch file (its ``state_dict`` / ``model`` entry if nested)."""
+    """Tensors of a ``.safetensors`` file, of a scalekd export folder (its ``model.safetensors``), of a
+    scalekd training checkpoint or ``best.pth`` (its student, the EMA weights when there are some), or
+    of a torch file (its ``state_dict`` / ``model`` entry if nested)."""
     path = Path(path)
+    if path.is_dir() and (path / 'model.safetensors').is_file():
+        path = path / 'model.safetensors'
     if not path.is_file():
-        raise WeightsError(f'weight file {path} does not exist')
+        raise WeightsError(f'weight file {path} does not exist' + (' (a folder without model.safetensors)'
+                                                                  if path.is_dir() else ''))
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
         try:
@@ -31,6 +36,8 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         data = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # UnpicklingError for unsafe content, RuntimeError / EOFError for truncated files
         raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e)}') from None
+    if isinstance(data, dict) and 'config' in data and 'student' in data:  # a scalekd training checkpoint
+        data = data.get('ema') or data['student']
     for key in ('state_dict', 'model', 'state_dict_ema'):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]

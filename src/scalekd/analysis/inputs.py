@@ -4,11 +4,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import ImageDataset, create_transform, resolve_data_config
+from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..checkpoint import load_checkpoint
-from ..data import class_folders
+from ..data import CheckedImageDataset, class_folders
 from ..devices import model_device
 from ..export import load_student
 from ..fashion_mnist import FashionMNIST, has_fashion_mnist
@@ -56,7 +56,7 @@ def image_dataset(data_dir: Union[str, Path], data_config: Dict[str, Any], split
         classes = dataset.classes
     else:
         classes = class_folders(data_dir)
-        dataset = ImageDataset(str(data_dir), class_map={c: i for i, c in enumerate(classes)}, transform=transform,
+        dataset = CheckedImageDataset(str(data_dir), class_map={c: i for i, c in enumerate(classes)}, transform=transform,
                                input_img_mode='L' if in_chans == 1 else 'RGB')
     if limit is not None and limit < len(dataset):
         step = len(dataset) / limit
