@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_openmmlab_fixtures import _no_compiled_ops  # noqa: E402
 
-from scalekd.models import create_timm_model  # noqa: E402
-from scalekd.transfer import to_format  # noqa: E402
+from scalekd.adapters.models import create_timm_model  # noqa: E402
+from scalekd.tools.transfer import to_format  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs' / 'downstream'
 CASES = {  # config -> (toolkit, timm student, export folder named in the config)

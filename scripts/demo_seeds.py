@@ -13,9 +13,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from scalekd.allocator import keep_freed_memory
+from scalekd.engine.allocator import keep_freed_memory
 from scalekd.cli import _key_values
-from scalekd.demo import DemoSettings, format_table, run_demo
+from scalekd.tools.demo import DemoSettings, format_table, run_demo
 
 
 def markdown(per_seed: dict) -> str:

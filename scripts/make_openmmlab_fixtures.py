@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
 from openmmlab_cases import (KEY_CASES, KEYS_FILE, OUTPUT_CASES, OUTPUTS_FILE, build_timm, seeded_input,  # noqa: E402
                              seeded_state, timm_output)
 
-from scalekd.transfer.openmmlab import from_openmmlab, to_openmmlab  # noqa: E402
+from scalekd.tools.transfer.openmmlab import from_openmmlab, to_openmmlab  # noqa: E402
 
 
 STORED = 2048  # leading output values kept per case

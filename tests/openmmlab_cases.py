@@ -92,7 +92,7 @@ def seeded_input(shape: Sequence[int], seed: int = 1) -> torch.Tensor:
 
 def build_timm(name: str, kwargs: dict, size: int = 224):
     """The timm side of a case (``img_size`` in ``kwargs`` overrides ``size``)."""
-    from scalekd.models import create_timm_model
+    from scalekd.adapters.models import create_timm_model
     kwargs = dict(kwargs)
     side = kwargs.pop('img_size', size)
     return create_timm_model(name, (side, side), **kwargs).eval()

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from engine_fixtures import make_fashion_mnist, make_image_folder
-from scalekd.analysis import feature_spectrum
-from scalekd.analysis.linear_probe import few_shot_indices, fit_linear
-from scalekd.checkpoint import save_checkpoint
+from scalekd.tools.analysis import feature_spectrum
+from scalekd.tools.analysis.linear_probe import few_shot_indices, fit_linear
+from scalekd.engine.checkpoint import save_checkpoint
 from scalekd.cli import main
-from scalekd.export import export_student
-from scalekd.models import create_timm_model
+from scalekd.tools.export import export_student
+from scalekd.adapters.models import create_timm_model
 
 
 def test_a_constant_map_has_all_its_energy_at_dc():
@@ -93,8 +93,8 @@ def _checkpoint(tmp_path, data_root, name, **distill):
     """A training checkpoint of the tiny engine config (untrained), its teacher saved as a weight file."""
     from safetensors.torch import save_file
     from engine_fixtures import tiny_config
-    from scalekd.config import config_to_dict, load_config
-    from scalekd.engine import build_task
+    from scalekd.engine.config import config_to_dict, load_config
+    from scalekd.engine.trainer import build_task
     (tmp_path / name).mkdir()
     cfg = load_config(tiny_config(tmp_path / name, data_root, distill=dict(method='scalekd', **distill)))
     task = build_task(cfg, torch.device('cpu'), random_weights=True)
@@ -107,7 +107,7 @@ def _checkpoint(tmp_path, data_root, name, **distill):
 
 
 def test_feature_distances_are_the_training_distances_on_held_out_images(tmp_path, data_root, capsys):
-    from scalekd.analysis import feature_distances, image_dataset, task_from_checkpoint
+    from scalekd.tools.analysis import feature_distances, image_dataset, task_from_checkpoint
     dfm = _checkpoint(tmp_path, data_root, 'dfm')
     single = _checkpoint(tmp_path, data_root, 'single', views='single')
     task, data_config = task_from_checkpoint(dfm)

@@ -8,18 +8,18 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-import scalekd.bench as bench
+import scalekd.tools.bench as bench
 import scalekd.cli as cli
 from engine_fixtures import make_fashion_mnist, make_image_folder, tiny_config
-from scalekd.analysis.inputs import feature_maps
-from scalekd.analysis.linear_probe import pre_logits
+from scalekd.tools.analysis.inputs import feature_maps
+from scalekd.tools.analysis.linear_probe import pre_logits
 from scalekd.cli import build_parser, main
-from scalekd.config import ConfigError
-from scalekd.devices import model_device, resolve_device
-from scalekd.distributed import init_distributed
-from scalekd.export import export_student
-from scalekd.inspection import _train_step
-from scalekd.models import create_timm_model
+from scalekd.engine.config import ConfigError
+from scalekd.engine.devices import model_device, resolve_device
+from scalekd.engine.distributed import init_distributed
+from scalekd.tools.export import export_student
+from scalekd.tools.inspection import _train_step
+from scalekd.adapters.models import create_timm_model
 from test_analysis import _checkpoint, tiny_export  # noqa: F401 (a fixture)
 
 NO_CUDA = '--device cuda: no CUDA device is available (torch.cuda.is_available() is False)'
@@ -214,7 +214,7 @@ def test_inspect_builds_its_batch_on_the_models_device():
 
 
 def test_feature_distance_task_is_built_on_the_given_device(tmp_path, data_root):
-    from scalekd.analysis import task_from_checkpoint
+    from scalekd.tools.analysis import task_from_checkpoint
     task, _ = task_from_checkpoint(_checkpoint(tmp_path, data_root, 'dfm'), device=torch.device('meta'))
     assert {p.device.type for p in task.parameters()} == {'meta'}
 
@@ -271,7 +271,7 @@ def test_a_bench_child_that_crashes_shows_its_traceback(monkeypatch):
 def test_a_bench_child_reports_a_user_error_with_exit_2():
     spec = dict(teacher='vit_tiny_patch16_224', student='resnet5O', img_size=32, batch=2, steps=1, precision='fp32',
                 channels_last=False, device='cpu', variant='student')
-    child = subprocess.run([bench.sys.executable, '-m', 'scalekd.bench', json.dumps(spec)], capture_output=True,
+    child = subprocess.run([bench.sys.executable, '-m', 'scalekd.tools.bench', json.dumps(spec)], capture_output=True,
                            text=True)
     lines = child.stderr.splitlines()
     assert child.returncode == 2 and len(lines) == 1

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import scalekd.engine as engine
-from scalekd.config import load_config
+import scalekd.engine.trainer as engine
+from scalekd.engine.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 PARTIALS = ('recipes', 'teachers')
@@ -28,7 +28,7 @@ def shared_teachers():
 
     @functools.lru_cache(maxsize=2)
     def teacher(name, kwargs, img_size, num_classes, in_chans):
-        from scalekd.config import DataConfig, ModelConfig
+        from scalekd.engine.config import DataConfig, ModelConfig
         return create(ModelConfig(model=name, kwargs=dict(kwargs)),
                       DataConfig(img_size=img_size, num_classes=num_classes, in_chans=in_chans), 'teacher', True)
 

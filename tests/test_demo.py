@@ -7,7 +7,7 @@ import torch
 
 from engine_fixtures import make_fashion_mnist
 from scalekd.cli import main
-from scalekd.demo import STUDENTS, TEACHER_WEIGHTS, DemoSettings, format_table, load_teacher, run_demo
+from scalekd.tools.demo import STUDENTS, TEACHER_WEIGHTS, DemoSettings, format_table, load_teacher, run_demo
 
 TOY = dict(subset=64, epochs=2, batch_size=32, test_sample=40, progress=False)
 

@@ -5,8 +5,8 @@ import torch.nn as nn
 
 from scalekd import (ConvProjector, CrossAttentionProjector, DistillOptions, LinearProjector, UnknownModelError,
                      UnsupportedModelError, build_distiller, remove_dc)
-from scalekd.mimicking import FeatureMimicking
-from scalekd.views import build_views
+from scalekd.method.mimicking import FeatureMimicking
+from scalekd.method.views import build_views
 from tiny_models import IMG, make_student, make_teacher
 
 X, Y = torch.randn(2, 3, IMG, IMG), torch.tensor([3, 4])

@@ -10,7 +10,7 @@ import torch
 
 from engine_fixtures import tiny_config
 from run_tools import (epoch_lines, finish, kill_group, samples_per_step, start_torchrun, step_lines, wait_for)
-from scalekd.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
+from scalekd.engine.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
 from scalekd.cli import main
 from traced_train import trace_samples
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from scalekd import CrossAttentionProjector, Dct2d, build_distiller, feature_distance, remove_dc_by_dct
-from scalekd.bench import format_table
+from scalekd.tools.bench import format_table
 from scalekd.cli import main
-from scalekd.mimicking import FeatureMimicking
-from scalekd.proxy import ProxyPath
-from scalekd.views import View, build_views
+from scalekd.method.mimicking import FeatureMimicking
+from scalekd.method.proxy import ProxyPath
+from scalekd.method.views import View, build_views
 from test_projectors import _reference_cap
 from tiny_models import IMG, make_student, make_teacher
 
@@ -137,7 +137,7 @@ def test_bench_reports_each_variant_in_its_own_process(capsys):
 
 def test_unfold_conv_equals_the_direct_convolution():
     """CAP's 3x3 convolution as unfold + matmul: same outputs and gradients as nn.Conv2d (CPU, fp32)."""
-    from scalekd.projectors import UnfoldConv2d
+    from scalekd.method.projectors import UnfoldConv2d
     torch.manual_seed(0)
     for kwargs, shape in ((dict(padding=1), (2, 16, 7, 7)), (dict(padding=2, stride=2, dilation=2), (2, 16, 9, 6))):
         ref = torch.nn.Conv2d(16, 12, 3, **kwargs)

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 from engine_fixtures import tiny_config
-from scalekd.checkpoint import load_checkpoint
+from scalekd.engine.checkpoint import load_checkpoint
 from scalekd.cli import main
-from scalekd.engine import build_task
-from scalekd.config import load_config
-from scalekd.export import load_student
-from scalekd.weights import WeightsError
+from scalekd.engine.trainer import build_task
+from scalekd.engine.config import load_config
+from scalekd.tools.export import load_student
+from scalekd.engine.weights import WeightsError
 
 
 

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-import scalekd.builder as builder
+import scalekd.task.builder as builder
 from scalekd.cli import main
-from scalekd.paper_pairs import PAPER_PAIRS
+from scalekd.tools.paper_pairs import PAPER_PAIRS
 
 
 def _inspect_json(capsys, *args):

@@ -7,10 +7,10 @@ import torch
 
 from openmmlab_cases import (KEY_CASES, KEYS_FILE, OUTPUT_CASES, OUTPUTS_FILE, build_timm, seeded_input,
                              seeded_state, timm_output)
-from scalekd.checkpoint import save_checkpoint
+from scalekd.engine.checkpoint import save_checkpoint
 from scalekd.cli import main
-from scalekd.models import create_timm_model
-from scalekd.transfer import OpenMMLabKeyError, from_openmmlab, import_mmcls, to_format, to_openmmlab
+from scalekd.adapters.models import create_timm_model
+from scalekd.tools.transfer import OpenMMLabKeyError, from_openmmlab, import_mmcls, to_format, to_openmmlab
 
 KEYS = json.loads(KEYS_FILE.read_text())
 OUTPUTS = json.loads(OUTPUTS_FILE.read_text())

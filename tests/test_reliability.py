@@ -12,20 +12,20 @@ from timm.data import IMAGENET_DEFAULT_MEAN
 
 from engine_fixtures import make_image_folder, tiny_config
 from run_tools import kill_group, metrics, start, step_lines, wait_for
-import scalekd.checkpoint as checkpoint_module
+import scalekd.engine.checkpoint as checkpoint_module
 from scalekd import build_distiller
-from scalekd.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint,
+from scalekd.engine.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint,
                                 save_checkpoint)
-from scalekd.checkpoint import rng_state, set_rng_state
+from scalekd.engine.checkpoint import rng_state, set_rng_state
 from scalekd.cli import main
-from scalekd.config import DataConfig, load_config
-from scalekd.data import Datasets, build_loaders, seed_epoch
-from scalekd.distributed import DistEnv
-from scalekd.engine import enable_determinism, optimizer_step
-from scalekd.distiller import Distiller
-from scalekd.export import export_student
-from scalekd.models import create_timm_model
-from scalekd.weights import WeightsError, read_state_dict
+from scalekd.engine.config import DataConfig, load_config
+from scalekd.engine.data import Datasets, build_loaders, seed_epoch
+from scalekd.engine.distributed import DistEnv
+from scalekd.engine.trainer import enable_determinism, optimizer_step
+from scalekd.task.distiller import Distiller
+from scalekd.tools.export import export_student
+from scalekd.adapters.models import create_timm_model
+from scalekd.engine.weights import WeightsError, read_state_dict
 from tiny_models import IMG, make_teacher
 
 

@@ -12,10 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from engine_fixtures import tiny_config
 from run_tools import finish, metrics, start, step_lines, wait_for
-from scalekd.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
+from scalekd.engine.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
 from scalekd.cli import main
-from scalekd.run_folder import MARKER, RunFolder, RunFolderError
-import scalekd.engine as engine
+from scalekd.engine.run_folder import MARKER, RunFolder, RunFolderError
+import scalekd.engine.trainer as engine
 
 EVERY_STEP = dict(checkpoint_every_steps=1, keep_checkpoints=20)
 
@@ -231,7 +231,7 @@ def test_resume_rewinds_metrics_to_the_checkpoint(straight, data_root, tmp_path)
 def test_an_output_that_cannot_be_written_is_one_line(tmp_path, data_root, capsys, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(30, 'Read-only file system')
-    monkeypatch.setattr('scalekd.run_folder.open', read_only, raising=False)
+    monkeypatch.setattr('scalekd.engine.run_folder.open', read_only, raising=False)
     err = _refused(capsys, 'train', str(tiny_config(tmp_path, data_root)))
     assert f'output folder {tmp_path / "run"} cannot be written: Read-only file system' in err
 

@@ -4,11 +4,11 @@ import torch
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
-from scalekd.checkpoint import load_checkpoint, save_checkpoint
+from scalekd.engine.checkpoint import load_checkpoint, save_checkpoint
 from scalekd.cli import main
-from scalekd.config import RunConfig, config_to_dict
-from scalekd.models import create_timm_model
-from scalekd.transfer import ExportFormatError, to_format
+from scalekd.engine.config import RunConfig, config_to_dict
+from scalekd.adapters.models import create_timm_model
+from scalekd.tools.transfer import ExportFormatError, to_format
 
 
 def _same_outputs(timm_model, tv_model, state, x):
@@ -64,7 +64,7 @@ def test_export_command_writes_torchvision_weights(tmp_path):
 
 def test_export_dtype_stores_half_weights_that_load_into_a_float_model(tmp_path):
     from safetensors.torch import load_file
-    from scalekd.export import load_student
+    from scalekd.tools.export import load_student
     student = _student_checkpoint(tmp_path / 'ckpt.pth')
     assert main(['export', str(tmp_path / 'ckpt.pth'), '--out', str(tmp_path / 'half'), '--dtype', 'float16']) == 0
     stored = load_file(str(tmp_path / 'half' / 'model.safetensors'))
@@ -84,7 +84,7 @@ def test_export_command_writes_mmdet_backbone_weights(tmp_path):
 
 
 def test_a_failed_export_leaves_no_folder_behind(tmp_path, monkeypatch):
-    import scalekd.export as export
+    import scalekd.tools.export as export
     def broken(*args, **kwargs):
         raise ValueError('config cannot be written')
     monkeypatch.setattr(export, 'save_config_for_hf', broken)

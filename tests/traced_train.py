@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from scalekd.cli import main
-from scalekd.data import SeededSamples
-from scalekd.distiller import Distiller
+from scalekd.engine.data import SeededSamples
+from scalekd.task.distiller import Distiller
 
 
 def trace_samples(folder: Path, rank: Optional[int] = None) -> Callable[[], None]:

@@ -1,13 +1,13 @@
 """ScaleKD: distil strong pre-trained vision transformers into CNN, MLP and ViT students (NeurIPS 2024)."""
-from . import zoo  # noqa: F401  (registers the paper's extra timm architectures)
+from .adapters import zoo  # noqa: F401  (registers the paper's extra timm architectures)
 from .adapters import ScaleKDTeacher, StudentAdapter, UnsupportedModelError
-from .builder import build_distiller
-from .dct import Dct2d, dct_matrix, keep_dc, remove_dc, remove_dc_by_dct
-from .distiller import DistillationModule, Distiller
-from .losses import feature_distance, logit_kd_loss
-from .models import UnknownModelError, create_timm_model
-from .options import METHODS, DistillOptions
-from .projectors import ConvProjector, CrossAttentionProjector, LinearProjector, build_projector
+from .adapters.models import UnknownModelError, create_timm_model
+from .method.dct import Dct2d, dct_matrix, keep_dc, remove_dc, remove_dc_by_dct
+from .method.losses import feature_distance, logit_kd_loss
+from .method.options import METHODS, DistillOptions
+from .method.projectors import ConvProjector, CrossAttentionProjector, LinearProjector, build_projector
+from .task.builder import build_distiller
+from .task.distiller import DistillationModule, Distiller
 
 __version__ = '0.1.0'
 

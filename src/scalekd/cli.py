@@ -10,11 +10,11 @@ from typing import Any, Dict, List, Optional
 import torch
 import yaml
 
-from .builder import build_distiller
-from .devices import DEVICE_HELP, resolve_device
-from .inspection import format_report, inspect_distiller
-from .options import METHODS
-from .paper_pairs import PAPER_PAIRS
+from .task.builder import build_distiller
+from .engine.devices import DEVICE_HELP, resolve_device
+from .tools.inspection import format_report, inspect_distiller
+from .method.options import METHODS
+from .tools.paper_pairs import PAPER_PAIRS
 
 __all__ = ['main', 'USER_ERRORS']
 
@@ -115,10 +115,10 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .distributed import cleanup, init_distributed
-    from .allocator import keep_freed_memory
-    from .engine import RunInterrupted, Trainer, dry_run
+    from .engine.config import load_config
+    from .engine.distributed import cleanup, init_distributed
+    from .engine.allocator import keep_freed_memory
+    from .engine.trainer import RunInterrupted, Trainer, dry_run
     overrides = list(args.override or [])
     if args.deterministic:
         overrides.append('train.deterministic=true')
@@ -158,7 +158,7 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_path
+    from .tools.evaluation import evaluate_path
     device = resolve_device(args.device)
     metrics = evaluate_path(args.checkpoint, args.data, args.batch, args.workers, device)
     print(json.dumps(metrics) if args.json else
@@ -181,7 +181,7 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .tools.export import export_checkpoint
     path, ema = export_checkpoint(args.checkpoint, args.out, use_ema=not args.no_ema, dtype=args.dtype,
                                   fmt=args.format)
     print(f"exported {'EMA ' if ema else ''}student to {path}")
@@ -203,8 +203,8 @@ def _add_import_mmcls(sub) -> None:
 def _run_import_mmcls(args: argparse.Namespace) -> int:
     import timm
 
-    from .export import export_student
-    from .transfer import import_mmcls
+    from .tools.export import export_student
+    from .tools.transfer import import_mmcls
     kwargs = _key_values(args.model_kwarg, '--model-kwarg')
     model, report = import_mmcls(args.checkpoint, args.model, args.img_size, kwargs)
     size = (kwargs.get('in_chans', 3), args.img_size, args.img_size)
@@ -255,8 +255,8 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .allocator import keep_freed_memory
-    from .demo import DemoSettings, format_table, run_demo
+    from .engine.allocator import keep_freed_memory
+    from .tools.demo import DemoSettings, format_table, run_demo
     settings = DemoSettings(output=args.output, seed=args.seed, baselines=args.baselines, data=args.data,
                             progress=not args.no_progress, distill=_key_values(args.option, '--option'),
                             device=resolve_device(args.device))
@@ -285,7 +285,7 @@ def _add_model_args(p) -> None:
 
 def _load_model(args: argparse.Namespace):
     """The model of ``--model`` / ``--checkpoint`` on ``--device``, and its data config."""
-    from .analysis.inputs import load_model
+    from .tools.analysis.inputs import load_model
     device = resolve_device(args.device)
     model, data_config = load_model(args.model, args.checkpoint, **_key_values(args.model_kwarg, '--model-kwarg'))
     return model.to(device), data_config
@@ -302,7 +302,7 @@ def _add_spectrum(sub) -> None:
 
 
 def _run_spectrum(args: argparse.Namespace) -> int:
-    from .analysis import feature_maps, feature_spectrum, image_dataset, plot_spectrum
+    from .tools.analysis import feature_maps, feature_spectrum, image_dataset, plot_spectrum
     model, data_config = _load_model(args)
     dataset, _ = image_dataset(args.data, data_config, limit=args.samples)
     maps, _ = feature_maps(model, dataset, args.stage)
@@ -330,7 +330,7 @@ def _add_linear_probe(sub) -> None:
 
 
 def _run_linear_probe(args: argparse.Namespace) -> int:
-    from .analysis import image_dataset, linear_probe
+    from .tools.analysis import image_dataset, linear_probe
     model, data_config = _load_model(args)
     train, classes = image_dataset(args.train, data_config, split='train', limit=args.limit)
     val, val_classes = image_dataset(args.val, data_config, split='test')
@@ -356,7 +356,7 @@ def _add_feature_distance(sub) -> None:
 
 
 def _run_feature_distance(args: argparse.Namespace) -> int:
-    from .analysis import feature_distances, image_dataset, plot_feature_distances, task_from_checkpoint
+    from .tools.analysis import feature_distances, image_dataset, plot_feature_distances, task_from_checkpoint
     device = resolve_device(args.device)
     rows = []
     for path in args.students:
@@ -374,7 +374,7 @@ def _run_feature_distance(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, run_bench
+    from .tools.bench import format_table, run_bench
     device = resolve_device(args.device)
     report = run_bench(args.teacher, args.student, args.img_size, args.batch, args.steps, args.precision,
                        args.channels_last, str(device), args.variants.split(',') if args.variants else None,

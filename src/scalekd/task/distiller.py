@@ -18,14 +18,14 @@ from timm.task import TrainingTask
 from timm.task.classification import resolve_classification_loss
 from timm.utils import unwrap_model
 
-from .adapters import ScaleKDTeacher, StudentAdapter, TeacherFeatures
-from .adapters.common import Shape, input_normalization
-from .losses import logit_kd_loss
-from .mimicking import FeatureMimicking
-from .options import DistillOptions
-from .projectors import build_projector
-from .proxy import LastStage, ProxyPath
-from .views import build_views
+from ..adapters import ScaleKDTeacher, StudentAdapter, TeacherFeatures
+from ..adapters.common import Shape, input_normalization
+from ..method.losses import logit_kd_loss
+from ..method.mimicking import FeatureMimicking
+from ..method.options import DistillOptions
+from ..method.projectors import build_projector
+from ..method.proxy import LastStage, ProxyPath
+from ..method.views import build_views
 
 __all__ = ['Distiller', 'DistillationModule', 'TaskStateMismatchError']
 

@@ -4,10 +4,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .adapters import ScaleKDTeacher
+from ..adapters import ScaleKDTeacher
 from .distiller import Distiller
-from .models import create_timm_model, default_img_size
-from .options import DistillOptions
+from ..adapters.models import create_timm_model, default_img_size
+from ..method.options import DistillOptions
 
 __all__ = ['build_distiller']
 

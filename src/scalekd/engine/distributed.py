@@ -40,7 +40,7 @@ def init_distributed(device: str = 'auto', timeout_s: int = 1800) -> DistEnv:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``MASTER_ADDR``/``MASTER_PORT``); nccl on CUDA, gloo on CPU. One process without them.
 
-    ``device`` follows :func:`scalekd.devices.resolve_device`; under torchrun each process takes
+    ``device`` follows :func:`scalekd.engine.devices.resolve_device`; under torchrun each process takes
     ``cuda:LOCAL_RANK``, so an explicit ``cuda:N`` is refused there.
     """
     resolved = resolve_device(device)

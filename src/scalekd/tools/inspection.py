@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from timm.utils import unwrap_model
 
-from .devices import model_device
-from .distiller import Distiller
+from ..engine.devices import model_device
+from ..task.distiller import Distiller
 
 __all__ = ['inspect_distiller', 'format_report', 'param_counts', 'tap_rows', 'count_params']
 

@@ -6,8 +6,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..models import create_timm_model
-from ..weights import WeightsError, read_state_dict
+from ...adapters.models import create_timm_model
+from ...engine.weights import WeightsError, read_state_dict
 from .openmmlab import OpenMMLabKeyError, from_openmmlab
 
 __all__ = ['student_state', 'import_mmcls']
@@ -36,7 +36,7 @@ def import_mmcls(path: Union[str, Path], model_name: str, img_size: int = 224,
     """A timm ``model_name`` holding the student of the mmcls checkpoint at ``path``.
 
     The class count comes from the checkpoint's head. Every student tensor must find a home in the
-    timm model (else :class:`~scalekd.transfer.openmmlab.OpenMMLabKeyError` lists those that do not).
+    timm model (else :class:`~scalekd.tools.transfer.openmmlab.OpenMMLabKeyError` lists those that do not).
     Returns the model and a report: tensors imported, prefixes left out, class count.
     """
     try:

@@ -3,7 +3,7 @@
 The shipped ViT teacher (trained by ``scalekd train configs/demo/teacher_vit.yaml`` on all 60,000
 training images) guides tiny CNN, MLP-Mixer and ViT students trained from scratch on a fixed subset
 of the training split, the paper's "knowledge density" setting. Each student is trained alone and with
-ScaleKD (and with logit KD only, ``baselines=True``) by the project's own :class:`~scalekd.engine.Trainer`;
+ScaleKD (and with logit KD only, ``baselines=True``) by the project's own :class:`~scalekd.engine.trainer.Trainer`;
 every run keeps its folder (config, metrics, checkpoints), and the demo writes ``results.json``, a
 table and a plot of test top-1 per epoch.
 """
@@ -17,19 +17,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from .config import RunConfig, config_from_dict, validate_config
-from .data import build_datasets
-from .devices import resolve_device
-from .distributed import DistEnv
-from .engine import Trainer, evaluate
-from .models import create_timm_model
+from ..engine.config import RunConfig, config_from_dict, validate_config
+from ..engine.data import build_datasets
+from ..engine.devices import resolve_device
+from ..engine.distributed import DistEnv
+from ..engine.trainer import Trainer, evaluate
+from ..adapters.models import create_timm_model
 from .plots import plot_curves
-from .weights import load_weights
+from ..engine.weights import load_weights
 
 __all__ = ['DemoSettings', 'STUDENTS', 'TEACHER', 'TEACHER_WEIGHTS', 'METHOD_LABELS', 'run_demo', 'format_table',
            'load_teacher']
 
-TEACHER_WEIGHTS = Path(__file__).parent / 'assets' / 'fashion_mnist_vit_teacher' / 'model.safetensors'
+TEACHER_WEIGHTS = Path(__file__).parents[1] / 'assets' / 'fashion_mnist_vit_teacher' / 'model.safetensors'
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 TEACHER: Dict[str, Any] = dict(  # configs/demo/teacher_vit.yaml
     model='vit_tiny_patch16_224', kwargs=dict(patch_size=7, embed_dim=160, depth=6, num_heads=5),

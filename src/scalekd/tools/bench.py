@@ -16,10 +16,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from timm.utils import unwrap_model
 
-from .allocator import keep_freed_memory
-from .builder import build_distiller
+from ..engine.allocator import keep_freed_memory
+from ..task.builder import build_distiller
 from .inspection import param_counts
-from .precision import autocast, resolve_precision
+from ..engine.precision import autocast, resolve_precision
 
 __all__ = ['VARIANTS', 'measure_variant', 'run_bench', 'format_table']
 
@@ -174,7 +174,7 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
                     options=options or {})
         if progress:
             progress(f'measuring {name} ...')
-        result = subprocess.run([sys.executable, '-m', 'scalekd.bench', json.dumps(spec)],
+        result = subprocess.run([sys.executable, '-m', 'scalekd.tools.bench', json.dumps(spec)],
                                 capture_output=True, text=True)
         _check_child(name, result)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -199,9 +199,9 @@ def _check_child(name: str, result: subprocess.CompletedProcess) -> None:
 
 
 def _measure_in_child(spec_json: str) -> int:
-    """``python -m scalekd.bench SPEC_JSON``: one variant's JSON on stdout; a user error (bad model name,
+    """``python -m scalekd.tools.bench SPEC_JSON``: one variant's JSON on stdout; a user error (bad model name,
     option) as one line on stderr and exit 2, as ``scalekd`` reports it."""
-    from .cli import USER_ERRORS
+    from ..cli import USER_ERRORS
     try:
         print(json.dumps(measure_variant(json.loads(spec_json))))
     except USER_ERRORS as e:

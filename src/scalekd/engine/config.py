@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import yaml
 
 from .config_rules import check_values
-from .options import DistillOptions
+from ..method.options import DistillOptions
 
 __all__ = ['ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'SchedConfig', 'TrainConfig',
            'LogConfig', 'RunConfig', 'load_config', 'validate_config', 'config_to_dict', 'save_config']
@@ -268,7 +268,7 @@ def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -
 
 
 def validate_config(cfg: RunConfig, where: str) -> RunConfig:
-    """``cfg`` once every value is in its range (:mod:`scalekd.config_rules`) and the distill section
+    """``cfg`` once every value is in its range (:mod:`scalekd.engine.config_rules`) and the distill section
     resolves; else a :class:`ConfigError` naming the key, ``where`` and what is allowed."""
     check_values(cfg, where, ConfigError)
     try:

@@ -8,7 +8,7 @@ from typing import Any, Dict, Union
 
 import torch
 
-from ..dct import Dct2d
+from ...method.dct import Dct2d
 from ..plots import pyplot, save_figure
 
 __all__ = ['feature_spectrum', 'plot_spectrum']

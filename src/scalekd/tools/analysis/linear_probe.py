@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..devices import model_device
+from ...engine.devices import model_device
 
 __all__ = ['pre_logits', 'few_shot_indices', 'fit_linear', 'linear_probe']
 

@@ -13,13 +13,13 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import read_training_checkpoint
-from ..config import config_from_dict
-from ..dct import keep_dc, remove_dc
-from ..devices import model_device
-from ..distiller import Distiller
+from ...engine.checkpoint import read_training_checkpoint
+from ...engine.config import config_from_dict
+from ...method.dct import keep_dc, remove_dc
+from ...engine.devices import model_device
+from ...task.distiller import Distiller
 from ..export import run_data_config
-from ..losses import feature_distance
+from ...method.losses import feature_distance
 from ..plots import pyplot, save_figure
 
 __all__ = ['task_from_checkpoint', 'feature_distances', 'plot_feature_distances']
@@ -31,7 +31,7 @@ def task_from_checkpoint(path: Union[str, Path], teacher_weights: Optional[str] 
                          device: torch.device = torch.device('cpu')) -> Tuple[Distiller, Dict[str, Any]]:
     """The distiller of a training checkpoint on ``device`` (student and projectors loaded; the teacher
     from the run's config, or from ``teacher_weights``), and the run's eval data config."""
-    from ..engine import build_task
+    from ...engine.trainer import build_task
     state = read_training_checkpoint(path)
     cfg = config_from_dict(state['config'], where=str(path))
     if 'task_state' not in state:

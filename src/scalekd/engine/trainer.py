@@ -18,15 +18,15 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, random_seed
 
-from .builder import build_distiller
+from ..task.builder import build_distiller
 from .checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, checkpoint_position, checkpoints_by_age,
                          latest_checkpoint, read_training_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .config import RunConfig, config_from_dict, config_to_dict, save_config
 from .data import build_datasets, build_loaders, build_mixup, seed_epoch
-from .distiller import Distiller
+from ..task.distiller import Distiller
 from .distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_rank, barrier, on_main
-from .inspection import param_counts, tap_rows
-from .models import create_timm_model, input_normalization as model_normalization
+from ..tools.inspection import param_counts, tap_rows
+from ..adapters.models import create_timm_model, input_normalization as model_normalization
 from .precision import autocast, resolve_precision
 from .run_folder import RunFolder
 from .run_logger import RunLogger
@@ -357,7 +357,7 @@ class Trainer:
     def _load(self, state: Dict[str, Any], path: Path) -> None:
         """Continue from a training checkpoint, on this run's number of processes and accumulation
         steps (the same global image position: an epoch is one global order dealt round-robin to the
-        processes, see :class:`scalekd.data.EpochSampler`). The config's optimizer settings and
+        processes, see :class:`scalekd.engine.data.EpochSampler`). The config's optimizer settings and
         schedule apply from the resumed step on; another global batch is refused."""
         if 'optimizer' not in state:
             raise CheckpointError(f'{path} holds a student for eval / export, not a training state; resume from a '

@@ -6,7 +6,7 @@ import timm
 import torch.nn as nn
 from timm.models import get_pretrained_cfg_value, split_model_name_tag
 
-from .adapters.common import input_normalization as normalization_of
+from .common import input_normalization as normalization_of
 
 __all__ = ['create_timm_model', 'default_img_size', 'input_normalization', 'UnknownModelError']
 

@@ -6,9 +6,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from .analysis.inputs import image_dataset
-from .data import DataError
-from .distributed import DistEnv
-from .engine import evaluate
+from ..engine.data import DataError
+from ..engine.distributed import DistEnv
+from ..engine.trainer import evaluate
 from .export import load_student
 
 __all__ = ['evaluate_path']

@@ -9,11 +9,11 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from .checkpoint import read_training_checkpoint, save_checkpoint
-from .config import RunConfig, config_from_dict
-from .models import create_timm_model, input_normalization
+from ..engine.checkpoint import read_training_checkpoint, save_checkpoint
+from ..engine.config import RunConfig, config_from_dict
+from ..adapters.models import create_timm_model, input_normalization
 from .transfer import to_format
-from .weights import WeightsError
+from ..engine.weights import WeightsError
 
 __all__ = ['export_student', 'student_from_checkpoint', 'load_student']
 
@@ -79,7 +79,7 @@ def export_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], use_ema
     """Export the student of a training checkpoint; returns (weights path, whether EMA weights were used).
 
     ``fmt='timm'`` writes ``model.safetensors`` + ``config.json``; another format of
-    :data:`scalekd.transfer.FORMATS` writes ``model.pth``, a state dict under that toolkit's key names.
+    :data:`scalekd.tools.transfer.FORMATS` writes ``model.pth``, a state dict under that toolkit's key names.
     """
     student, cfg, ema = student_from_checkpoint(path, use_ema)
     if fmt == 'timm':

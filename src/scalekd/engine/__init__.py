@@ -1,0 +1,1 @@
+"""The training engine: config, data, devices and processes, checkpoints, the run folder and the loop."""

@@ -1,0 +1,1 @@
+"""The distillation task: frozen teacher + trainable student and projectors, in timm's ``TrainingTask`` protocol."""

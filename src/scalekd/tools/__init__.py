@@ -1,0 +1,1 @@
+"""Commands built on the engine: inspect, bench, demo, eval, export, analysis, transfer to other toolkits."""
