@@ -10,17 +10,15 @@ from typing import Any, Dict, List, Optional
 import torch
 import yaml
 
-from .task.builder import build_distiller
 from .engine.devices import DEVICE_HELP, resolve_device
-from .tools.inspection import format_report, inspect_distiller
+from .engine.errors import USER_ERRORS
 from .method.options import METHODS
+from .task.builder import build_distiller
+from .tools.inspection import format_report, inspect_distiller
 from .tools.paper_pairs import PAPER_PAIRS
 
-__all__ = ['main', 'USER_ERRORS']
+__all__ = ['main']
 
-# a user's mistake (bad option, config, file, data; ConfigError, DataError, ... are ValueErrors) or the
-# non-finite-loss stop: one line and exit 2; anything else keeps its traceback
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 OOM_HINT = ('hint: out of memory: raise train.accum_steps or lower train.batch_size (each process holds '
             'train.batch_size / (processes x train.accum_steps) images; other commands: a smaller --batch), '
             'or set distill.activation_checkpointing=true or train.precision=bf16')
@@ -115,9 +113,9 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from .engine.allocator import keep_freed_memory
     from .engine.config import load_config
     from .engine.distributed import cleanup, init_distributed
-    from .engine.allocator import keep_freed_memory
     from .engine.trainer import RunInterrupted, Trainer, dry_run
     overrides = list(args.override or [])
     if args.deterministic:

@@ -20,8 +20,8 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from timm.task import DistillationTeacher
 
-from .common import (Shape, UnsupportedModelError, channel_stats, dummy_input, find_family, map_to_tokens, model_label, probing,
-                     shape_of, tokens_to_map)
+from .common import (Shape, UnsupportedModelError, channel_stats, dummy_input, find_family, map_to_tokens, model_label,
+                     probing, shape_of, tokens_to_map)
 
 __all__ = ['ScaleKDTeacher', 'TeacherFeatures', 'TEACHER_FAMILIES']
 

@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
-from .config_rules import check_values
 from ..method.options import DistillOptions
+from .config_rules import check_values
 
 __all__ = ['ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'SchedConfig', 'TrainConfig',
            'LogConfig', 'RunConfig', 'load_config', 'validate_config', 'config_to_dict', 'save_config']

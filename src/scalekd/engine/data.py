@@ -8,10 +8,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from PIL import Image
 from timm.data import ImageDataset, Mixup, create_transform
 from timm.data.readers.img_extensions import get_img_extensions
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .config import DataConfig
 from .config_rules import DATASETS

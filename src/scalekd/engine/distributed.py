@@ -1,7 +1,7 @@
 """Process group set-up from torchrun's environment, and the few collectives the engine needs."""
 import os
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Dict, Sequence, TypeVar
 
 import torch

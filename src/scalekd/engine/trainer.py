@@ -18,18 +18,19 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, random_seed
 
+from ..adapters.models import create_timm_model, input_normalization as model_normalization
 from ..task.builder import build_distiller
+from ..task.distiller import Distiller
+from ..task.report import param_counts, tap_rows
 from .checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, checkpoint_position, checkpoints_by_age,
                          latest_checkpoint, read_training_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .config import RunConfig, config_from_dict, config_to_dict, save_config
 from .data import build_datasets, build_loaders, build_mixup, seed_epoch
-from ..task.distiller import Distiller
 from .distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_rank, barrier, on_main
-from ..tools.inspection import param_counts, tap_rows
-from ..adapters.models import create_timm_model, input_normalization as model_normalization
 from .precision import autocast, resolve_precision
 from .run_folder import RunFolder
 from .run_logger import RunLogger
+from .synthetic_step import synthetic_batch, training_step
 from .weights import load_weights
 
 __all__ = ['Trainer', 'build_task', 'evaluate', 'dry_run', 'input_normalization', 'RunError', 'RunInterrupted']
@@ -644,17 +645,7 @@ def dry_run(cfg: RunConfig, device: torch.device, batch: int = 2) -> Dict[str, A
     precision = resolve_precision(cfg.train.precision, device)
     optimizer = create_optimizer_v2(task.trainable_module, opt=cfg.optim.opt, lr=cfg.optim.lr,
                                     weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
-    d = cfg.data
-    images = torch.randn(batch, d.in_chans, d.img_size, d.img_size, device=device)
-    targets = torch.randint(0, d.num_classes, (batch,), device=device)
-    if cfg.train.channels_last:
-        task.trainable_module.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    task.train()
-    with autocast(precision, device):
-        out = task(images, targets)
-    out['loss'].backward()
-    optimizer.step()
-    losses = {k: float(v.detach()) for k, v in out.items() if k != 'output'}
+    images, targets = synthetic_batch(task, batch, cfg.train.channels_last)
+    losses = training_step(task, optimizer, images, targets, precision)
     return dict(losses=losses, finite=all(math.isfinite(v) for v in losses.values()), precision=precision,
                 taps=tap_rows(task), params=param_counts(task))

@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 
 from ..adapters import ScaleKDTeacher
-from .distiller import Distiller
 from ..adapters.models import create_timm_model, default_img_size
 from ..method.options import DistillOptions
+from .distiller import Distiller
 
 __all__ = ['build_distiller']
 

@@ -17,9 +17,11 @@ import torch
 from timm.utils import unwrap_model
 
 from ..engine.allocator import keep_freed_memory
-from ..task.builder import build_distiller
-from .inspection import param_counts
+from ..engine.errors import USER_ERRORS
 from ..engine.precision import autocast, resolve_precision
+from ..engine.synthetic_step import synthetic_batch, training_step
+from ..task.builder import build_distiller
+from ..task.report import param_counts
 
 __all__ = ['VARIANTS', 'measure_variant', 'run_bench', 'format_table']
 
@@ -52,22 +54,12 @@ def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
     precision = resolve_precision(spec['precision'], device)
     params = [p for p in task.trainable_module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    images = torch.randn(spec['batch'], 3, spec['img_size'], spec['img_size'], device=device)
-    targets = torch.randint(0, task.student.num_classes, (spec['batch'],), device=device)
-    if spec['channels_last']:
-        task.trainable_module.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    task.train()
+    images, targets = synthetic_batch(task, spec['batch'], spec['channels_last'])
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
 
     def step() -> Dict[str, float]:
-        with autocast(precision, device):
-            out = task(images, targets)
-        out['loss'].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {k: float(v.detach()) for k, v in out.items() if k != 'output'}
+        return training_step(task, optimizer, images, targets, precision)
 
     losses = step()  # warm-up
     step_s = _interleaved(dict(step=step), spec['steps'], device, warmup=False)['step']
@@ -201,7 +193,6 @@ def _check_child(name: str, result: subprocess.CompletedProcess) -> None:
 def _measure_in_child(spec_json: str) -> int:
     """``python -m scalekd.tools.bench SPEC_JSON``: one variant's JSON on stdout; a user error (bad model name,
     option) as one line on stderr and exit 2, as ``scalekd`` reports it."""
-    from ..cli import USER_ERRORS
     try:
         print(json.dumps(measure_variant(json.loads(spec_json))))
     except USER_ERRORS as e:

@@ -17,14 +17,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from ..adapters.models import create_timm_model
 from ..engine.config import RunConfig, config_from_dict, validate_config
 from ..engine.data import build_datasets
 from ..engine.devices import resolve_device
 from ..engine.distributed import DistEnv
 from ..engine.trainer import Trainer, evaluate
-from ..adapters.models import create_timm_model
-from .plots import plot_curves
 from ..engine.weights import load_weights
+from .plots import plot_curves
 
 __all__ = ['DemoSettings', 'STUDENTS', 'TEACHER', 'TEACHER_WEIGHTS', 'METHOD_LABELS', 'run_demo', 'format_table',
            'load_teacher']

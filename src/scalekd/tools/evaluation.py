@@ -5,10 +5,10 @@ from typing import Dict, Union
 import torch
 from torch.utils.data import DataLoader
 
-from .analysis.inputs import image_dataset
 from ..engine.data import DataError
 from ..engine.distributed import DistEnv
 from ..engine.trainer import evaluate
+from .analysis.inputs import image_dataset
 from .export import load_student
 
 __all__ = ['evaluate_path']

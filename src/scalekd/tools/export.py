@@ -9,11 +9,11 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
+from ..adapters.models import create_timm_model, input_normalization
 from ..engine.checkpoint import read_training_checkpoint, save_checkpoint
 from ..engine.config import RunConfig, config_from_dict
-from ..adapters.models import create_timm_model, input_normalization
-from .transfer import to_format
 from ..engine.weights import WeightsError
+from .transfer import to_format
 
 __all__ = ['export_student', 'student_from_checkpoint', 'load_student']
 

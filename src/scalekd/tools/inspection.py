@@ -1,66 +1,26 @@
 """``scalekd inspect``: what a teacher-student pair distils, at what cost, and whether it trains."""
+import math
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
-import torch.nn as nn
-from timm.utils import unwrap_model
 
-from ..engine.devices import model_device
+from ..engine.synthetic_step import synthetic_batch, training_step
 from ..task.distiller import Distiller
+from ..task.report import param_counts, tap_rows
 
-__all__ = ['inspect_distiller', 'format_report', 'param_counts', 'tap_rows', 'count_params']
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def param_counts(distiller: Distiller) -> Dict[str, int]:
-    """Parameters of the student, the teacher and the distillation modules (projectors)."""
-    teacher = distiller.teacher
-    return dict(student=count_params(distiller.student),
-                teacher=count_params(teacher.model) if teacher is not None else 0,
-                distill=count_params(distiller.distill_modules()))
-
-
-def tap_rows(distiller: Distiller) -> List[Dict[str, Any]]:
-    module = unwrap_model(distiller.trainable_module)
-    taps = distiller.taps.taps
-    opts = distiller.options
-    teacher = distiller.teacher
-    rows = []
-    for name, mimicking, path, target in (
-            ('s3', module.proxy.mimicking if module.proxy is not None else None, 'proxy', teacher and teacher.stage_input_shape),
-            ('s3', module.s3, 'direct', teacher and teacher.stage_input_shape),
-            ('s4', module.s4, 'direct', teacher and teacher.final_shape)):
-        if mimicking is None:
-            continue
-        rows.append(dict(
-            name=name, path=path, student_shape=list(getattr(taps, name)), target_shape=list(target),
-            projector=opts.projector, views=[v.name for v in mimicking.views],
-            queries='proxy' if name == 's4' and opts.adaptive_queries else 'learned',
-            params=count_params(mimicking)))
-    return rows
+__all__ = ['inspect_distiller', 'format_report']
 
 
 def _train_step(distiller: Distiller, batch: int) -> Dict[str, Any]:
-    """One forward / backward / SGD step on a random batch (on the distiller's device); the loss terms and
-    seconds taken."""
-    size, device = distiller.img_size, model_device(distiller)
+    """One synthetic SGD step; the loss terms, whether all are finite, and the seconds taken."""
     params = [p for p in distiller.trainable_module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3)
-    num_classes = distiller.student.num_classes
-    images = torch.randn(batch, distiller.in_chans, *size, device=device)
-    targets = torch.randint(0, num_classes, (batch,), device=device)
+    images, targets = synthetic_batch(distiller, batch)
     start = time.perf_counter()
-    out = distiller(images, targets)
-    out['loss'].backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    losses = {k: float(v.detach()) for k, v in out.items() if k != 'output'}
-    finite = all(torch.isfinite(torch.tensor(v)) for v in losses.values())
-    return dict(ok=bool(finite), seconds=round(time.perf_counter() - start, 3), losses=losses)
+    losses = training_step(distiller, optimizer, images, targets)
+    return dict(ok=all(math.isfinite(v) for v in losses.values()), seconds=round(time.perf_counter() - start, 3),
+                losses=losses)
 
 
 def inspect_distiller(distiller: Distiller, step: bool = True, batch: int = 2) -> Dict[str, Any]:

@@ -15,11 +15,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ...engine.checkpoint import read_training_checkpoint
 from ...engine.config import config_from_dict
-from ...method.dct import keep_dc, remove_dc
 from ...engine.devices import model_device
+from ...method.dct import keep_dc, remove_dc
+from ...method.losses import feature_distance
 from ...task.distiller import Distiller
 from ..export import run_data_config
-from ...method.losses import feature_distance
 from ..plots import pyplot, save_figure
 
 __all__ = ['task_from_checkpoint', 'feature_distances', 'plot_feature_distances']

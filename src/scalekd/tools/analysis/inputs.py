@@ -7,13 +7,13 @@ import torch.nn as nn
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ...adapters.models import create_timm_model, default_img_size
 from ...engine.checkpoint import load_checkpoint
 from ...engine.data import CheckedImageDataset, class_folders
 from ...engine.devices import model_device
-from ..export import load_student
 from ...engine.fashion_mnist import FashionMNIST, has_fashion_mnist
-from ...adapters.models import create_timm_model, default_img_size
 from ...engine.weights import load_weights
+from ..export import load_student
 
 __all__ = ['load_model', 'image_dataset', 'feature_maps']
 
