@@ -31,7 +31,9 @@ def test_base_merge_overrides_and_saved_config(tmp_path):
     ('distill.tpp=3', r'distill.tpp in .* must be bool'),
     ('distill.method=kd', r'distill section of .*run.yaml.*need a feature method'),
     ('teacher=3', r'teacher in .* must be a mapping'),
-    ('nonsense', r"override 'nonsense' must look like key.path=value"),
+    ('nonsense', r"-o expects KEY=VALUE, got 'nonsense'"),
+    ('=3', r"-o expects KEY=VALUE, got '=3'"),
+    ('optim.lr=[1,', r"-o 'optim.lr=\[1,': the value is not valid YAML"),
 ])
 def test_bad_keys_and_values_name_key_and_file(tmp_path, override, message):
     path = _write(tmp_path / 'run.yaml', dict(student=dict(model='resnet18'), distill=dict(stages=['s3', 's4'])))

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import yaml
 
+from .engine.config import parse_key_value
 from .engine.devices import DEVICE_HELP, resolve_device
 from .engine.errors import USER_ERRORS
 from .method.options import METHODS
@@ -26,13 +26,7 @@ OOM_HINT = ('hint: out of memory: raise train.accum_steps or lower train.batch_s
 
 def _key_values(items: Optional[List[str]], flag: str) -> Dict[str, Any]:
     """``['a=1', 'b=[1,2]']`` -> ``{'a': 1, 'b': [1, 2]}`` (values parsed as YAML)."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f'{flag} expects KEY=VALUE, got {item!r}')
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    return dict(parse_key_value(item, flag) for item in items or [])
 
 
 def _add_device(p, note: str = '') -> None:
@@ -283,10 +277,10 @@ def _add_model_args(p) -> None:
 
 def _load_model(args: argparse.Namespace):
     """The model of ``--model`` / ``--checkpoint`` on ``--device``, and its data config."""
-    from .tools.analysis.inputs import load_model
+    from .tools.model_files import load_model
     device = resolve_device(args.device)
-    model, data_config = load_model(args.model, args.checkpoint, **_key_values(args.model_kwarg, '--model-kwarg'))
-    return model.to(device), data_config
+    loaded = load_model(args.checkpoint, args.model, **_key_values(args.model_kwarg, '--model-kwarg'))
+    return loaded.model.to(device), loaded.data_config
 
 
 def _add_spectrum(sub) -> None:

@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ['FORMAT_VERSION', 'save_checkpoint', 'load_checkpoint', 'read_training_checkpoint', 'migrate',
+__all__ = ['FORMAT_VERSION', 'save_checkpoint', 'load_checkpoint', 'is_training_checkpoint',
+           'read_training_checkpoint', 'migrate',
            'latest_checkpoint', 'checkpoints_by_age', 'checkpoint_name', 'checkpoint_position', 'rng_state', 'set_rng_state',
            'CheckpointError']
 
@@ -133,10 +134,15 @@ def migrate(state: Dict[str, Any], where: str = 'checkpoint') -> Dict[str, Any]:
     return dict(state, format_version=version)
 
 
+def is_training_checkpoint(data: Any) -> bool:
+    """Whether loaded file contents are a scalekd training checkpoint (or ``best.pth``)."""
+    return isinstance(data, dict) and 'config' in data and 'student' in data
+
+
 def read_training_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     """A scalekd training checkpoint (or ``best.pth``), migrated to the current format."""
     state = load_checkpoint(path)
-    if not isinstance(state, dict) or 'config' not in state or 'student' not in state:
+    if not is_training_checkpoint(state):
         raise CheckpointError(f'{path} is not a scalekd training checkpoint (no config / student entries)')
     return migrate(state, str(path))
 

@@ -45,8 +45,9 @@ class DataConfig:
     root: str = ''
     train_split: str = 'train'
     val_split: str = 'val'
-    train_subset: Optional[int] = None  # a fixed random subset of N training images, drawn by the seed
+    train_subset: Optional[int] = None  # train on N images drawn once by the run's seed (see subset_draw)
     val_subset: Optional[int] = None    # the same for the split evaluated after each epoch
+    subset_draw: str = 'random'         # 'random': any N images; 'balanced': N / classes of each class
     img_size: int = 224
     in_chans: int = 3
     num_classes: int = 1000
@@ -244,17 +245,26 @@ def _build(cls, data: Dict[str, Any], prefix: str, where: str):
     return cls(**kwargs)
 
 
+def parse_key_value(item: str, flag: str) -> Tuple[str, Any]:
+    """``'a.b=[1, 2]'`` given to ``flag`` -> ``('a.b', [1, 2])``: the value is read as YAML."""
+    key, sep, raw = item.partition('=')
+    if not sep or not key.strip():
+        raise ConfigError(f'{flag} expects KEY=VALUE, got {item!r}')
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{flag} {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})') from None
+
+
 def _apply_override(data: Dict[str, Any], override: str) -> None:
-    key, sep, raw = override.partition('=')
-    if not sep or not key:
-        raise ConfigError(f'override {override!r} must look like key.path=value')
+    key, value = parse_key_value(override, '-o')
     node = data
-    parts = key.strip().split('.')
+    parts = key.split('.')
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f'override {override!r}: {part!r} is not a section')
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[parts[-1]] = value
 
 
 def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -> RunConfig:

@@ -65,6 +65,7 @@ RULES = tuple(Rule(key, *check) for key, check in (
     ('data.num_classes', _min(2)),
     ('data.train_subset', _optional(_min(1))),
     ('data.val_subset', _optional(_min(1))),
+    ('data.subset_draw', _one_of(('random', 'balanced'))),
     ('data.scale', _ordered(0, 1)),
     ('data.ratio', _ordered(0, None)),
     ('data.hflip', _unit()),

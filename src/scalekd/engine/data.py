@@ -63,6 +63,18 @@ def class_folders(split_dir: Path) -> Sequence[str]:
     return classes
 
 
+_16_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')  # a 16-bit greyscale PNG as Pillow opens it
+
+
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` in ``mode`` (``L`` or ``RGB``); 16-bit greyscale is scaled to 8 bits (Pillow's own
+    conversion clips it at 255, turning most pixels white)."""
+    if img.mode in _16_BIT_MODES:
+        wide = np.asarray(img, dtype=np.int64).clip(0, 65535)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), 'L')
+    return img.convert(mode)
+
+
 class CheckedImageDataset(ImageDataset):
     """timm's ``ImageDataset`` that names an unreadable image instead of silently skipping it
     (with ``skip_unreadable``: skips it with a warning that names it)."""
@@ -90,7 +102,7 @@ class CheckedImageDataset(ImageDataset):
         path, target = self.reader.samples[index]
         try:
             with Image.open(path) as img:
-                img = img.convert(self.input_img_mode)
+                img = convert_image(img, self.input_img_mode)
         except _UNREADABLE as e:
             if not self.skip_unreadable:
                 raise DataError(f'unreadable image {path}: {e} (set data.skip_unreadable: true to skip such '
@@ -149,19 +161,43 @@ def build_datasets(cfg: DataConfig, mean: Tuple[float, ...], std: Tuple[float, .
     data = make(cfg, train_tf, val_tf)
     if len(data.classes) != cfg.num_classes:
         raise DataError(f'{cfg.root} has {len(data.classes)} classes but data.num_classes is {cfg.num_classes}')
+    balanced = cfg.subset_draw == 'balanced'
     if cfg.train_subset is not None:
-        data.train = seeded_subset(data.train, cfg.train_subset, seed)
+        data.train = seeded_subset(data.train, cfg.train_subset, seed, balanced)
     if cfg.val_subset is not None:
-        data.val = seeded_subset(data.val, cfg.val_subset, seed)
+        data.val = seeded_subset(data.val, cfg.val_subset, seed, balanced)
     return data
 
 
-def seeded_subset(dataset: Dataset, size: int, seed: int) -> Subset:
-    """``size`` images of ``dataset`` drawn without replacement by ``seed``, in their original order."""
+def _targets(dataset: Dataset) -> np.ndarray:
+    """The class index of every sample (folder datasets and Fashion-MNIST), without decoding images."""
+    if isinstance(dataset, ImageDataset):
+        return np.array([t for _, t in dataset.reader.samples], dtype=np.int64)
+    return np.asarray(dataset.targets, dtype=np.int64)
+
+
+def seeded_subset(dataset: Dataset, size: int, seed: int, balanced: bool = False) -> Subset:
+    """``size`` images of ``dataset`` drawn without replacement by ``seed``, in their original order.
+
+    ``balanced``: ``size // classes`` images of every class (the remainder, one each, to the first
+    classes); a class with fewer images than its share is an error naming it.
+    """
     if not 0 < size <= len(dataset):
         raise DataError(f'a subset of {size} images cannot be drawn from {len(dataset)}')
-    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
-    return Subset(dataset, keep.sort().values.tolist())
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).numpy()
+    if not balanced:
+        return Subset(dataset, sorted(order[:size].tolist()))
+    targets = _targets(dataset)[order]
+    classes = np.unique(targets)
+    keep = []
+    for rank, c in enumerate(classes):
+        share = size // len(classes) + (rank < size % len(classes))
+        drawn = order[targets == c][:share]
+        if len(drawn) < share:
+            raise DataError(f'a class-balanced subset of {size} images needs {share} of class {c}, which has '
+                            f'{len(drawn)}')
+        keep.extend(drawn.tolist())
+    return Subset(dataset, sorted(keep))
 
 
 class ShardSampler(torch.utils.data.Sampler):

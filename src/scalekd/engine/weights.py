@@ -1,13 +1,13 @@
 """Loading weight files safely: safetensors, or torch files with ``weights_only`` (no pickle code runs)."""
 from pathlib import Path
-from typing import Dict, Union
+from typing import Any, Dict, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_error
+from .checkpoint import is_training_checkpoint, load_error
 
-__all__ = ['WeightsError', 'read_state_dict', 'load_weights']
+__all__ = ['WeightsError', 'read_state_dict', 'state_dict_of', 'load_state_dict_checked', 'load_weights']
 
 
 class WeightsError(ValueError):
@@ -36,7 +36,14 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         data = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # UnpicklingError for unsafe content, RuntimeError / EOFError for truncated files
         raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e)}') from None
-    if isinstance(data, dict) and 'config' in data and 'student' in data:  # a scalekd training checkpoint
+    return state_dict_of(data, path)
+
+
+def state_dict_of(data: Any, path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """The tensors of a loaded torch file: a scalekd training checkpoint's student (EMA weights first),
+    a nested ``state_dict`` / ``model`` / ``state_dict_ema`` entry, or the file's own dict of tensors
+    (``module.`` prefixes dropped)."""
+    if is_training_checkpoint(data):
         data = data.get('ema') or data['student']
     for key in ('state_dict', 'model', 'state_dict_ema'):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
@@ -49,7 +56,13 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: Union[str, Path], what: str = 'model') -> None:
     """Load a weight file into ``model``; mismatched keys or shapes are an error that lists them."""
-    state = read_state_dict(path)
+    load_state_dict_checked(model, read_state_dict(path), path, what)
+
+
+def load_state_dict_checked(model: nn.Module, state: Dict[str, torch.Tensor], path: Union[str, Path],
+                            what: str = 'model') -> None:
+    """Load ``state`` (read from ``path``) into ``model``; mismatched keys or shapes are an error that
+    lists them."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -26,7 +26,7 @@ from ..engine.trainer import Trainer, evaluate
 from ..engine.weights import load_weights
 from .plots import plot_curves
 
-__all__ = ['DemoSettings', 'STUDENTS', 'TEACHER', 'TEACHER_WEIGHTS', 'METHOD_LABELS', 'run_demo', 'format_table',
+__all__ = ['DemoSettings', 'STUDENTS', 'TEACHER', 'TEACHER_WEIGHTS', 'METHOD_LABELS', 'run_config', 'run_demo', 'format_table',
            'load_teacher']
 
 TEACHER_WEIGHTS = Path(__file__).parents[1] / 'assets' / 'fashion_mnist_vit_teacher' / 'model.safetensors'
@@ -70,7 +70,7 @@ class DemoSettings:
         return ['none', 'kd', 'scalekd'] if self.baselines else ['none', 'scalekd']
 
 
-def _run_config(settings: DemoSettings, student: str, method: str) -> RunConfig:
+def run_config(settings: DemoSettings, student: str, method: str) -> RunConfig:
     """The full run config of one demo run (saved in its folder: ``scalekd train`` reruns it)."""
     s = settings
     data = dict(dataset='fashion_mnist', root=s.data or '', train_split='train', val_split='test',
@@ -120,7 +120,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Dict
     start = time.perf_counter()
     out = Path(settings.output)
     env = DistEnv(device=settings.device)
-    test = _test_loader(_run_config(settings, settings.students[0], 'none'))
+    test = _test_loader(run_config(settings, settings.students[0], 'none'))
     teacher_top1 = evaluate(load_teacher(settings.teacher_weights).to(env.device), test, env, 'fp32')['top1']
     say(f'teacher {TEACHER["model"]} ({Path(settings.teacher_weights).name}): test top-1 {teacher_top1:.2f}')
     results: Dict[str, Any] = dict(
@@ -133,7 +133,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Dict
         row: Dict[str, Any] = dict(model=STUDENTS[name]['model'], curves={}, seconds={})
         for method in settings.methods:
             label = METHOD_LABELS[method]
-            run = _train(_run_config(settings, name, method), test, env)
+            run = _train(run_config(settings, name, method), test, env)
             row[f'{label}_top1'], row['curves'][label], row['seconds'][label] = run['top1'], run['curve'], run['seconds']
             say(f'{name} {label}: test top-1 {run["top1"]:.2f} ({run["seconds"]:.0f} s)')
         row['gain'] = row['scalekd_top1'] - row['alone_top1']

@@ -9,7 +9,7 @@ from ..engine.data import DataError
 from ..engine.distributed import DistEnv
 from ..engine.trainer import evaluate
 from .analysis.inputs import image_dataset
-from .export import load_student
+from .model_files import load_model
 
 __all__ = ['evaluate_path']
 
@@ -18,7 +18,8 @@ def evaluate_path(checkpoint: Union[str, Path], data_dir: Union[str, Path], batc
                   workers: int = 4, device: Union[str, torch.device] = 'cpu') -> Dict[str, float]:
     """Evaluate the student in ``checkpoint`` on ``data_dir`` (one sub-folder per class, sorted as in
     training, or the Fashion-MNIST IDX files, test split) on ``device``."""
-    model, data_config = load_student(checkpoint)
+    loaded = load_model(checkpoint)
+    model, data_config = loaded.model, loaded.data_config
     dataset, classes = image_dataset(data_dir, data_config)
     if len(classes) != model.num_classes:
         raise DataError(f'{data_dir} has {len(classes)} classes but the student predicts {model.num_classes}')

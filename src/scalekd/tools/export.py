@@ -1,21 +1,19 @@
-"""Exporting and re-loading the distilled student: ``model.safetensors`` + timm's ``config.json``."""
+"""Exporting the distilled student: ``model.safetensors`` + timm's ``config.json``, or another toolkit's keys."""
 import os
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
 
-import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from ..adapters.models import create_timm_model, input_normalization
-from ..engine.checkpoint import read_training_checkpoint, save_checkpoint
-from ..engine.config import RunConfig, config_from_dict
+from ..engine.checkpoint import save_checkpoint
 from ..engine.weights import WeightsError
+from .model_files import load_model
 from .transfer import to_format
 
-__all__ = ['export_student', 'student_from_checkpoint', 'load_student']
+__all__ = ['export_student', 'export_checkpoint', 'cast_floats']
 
 
 def cast_floats(state: Dict[str, torch.Tensor], dtype: str) -> Dict[str, torch.Tensor]:
@@ -53,27 +51,6 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
     return weights
 
 
-def run_data_config(cfg: RunConfig) -> Dict[str, Any]:
-    """A run's eval preprocessing as a timm data config (input size, interpolation, crop, mean, std)."""
-    d = cfg.data
-    mean, std = input_normalization(cfg.student.model, d.in_chans, d.mean, d.std)
-    return dict(input_size=(d.in_chans, d.img_size, d.img_size), interpolation=d.interpolation, crop_pct=d.crop_pct,
-                mean=mean, std=std)
-
-
-def student_from_checkpoint(path: Union[str, Path], use_ema: bool = True) -> Tuple[nn.Module, RunConfig, bool]:
-    """The student of a training checkpoint or ``best.pth`` of any format version (its EMA weights
-    when present and asked for)."""
-    state = read_training_checkpoint(path)
-    cfg = config_from_dict(state['config'], where=str(path))
-    d = cfg.data
-    student = create_timm_model(cfg.student.model, (d.img_size, d.img_size), role='student',
-                                num_classes=d.num_classes, in_chans=d.in_chans, **cfg.student.kwargs)
-    ema = use_ema and state.get('ema') is not None
-    student.load_state_dict(state['ema'] if ema else state['student'])
-    return student, cfg, ema
-
-
 def export_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], use_ema: bool = True,
                       dtype: str = 'float32', fmt: str = 'timm') -> Tuple[Path, bool]:
     """Export the student of a training checkpoint; returns (weights path, whether EMA weights were used).
@@ -81,28 +58,13 @@ def export_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], use_ema
     ``fmt='timm'`` writes ``model.safetensors`` + ``config.json``; another format of
     :data:`scalekd.tools.transfer.FORMATS` writes ``model.pth``, a state dict under that toolkit's key names.
     """
-    student, cfg, ema = student_from_checkpoint(path, use_ema)
+    loaded = load_model(path, use_ema=use_ema)
+    if loaded.run_config is None:
+        raise WeightsError(f'{path} is an export already: export takes a run\'s checkpoint-*.pth or best.pth')
     if fmt == 'timm':
-        return export_student(student, out_dir, run_data_config(cfg), dtype), ema
-    state = cast_floats(to_format(student, fmt), dtype)
+        return export_student(loaded.model, out_dir, loaded.data_config, dtype), loaded.ema
+    state = cast_floats(to_format(loaded.model, fmt), dtype)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, out_dir / 'model.pth')
-    return out_dir / 'model.pth', ema
-
-
-def load_student(path: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
-    """A student from a training checkpoint (``.pth``) or an export folder / its ``model.safetensors``.
-
-    Returns the model and its data config (input size, interpolation, crop, mean, std).
-    """
-    path = Path(path)
-    if path.suffix == '.pth':
-        student, cfg, _ = student_from_checkpoint(path)
-        return student, run_data_config(cfg)
-    folder = path.parent if path.suffix == '.safetensors' else path
-    if not (folder / 'config.json').is_file() or not (folder / 'model.safetensors').is_file():
-        raise WeightsError(f'{path} is neither a training checkpoint (.pth) nor an export folder with '
-                           f'config.json and model.safetensors')
-    model = timm.create_model(f'local-dir:{folder}', pretrained=True)
-    return model, timm.data.resolve_data_config({}, model=model)
+    return out_dir / 'model.pth', loaded.ema

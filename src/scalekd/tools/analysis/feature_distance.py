@@ -19,7 +19,7 @@ from ...engine.devices import model_device
 from ...method.dct import keep_dc, remove_dc
 from ...method.losses import feature_distance
 from ...task.distiller import Distiller
-from ..export import run_data_config
+from ..model_files import run_data_config
 from ..plots import pyplot, save_figure
 
 __all__ = ['task_from_checkpoint', 'feature_distances', 'plot_feature_distances']

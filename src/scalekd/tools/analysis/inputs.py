@@ -7,35 +7,11 @@ import torch.nn as nn
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ...adapters.models import create_timm_model, default_img_size
-from ...engine.checkpoint import load_checkpoint
 from ...engine.data import CheckedImageDataset, class_folders
 from ...engine.devices import model_device
 from ...engine.fashion_mnist import FashionMNIST, has_fashion_mnist
-from ...engine.weights import load_weights
-from ..export import load_student
 
-__all__ = ['load_model', 'image_dataset', 'feature_maps']
-
-
-def load_model(name: Optional[str] = None, checkpoint: Optional[Union[str, Path]] = None,
-               **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
-    """A model and its data config, from a scalekd checkpoint / export folder, or a timm name
-    (hub weights, or the weight file ``checkpoint``); ``kwargs`` go to ``timm.create_model``."""
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        exported = (path.is_dir() or path.suffix == '.safetensors') and (
-            (path if path.is_dir() else path.parent) / 'config.json').is_file()
-        if path.suffix == '.pth' and 'config' in load_checkpoint(path) or exported:
-            return load_student(path)
-    if not name:
-        raise ValueError(f'{checkpoint} is neither a scalekd checkpoint nor an export folder: give --model NAME '
-                         f'to load it as plain weights' if checkpoint else 'give --model NAME or --checkpoint PATH')
-    size = default_img_size(name, role='timm') or 224  # also refuses an unknown name, with close names
-    model = create_timm_model(name, (size, size), pretrained=checkpoint is None, **kwargs)
-    if checkpoint is not None:
-        load_weights(model, checkpoint, what=name)
-    return model, resolve_data_config({}, model=model)
+__all__ = ['image_dataset', 'feature_maps']
 
 
 def image_dataset(data_dir: Union[str, Path], data_config: Dict[str, Any], split: str = 'test',

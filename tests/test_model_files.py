@@ -1,0 +1,93 @@
+"""One loader for a training checkpoint, an export folder or a weight file, each read once."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import scalekd.engine.checkpoint as checkpoint_module
+from engine_fixtures import tiny_config
+from scalekd.adapters.models import create_timm_model
+from scalekd.engine.checkpoint import save_checkpoint
+from scalekd.engine.config import config_to_dict, load_config
+from scalekd.engine.weights import WeightsError
+from scalekd.tools.export import export_checkpoint
+from scalekd.tools.model_files import load_model
+
+
+def _student(cfg, seed):
+    torch.manual_seed(seed)
+    d = cfg.data
+    return create_timm_model(cfg.student.model, (d.img_size, d.img_size), role='student', num_classes=d.num_classes,
+                             in_chans=d.in_chans, **cfg.student.kwargs)
+
+
+@pytest.fixture
+def run_files(tmp_path):
+    """best.pth-shaped file with distinct raw and EMA students, and the run config."""
+    cfg = load_config(tiny_config(tmp_path, tmp_path / 'data'))
+    raw, ema = _student(cfg, 1).state_dict(), _student(cfg, 2).state_dict()
+    path = tmp_path / 'best.pth'
+    save_checkpoint(dict(format_version=2, config=config_to_dict(cfg), progress=dict(step=3, epoch=1),
+                         student=raw, ema=ema), path)
+    return cfg, path, raw, ema
+
+
+def _reads(monkeypatch):
+    calls = []
+    real = checkpoint_module.torch.load
+    monkeypatch.setattr(checkpoint_module.torch, 'load', lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    return calls
+
+
+def test_a_training_checkpoint_gives_its_ema_student_unless_asked_for_the_raw_one(run_files, monkeypatch):
+    cfg, path, raw, ema = run_files
+    calls = _reads(monkeypatch)
+    loaded = load_model(path)
+    assert len(calls) == 1  # read once
+    assert loaded.ema and loaded.run_config == cfg
+    assert torch.equal(loaded.model.state_dict()['conv1.weight'], ema['conv1.weight'])
+    assert loaded.data_config['input_size'] == (3, 32, 32) and loaded.data_config['crop_pct'] == 1.0
+    plain = load_model(path, use_ema=False)
+    assert not plain.ema and torch.equal(plain.model.state_dict()['conv1.weight'], raw['conv1.weight'])
+
+
+def test_an_export_folder_round_trips_and_is_not_exported_again(run_files, tmp_path):
+    cfg, path, _, ema = run_files
+    weights, used_ema = export_checkpoint(path, tmp_path / 'export')
+    assert used_ema and weights == tmp_path / 'export' / 'model.safetensors'
+    for given in (tmp_path / 'export', weights):  # the folder or its weight file
+        loaded = load_model(given)
+        assert loaded.run_config is None
+        assert torch.equal(loaded.model.state_dict()['fc.weight'], ema['fc.weight'])
+        assert loaded.model.num_classes == 3 and tuple(loaded.data_config['input_size']) == (3, 32, 32)
+    with pytest.raises(WeightsError, match='is an export already'):
+        export_checkpoint(tmp_path / 'export', tmp_path / 'again')
+    assert not (tmp_path / 'again').exists()
+
+
+def test_plain_weights_need_the_model_name(run_files, tmp_path, monkeypatch):
+    cfg, _, raw, _ = run_files
+    torch.save({'state_dict': {f'module.{k}': v for k, v in raw.items()}}, tmp_path / 'plain.pth')
+    save_file({k: v.contiguous() for k, v in raw.items()}, str(tmp_path / 'plain.safetensors'))
+    for name in ('plain.pth', 'plain.safetensors'):
+        with pytest.raises(WeightsError, match='holds plain weights.*--model'):
+            load_model(tmp_path / name)
+    calls = _reads(monkeypatch)
+    model = load_model(tmp_path / 'plain.pth', cfg.student.model, num_classes=3, layers=[1, 1, 1, 1]).model
+    assert len(calls) == 1
+    assert torch.equal(model.state_dict()['layer1.0.conv1.weight'], raw['layer1.0.conv1.weight'])
+    with pytest.raises(WeightsError, match=r'does not fit the resnet18.*shape-mismatched keys: fc\.bias, fc\.weight'):
+        load_model(tmp_path / 'plain.safetensors', 'resnet18', num_classes=5, layers=[1, 1, 1, 1])
+
+
+def test_damaged_export_files_are_named(run_files, tmp_path):
+    _, path, _, _ = run_files
+    weights, _ = export_checkpoint(path, tmp_path / 'export')
+    config = weights.with_name('config.json')
+    config.write_text(config.read_text()[:-20])
+    with pytest.raises(WeightsError, match=f'{config} is not valid JSON'):
+        load_model(tmp_path / 'export')
+    export_checkpoint(path, tmp_path / 'export2')
+    truncated = tmp_path / 'export2' / 'model.safetensors'
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match=f'{truncated} is not a readable safetensors file'):
+        load_model(tmp_path / 'export2')
