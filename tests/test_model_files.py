@@ -91,3 +91,31 @@ def test_damaged_export_files_are_named(run_files, tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:1000])
     with pytest.raises(WeightsError, match=f'{truncated} is not a readable safetensors file'):
         load_model(tmp_path / 'export2')
+
+
+def _tiny_vit(img_size):
+    torch.manual_seed(0)
+    return create_timm_model('vit_tiny_patch16_224', (img_size, img_size), num_classes=10, in_chans=1, patch_size=7,
+                             embed_dim=32, depth=1, num_heads=2)
+
+
+def test_weights_of_another_image_size_are_resampled_as_timm_does_for_hub_weights(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+    from scalekd.engine.weights import load_weights
+    small = _tiny_vit(28)
+    save_file(small.state_dict(), str(tmp_path / 'vit28.safetensors'))
+    large = _tiny_vit(35)
+    load_weights(large, tmp_path / 'vit28.safetensors')
+    grid = resample_abs_pos_embed(small.pos_embed.detach(), new_size=(5, 5), old_size=(4, 4), num_prefix_tokens=1)
+    assert large.pos_embed.shape == (1, 26, 32) and torch.allclose(large.pos_embed, grid)
+    assert torch.equal(large.blocks[0].mlp.fc1.weight, small.blocks[0].mlp.fc1.weight)
+
+
+def test_position_embeddings_that_cannot_be_resampled_name_the_image_size(tmp_path, monkeypatch):
+    import timm.models.vision_transformer as vit
+    from scalekd.engine.weights import load_weights
+    save_file(_tiny_vit(28).state_dict(), str(tmp_path / 'vit28.safetensors'))
+    monkeypatch.setattr(vit, 'checkpoint_filter_fn', lambda state, model: state)
+    with pytest.raises(WeightsError, match=r'shape-mismatched keys: pos_embed \(position embeddings of another image '
+                                           r'size: check data.img_size'):
+        load_weights(_tiny_vit(35), tmp_path / 'vit28.safetensors')

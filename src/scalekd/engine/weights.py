@@ -1,4 +1,5 @@
 """Loading weight files safely: safetensors, or torch files with ``weights_only`` (no pickle code runs)."""
+import sys
 from pathlib import Path
 from typing import Any, Dict, Union
 
@@ -59,18 +60,41 @@ def load_weights(model: nn.Module, path: Union[str, Path], what: str = 'model') 
     load_state_dict_checked(model, read_state_dict(path), path, what)
 
 
+def _mismatches(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, list]:
+    own = model.state_dict()
+    return {label: keys for label, keys in (
+        ('missing', sorted(set(own) - set(state))),
+        ('unexpected', sorted(set(state) - set(own))),
+        ('shape-mismatched', sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape))) if keys}
+
+
+def _resampled(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` through timm's checkpoint filter of the model's family, as timm applies it to hub weights:
+    position embeddings and tables resampled to the model's image size; ``state`` where there is none."""
+    adapt = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
+    if adapt is None:
+        return state
+    try:
+        return adapt(dict(state), model)
+    except Exception:  # a filter written for another layout: the mismatch is reported as it is
+        return state
+
+
 def load_state_dict_checked(model: nn.Module, state: Dict[str, torch.Tensor], path: Union[str, Path],
                             what: str = 'model') -> None:
-    """Load ``state`` (read from ``path``) into ``model``; mismatched keys or shapes are an error that
-    lists them."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
+    """Load ``state`` (read from ``path``) into ``model``. Weights of another image size are resampled
+    as timm does for hub weights; keys or shapes that still do not fit are an error that lists them."""
+    problems = _mismatches(model, state)
+    if set(problems) == {'shape-mismatched'}:
+        resampled = _resampled(model, state)
+        if not _mismatches(model, resampled):
+            state, problems = resampled, {}
+    if problems:
         def show(keys):
             return ', '.join(keys[:8]) + (f' (+{len(keys) - 8} more)' if len(keys) > 8 else '')
-        problems = [f'{label} keys: {show(keys)}' for label, keys in
-                    (('missing', missing), ('unexpected', unexpected), ('shape-mismatched', shapes)) if keys]
-        raise WeightsError(f'{path} does not fit the {what} ({type(model).__name__}): ' + '; '.join(problems))
+        listed = '; '.join(f'{label} keys: {show(keys)}' for label, keys in problems.items())
+        sized = any('pos' in k or 'relative_position' in k for k in problems.get('shape-mismatched', []))
+        hint = ' (position embeddings of another image size: check data.img_size against the size these weights ' \
+               'were trained at)' if sized else ''
+        raise WeightsError(f'{path} does not fit the {what} ({type(model).__name__}): {listed}{hint}')
     model.load_state_dict(state)
