@@ -119,3 +119,38 @@ def test_position_embeddings_that_cannot_be_resampled_name_the_image_size(tmp_pa
     with pytest.raises(WeightsError, match=r'shape-mismatched keys: pos_embed \(position embeddings of another image '
                                            r'size: check data.img_size'):
         load_weights(_tiny_vit(35), tmp_path / 'vit28.safetensors')
+
+
+class _Meta:
+    """Training metadata of another toolkit (mmengine's HistoryBuffer, say): not loadable weights-only."""
+
+    def __init__(self, values):
+        self.values = values
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_weights_beside_foreign_objects_load_and_a_payload_is_refused(tmp_path):
+    from scalekd.engine.weights import read_state_dict
+    weights = {'backbone.w': torch.arange(4.0), 'head.b': torch.ones(2)}
+    path = tmp_path / 'mmcls.pth'
+    torch.save({'meta': {'hub': _Meta([1.0, 2.0])}, 'state_dict': weights}, path)
+    with pytest.raises(Exception, match='Weights only load failed'):
+        torch.load(path, weights_only=True)  # what a plain safe load says
+    state = read_state_dict(path)  # the metadata loads as inert stand-ins
+    assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
+    marker = tmp_path / 'pwned'
+    torch.save({'meta': {'hook': _Payload(marker)}, 'state_dict': weights}, path)
+    with pytest.raises(WeightsError, match='mmcls.pth cannot be loaded safely'):
+        read_state_dict(path)
+    assert not marker.exists()
+    path.write_bytes(path.read_bytes()[:300])  # truncated
+    with pytest.raises(WeightsError, match='mmcls.pth cannot be loaded safely'):
+        read_state_dict(path)

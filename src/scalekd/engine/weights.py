@@ -1,4 +1,5 @@
 """Loading weight files safely: safetensors, or torch files with ``weights_only`` (no pickle code runs)."""
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Dict, Union
@@ -35,9 +36,34 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         raise WeightsError(f'weight file {path} is empty (0 bytes)')
     try:
         data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # UnpicklingError for unsafe content, RuntimeError / EOFError for truncated files
+    except pickle.UnpicklingError:  # Python objects beyond tensors (an mmengine checkpoint's meta, ...)
+        data = _load_with_inert_objects(path)
+    except Exception as e:  # RuntimeError / EOFError for truncated or foreign files
         raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e)}') from None
     return state_dict_of(data, path)
+
+
+class _Inert:
+    """Stands in for a class or function a file names: takes any arguments and state, runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _load_with_inert_objects(path: Path) -> Any:
+    """``torch.load`` with ``weights_only``, each global the file names (other than what torch allows)
+    replaced by an inert stand-in: tensors load, the rest (training metadata) loads as inert objects,
+    and no code from the file runs."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stand_ins = [(type(name.rsplit('.', 1)[-1], (_Inert,), {}), name) for name in names]
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e)}') from None
 
 
 def state_dict_of(data: Any, path: Union[str, Path]) -> Dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ...adapters.models import create_timm_model
-from ...engine.weights import WeightsError, read_state_dict
+from ...engine.weights import read_state_dict
 from .openmmlab import OpenMMLabKeyError, from_openmmlab
 
 __all__ = ['student_state', 'import_mmcls']
@@ -39,14 +39,7 @@ def import_mmcls(path: Union[str, Path], model_name: str, img_size: int = 224,
     timm model (else :class:`~scalekd.tools.transfer.openmmlab.OpenMMLabKeyError` lists those that do not).
     Returns the model and a report: tensors imported, prefixes left out, class count.
     """
-    try:
-        state = read_state_dict(path)
-    except WeightsError as e:
-        if 'cannot be loaded safely' not in str(e):
-            raise
-        raise WeightsError(f'{e}. If you trust the file, save its tensors alone first, e.g. python -c "import torch; '
-                           f"torch.save(torch.load('{path}', weights_only=False)['state_dict'], 'plain.pth')\"") from None
-    student, others = student_state(state)
+    student, others = student_state(read_state_dict(path))
     heads = [student[k] for k in _HEAD_WEIGHTS if k in student]
     kwargs = dict(model_kwargs or {})
     if heads:
