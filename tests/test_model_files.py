@@ -1,4 +1,6 @@
 """One loader for a training checkpoint, an export folder or a weight file, each read once."""
+import warnings
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -154,3 +156,15 @@ def test_weights_beside_foreign_objects_load_and_a_payload_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:300])  # truncated
     with pytest.raises(WeightsError, match='mmcls.pth cannot be loaded safely'):
         read_state_dict(path)
+
+
+def test_non_finite_weights_load_with_a_warning_naming_them(run_files, tmp_path):
+    cfg, path, raw, ema = run_files
+    ema = dict(ema, **{'fc.bias': torch.full_like(ema['fc.bias'], float('nan'))})
+    save_checkpoint(dict(format_version=2, config=config_to_dict(cfg), progress={}, student=raw, ema=ema), path)
+    with pytest.warns(UserWarning, match=r'best.pth: 1 tensor\(s\) hold NaN or infinite values \(fc.bias\)'):
+        loaded = load_model(path)
+    assert loaded.model.fc.bias.isnan().all()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        load_model(path, use_ema=False)  # the raw weights are finite: no warning

@@ -5,6 +5,7 @@ Every command that takes a trained model (``eval``, ``export``, the analysis com
 and each file is read once.
 """
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -80,16 +81,30 @@ def _from_name(name: str, weights: Optional[Dict[str, Any]], path: Optional[Path
     return LoadedModel(model, resolve_data_config({}, model=model))
 
 
+def _warn_non_finite(loaded: LoadedModel, path: Path) -> LoadedModel:
+    bad = [k for k, v in loaded.model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        warnings.warn(f'{path}: {len(bad)} tensor(s) hold NaN or infinite values ({", ".join(bad[:3])}'
+                      f'{", ..." if len(bad) > 3 else ""}): the weights of a run that diverged; its outputs mean '
+                      f'nothing', UserWarning, stacklevel=3)
+    return loaded
+
+
 def load_model(path: Optional[Union[str, Path]] = None, name: Optional[str] = None, use_ema: bool = True,
                **kwargs: Any) -> LoadedModel:
     """The model at ``path`` (a training checkpoint: its student, EMA weights first unless ``use_ema`` is
     false; an export folder), or the timm model ``name`` with the weight file ``path`` (without a path:
-    its hub weights); ``kwargs`` go to ``timm.create_model`` for a model given by name."""
+    its hub weights); ``kwargs`` go to ``timm.create_model`` for a model given by name. Weights with
+    NaN or infinite values load with a warning naming them."""
     if path is None:
         if not name:
             raise ValueError('give --model NAME or --checkpoint PATH')
         return _from_name(name, None, None, **kwargs)
     path = Path(path)
+    return _warn_non_finite(_from_file(path, name, use_ema, **kwargs), path)
+
+
+def _from_file(path: Path, name: Optional[str], use_ema: bool, **kwargs: Any) -> LoadedModel:
     folder = export_folder_of(path)
     if folder is not None:
         return _from_export(folder)
