@@ -11,6 +11,7 @@ import torch
 
 from .engine.config import parse_key_value
 from .engine.devices import DEVICE_HELP, resolve_device
+from .engine.distributed import RankError
 from .engine.errors import USER_ERRORS
 from .method.options import METHODS
 from .task.builder import build_distiller
@@ -409,7 +410,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        print(f'scalekd {args.command}: error: {_user_message(e)}', file=sys.stderr)
+        rank = int(os.environ.get('RANK') or 0)  # under torchrun
+        if not (rank and isinstance(e, RankError)):  # a refusal of the main process is printed there alone
+            print(f'scalekd {args.command}: error: {f"rank {rank}: " if rank else ""}{_user_message(e)}',
+                  file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
         traceback.print_exc()
