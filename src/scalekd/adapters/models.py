@@ -4,6 +4,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import timm
 import torch.nn as nn
+from timm.layers import to_2tuple
 from timm.models import get_pretrained_cfg_value, split_model_name_tag
 
 from .common import input_normalization as normalization_of
@@ -40,12 +41,41 @@ def create_timm_model(
 ) -> nn.Module:
     """``timm.create_model`` that passes ``img_size`` to fixed-size models (ViT, Swin, Mixer, EVA, ...).
 
-    Convolutional models adapt to any input and get no ``img_size``.
+    Convolutional models adapt to any input and get no ``img_size``. A keyword the model does not take,
+    and an image size its patches do not tile, are errors naming them.
     """
     _check_name(name, role)
     if get_pretrained_cfg_value(name, 'fixed_input_size') and 'img_size' not in kwargs:
         kwargs['img_size'] = tuple(img_size)
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        if 'unexpected keyword argument' not in str(e):
+            raise
+        raise ValueError(f'{role} model {name!r} does not take {str(e).split("argument ")[-1]} (its kwargs): '
+                         f'{e}') from None
+    except OSError as e:  # the hub's weights not reachable (no network, no cache) or not there
+        if not pretrained:
+            raise
+        raise ValueError(f'cannot load the hub weights of the {role} {name!r} ({str(e).splitlines()[0]}): without '
+                         f'network, give local weights (teacher.checkpoint in a config, --checkpoint PATH in a '
+                         f'command)') from None
+    _check_patches(model, name, role, tuple(img_size))
+    return model
+
+
+def _check_patches(model: nn.Module, name: str, role: str, img_size: Tuple[int, int]) -> None:
+    """A patch embedding that would silently drop the pixels past the last whole patch is refused."""
+    embed = getattr(model, 'patch_embed', None)
+    patch = getattr(embed, 'patch_size', None)
+    if patch is None or getattr(embed, 'dynamic_img_pad', False):
+        return
+    for size, step in zip(img_size, to_2tuple(patch)):
+        if size % step:
+            lower, upper = size - size % step, size - size % step + step
+            raise ValueError(f'image size {size} is not a multiple of the {role} {name!r} patch size {step}: the '
+                             f'last {size % step} pixel rows and columns would be dropped (data.img_size: use '
+                             f'{lower} or {upper})')
 
 
 def input_normalization(name: Optional[str], in_chans: int, mean: Optional[Sequence[float]] = None,

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
 from ..engine.checkpoint import save_checkpoint
+from ..engine.run_folder import check_output_path
 from ..engine.weights import WeightsError
 from .model_files import load_model
 from .transfer import to_format
@@ -58,13 +59,13 @@ def export_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], use_ema
     ``fmt='timm'`` writes ``model.safetensors`` + ``config.json``; another format of
     :data:`scalekd.tools.transfer.FORMATS` writes ``model.pth``, a state dict under that toolkit's key names.
     """
+    out_dir = check_output_path(out_dir)  # before anything is read
     loaded = load_model(path, use_ema=use_ema)
     if loaded.run_config is None:
         raise WeightsError(f'{path} is an export already: export takes a run\'s checkpoint-*.pth or best.pth')
     if fmt == 'timm':
         return export_student(loaded.model, out_dir, loaded.data_config, dtype), loaded.ema
     state = cast_floats(to_format(loaded.model, fmt), dtype)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, out_dir / 'model.pth')
     return out_dir / 'model.pth', loaded.ema
