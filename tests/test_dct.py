@@ -59,10 +59,20 @@ def test_constant_map_has_all_energy_at_dc_and_cosine_at_its_frequency():
     assert c.abs().max().item() < 1e-12
 
 
-def test_keep_dc_is_the_complement_of_phi():
-    x = torch.randn(2, 4, 5, 3)
-    torch.testing.assert_close(keep_dc(x) + remove_dc(x), x)
-    assert torch.allclose(keep_dc(x)[..., 0, 0], x.mean(dim=(2, 3)))
+def test_keep_dc_and_phi_against_hand_computed_maps():
+    # channel 0 (2 x 3): mean 2; channel 1: mean -1. Each channel's own mean, over H and W only.
+    x = torch.tensor([[[[1., 2., 3.], [0., 2., 4.]],
+                       [[-1., -1., -1.], [-4., 2., -1.]]]])
+    want_dc = torch.tensor([[[[2., 2., 2.], [2., 2., 2.]],
+                             [[-1., -1., -1.], [-1., -1., -1.]]]])
+    want_phi = torch.tensor([[[[-1., 0., 1.], [-2., 0., 2.]],
+                              [[0., 0., 0.], [-3., 3., 0.]]]])
+    torch.testing.assert_close(keep_dc(x), want_dc, atol=0, rtol=0)
+    torch.testing.assert_close(remove_dc(x), want_phi, atol=0, rtol=0)
+    # a second image with other values leaves the first image's maps alone
+    both = torch.cat([x, 10 * torch.ones_like(x)])
+    torch.testing.assert_close(remove_dc(both)[:1], want_phi, atol=0, rtol=0)
+    torch.testing.assert_close(keep_dc(both)[1:], 10 * torch.ones_like(x), atol=0, rtol=0)
 
 
 def test_dct_rejects_wrong_grid():

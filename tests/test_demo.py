@@ -5,9 +5,14 @@ import re
 import pytest
 import torch
 
+import teacher_reference as ref
 from engine_fixtures import make_fashion_mnist
+from scalekd.adapters.models import create_timm_model
 from scalekd.cli import main
+from scalekd.engine.checkpoint import load_checkpoint
 from scalekd.tools.demo import STUDENTS, TEACHER_WEIGHTS, DemoSettings, format_table, load_teacher, run_demo
+
+REFERENCE = json.loads(ref.FIXTURE.read_text())  # written by tests/teacher_reference.py
 
 TOY = dict(subset=64, epochs=2, batch_size=32, test_sample=40, progress=False)
 
@@ -17,13 +22,36 @@ def fashion_dir(tmp_path_factory):
     return make_fashion_mnist(tmp_path_factory.mktemp('fmnist'), n_train=200, n_test=80)
 
 
-def test_shipped_teacher_is_small_and_loads():
+@pytest.fixture(scope='module')
+def teacher():
     assert TEACHER_WEIGHTS.is_file() and TEACHER_WEIGHTS.stat().st_size <= 5_000_000
-    teacher = load_teacher(str(TEACHER_WEIGHTS))
-    assert not teacher.training and sum(p.numel() for p in teacher.parameters()) > 1_000_000
-    with torch.no_grad():
-        logits = teacher(torch.zeros(2, 1, 28, 28))
-    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    return load_teacher(str(TEACHER_WEIGHTS))
+
+
+def _assert_reference(got, record):
+    assert got.argmax(1).tolist() == record['top1']
+    torch.testing.assert_close(got, torch.tensor(record['logits']), rtol=0, atol=1e-4)
+
+
+def test_shipped_teacher_gives_the_stored_logits_on_a_seeded_batch(teacher):
+    """Weights, architecture and loading together: a changed file, key mapping or model config shows here."""
+    assert not teacher.training
+    _assert_reference(ref.logits(teacher, ref.synthetic_batch()), REFERENCE['synthetic'])
+
+
+@pytest.mark.skipif(ref.fashion_mnist_batch() is None, reason='needs dataset-fashion-mnist (scripts/install)')
+def test_shipped_teacher_classifies_the_first_test_images_as_stored(teacher):
+    images, labels = ref.fashion_mnist_batch()
+    assert labels == REFERENCE['fashion_mnist_test']['labels']
+    _assert_reference(ref.logits(teacher, images), REFERENCE['fashion_mnist_test'])
+    assert sum(p == t for p, t in zip(REFERENCE['fashion_mnist_test']['top1'], labels)) >= 15  # a trained teacher
+
+
+def _accuracy(model, folder):
+    """Top-1 (%) on a generated test split, read and normalised here, not by the project's data code."""
+    images = ref._idx(folder / 't10k-images-idx3-ubyte.gz', 16).reshape(-1, 1, 28, 28)
+    labels = torch.from_numpy(ref._idx(folder / 't10k-labels-idx1-ubyte.gz', 8).astype('int64'))
+    return 100.0 * (ref.logits(model.eval(), images).argmax(1) == labels).float().mean().item()
 
 
 def _table_numbers(table: str):
@@ -35,6 +63,7 @@ def _table_numbers(table: str):
     return rows
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_writes_results_plot_and_a_table_that_matches(tmp_path, fashion_dir, capsys):
     out = tmp_path / 'demo'
     code = main(['demo', '--data', str(fashion_dir), '--output', str(out), '--baselines', '--subset', '64',
@@ -42,16 +71,25 @@ def test_demo_end_to_end_writes_results_plot_and_a_table_that_matches(tmp_path, 
                  '--batch-size', '32'])
     assert code == 0
     results = json.loads((out / 'results.json').read_text())
-    assert 0 <= results['teacher_top1'] <= 100
+    assert results['teacher_top1'] == pytest.approx(_accuracy(load_teacher(str(TEACHER_WEIGHTS)), fashion_dir), abs=1e-6)
     assert set(results['students']) == set(STUDENTS)
     assert results['settings']['distill'] == {'w_ori': 0.1}
     for name, row in results['students'].items():
         for label in ('alone', 'kd', 'scalekd'):
-            assert 0 <= row[f'{label}_top1'] <= 100
+            # every image of the 80-image test split counts (1.25 % each); the curve uses the 40-image sample
+            assert row[f'{label}_top1'] / 1.25 == pytest.approx(round(row[f'{label}_top1'] / 1.25), abs=1e-6)
             assert len(row['curves'][label]) == 2
+            assert all(v / 2.5 == pytest.approx(round(v / 2.5), abs=1e-6) for v in row['curves'][label])
             run = out / f'{name}-{label}'
             assert (run / 'config.yaml').is_file() and (run / 'metrics.jsonl').is_file()
-        assert row['gain'] == pytest.approx(row['scalekd_top1'] - row['alone_top1'])
+    # the reported accuracies are those of the trained students: rebuild the CNN's from its last checkpoint
+    top1 = {}
+    for label in ('alone', 'scalekd'):
+        cnn = create_timm_model(STUDENTS['cnn']['model'], (28, 28), num_classes=10, in_chans=1, **STUDENTS['cnn']['kwargs'])
+        cnn.load_state_dict(load_checkpoint(out / f'cnn-{label}' / 'checkpoint-0002.pth')['student'])
+        top1[label] = _accuracy(cnn, fashion_dir)
+        assert results['students']['cnn'][f'{label}_top1'] == pytest.approx(top1[label], abs=1e-6)
+    assert results['students']['cnn']['gain'] == pytest.approx(top1['scalekd'] - top1['alone'], abs=1e-6)
     assert (out / 'accuracy.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
     table = _table_numbers(capsys.readouterr().out)
@@ -61,6 +99,7 @@ def test_demo_end_to_end_writes_results_plot_and_a_table_that_matches(tmp_path, 
         assert table[name] == pytest.approx([round(v, 2) for v in expected], abs=0.006)
 
 
+@pytest.mark.slow
 def test_demo_is_seeded_and_repeatable(tmp_path, fashion_dir):
     runs = [run_demo(DemoSettings(output=str(tmp_path / str(i)), students=['cnn'], data=str(fashion_dir), **TOY),
                      say=lambda m: None) for i in range(2)]

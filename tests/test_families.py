@@ -12,8 +12,11 @@ def _build(teacher: str, student: str, **options):
     return build_distiller(make_teacher(teacher, img), make_student(student, img), img_size=img, **options), img
 
 
-@pytest.mark.parametrize('teacher', sorted(TEACHERS))
-@pytest.mark.parametrize('student', STUDENTS)
+# every pair; the fast set (-m "not slow") keeps each student with the ViT teacher
+PAIRS = [pytest.param(t, s, marks=() if t == 'vit' else pytest.mark.slow) for s in STUDENTS for t in sorted(TEACHERS)]
+
+
+@pytest.mark.parametrize('teacher, student', PAIRS)
 def test_pair_trains_with_frozen_teacher_and_clean_student(teacher, student):
     distiller, img = _build(teacher, student)
     distiller.train()
@@ -63,7 +66,8 @@ def _grads_of_s4_losses(distiller, img):
     return proxy_grad
 
 
-@pytest.mark.parametrize('teacher,student', [('swin', 'resnet'), ('eva02', 'vit'), ('beit', 'mixer')])
+@pytest.mark.parametrize('teacher,student', [pytest.param('swin', 'resnet', marks=pytest.mark.slow),
+                                             pytest.param('eva02', 'vit', marks=pytest.mark.slow), ('beit', 'mixer')])
 def test_s4_losses_reach_s3_projectors_and_early_stages_through_adaptive_queries(teacher, student):
     distiller, img = _build(teacher, student)
     assert _grads_of_s4_losses(distiller, img) > 0
@@ -83,3 +87,29 @@ def test_teacher_stays_in_eval_after_train_unless_asked():
     assert distiller.teacher.model.training
     distiller.eval()
     assert not distiller.teacher.model.training
+
+
+@pytest.mark.parametrize('family', ['vit', 'mixer'])
+@pytest.mark.parametrize('depth, block', [(2, 1), (3, 2), (4, 3), (8, 6), (12, 9), (24, 18)])
+def test_plain_student_s3_is_the_block_three_quarters_deep(family, depth, block):
+    """s3 of a ViT / Mixer student: the output of block round(3/4 depth) (1-based; at least 1, before
+    the last), e.g. block 9 of 12 as in the paper, read from the block itself by a hook."""
+    import timm
+    from timm.models.mlp_mixer import MlpMixer
+    from scalekd.adapters import StudentAdapter
+    if family == 'vit':
+        model = timm.create_model('vit_tiny_patch16_224', img_size=16, patch_size=8, embed_dim=16, depth=depth,
+                                  num_heads=2, num_classes=3)
+    else:
+        model = MlpMixer(img_size=16, patch_size=8, embed_dim=16, num_blocks=depth, num_classes=3)
+    adapter = StudentAdapter(model.eval(), (16, 16))
+    assert adapter.s3_index == block - 1
+    seen = {}
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o)) for k, b in enumerate(model.blocks)]
+    with torch.no_grad():
+        _, s3, _ = adapter(model, torch.randn(2, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    tokens = seen[block - 1][:, getattr(model, 'num_prefix_tokens', 0):]  # (N, 4, C): a 2 x 2 grid
+    torch.testing.assert_close(s3, tokens.transpose(1, 2).reshape(2, 16, 2, 2), rtol=0, atol=0)
+    assert not torch.equal(s3, seen[block - 2 if block > 1 else block][:, -4:].transpose(1, 2).reshape(2, 16, 2, 2))
