@@ -1,4 +1,5 @@
 """One loader for a training checkpoint, an export folder or a weight file, each read once."""
+import json
 import warnings
 
 import pytest
@@ -61,6 +62,8 @@ def test_an_export_folder_round_trips_and_is_not_exported_again(run_files, tmp_p
         assert loaded.run_config is None
         assert torch.equal(loaded.model.state_dict()['fc.weight'], ema['fc.weight'])
         assert loaded.model.num_classes == 3 and tuple(loaded.data_config['input_size']) == (3, 32, 32)
+    described = json.loads((tmp_path / 'export' / 'config.json').read_text())['pretrained_cfg']
+    assert described['tag'] == 'scalekd' and not {'license', 'origin_url', 'paper_ids', 'hf_hub_id'} & set(described)
     with pytest.raises(WeightsError, match='is an export already'):
         export_checkpoint(tmp_path / 'export', tmp_path / 'again')
     assert not (tmp_path / 'again').exists()

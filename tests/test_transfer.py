@@ -64,12 +64,12 @@ def test_export_command_writes_torchvision_weights(tmp_path):
 
 def test_export_dtype_stores_half_weights_that_load_into_a_float_model(tmp_path):
     from safetensors.torch import load_file
-    from scalekd.tools.export import load_student
+    from scalekd.tools.model_files import load_model
     student = _student_checkpoint(tmp_path / 'ckpt.pth')
     assert main(['export', str(tmp_path / 'ckpt.pth'), '--out', str(tmp_path / 'half'), '--dtype', 'float16']) == 0
     stored = load_file(str(tmp_path / 'half' / 'model.safetensors'))
     assert stored['conv1.weight'].dtype == torch.float16 and stored['bn1.num_batches_tracked'].dtype == torch.int64
-    loaded, _ = load_student(tmp_path / 'half')
+    loaded = load_model(tmp_path / 'half').model
     assert loaded.conv1.weight.dtype == torch.float32
     torch.testing.assert_close(loaded.conv1.weight, student.conv1.weight.half().float())
 

@@ -1,4 +1,5 @@
 """Exporting the distilled student: ``model.safetensors`` + timm's ``config.json``, or another toolkit's keys."""
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
@@ -23,6 +24,18 @@ def cast_floats(state: Dict[str, torch.Tensor], dtype: str) -> Dict[str, torch.T
     return {k: v.to(store) if v.is_floating_point() else v for k, v in state.items()}
 
 
+# what timm's config of a hub weight file says about that file, not about weights trained here
+_HUB_FIELDS = ('hf_hub_id', 'url', 'file', 'origin_url', 'paper_ids', 'paper_name', 'license', 'notes')
+
+
+def _not_from_the_hub(config_path: Path) -> None:
+    """Tag the exported weights ``scalekd`` and drop the hub weights' provenance that timm copies over."""
+    config = json.loads(config_path.read_text())
+    pretrained = {k: v for k, v in config.get('pretrained_cfg', {}).items() if k not in _HUB_FIELDS}
+    config['pretrained_cfg'] = dict(pretrained, tag='scalekd')
+    config_path.write_text(json.dumps(config, indent=2))
+
+
 def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: Dict[str, Any],
                    dtype: str = 'float32') -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``out_dir``; returns the weights path.
@@ -41,6 +54,7 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
     try:  # both files or neither
         save_file(state, str(partial[0]), metadata={'format': 'pt'})
         save_config_for_hf(student, str(partial[1]), data_config=data_config)
+        _not_from_the_hub(partial[1])
     except BaseException:
         for path in partial:
             path.unlink(missing_ok=True)
