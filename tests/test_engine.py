@@ -17,7 +17,7 @@ from scalekd.engine.checkpoint import load_checkpoint
 from scalekd.cli import main
 from scalekd.engine.trainer import build_task
 from scalekd.engine.config import load_config
-from scalekd.tools.export import load_student
+from scalekd.tools.model_files import load_model
 from scalekd.engine.weights import WeightsError
 
 
@@ -66,7 +66,7 @@ def test_eval_reproduces_logged_top1_and_export_loads_in_timm(trained, data_root
     cfg = load_config(cfg_path)
     model = timm.create_model('resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(weights), num_classes=3),
                               num_classes=3, layers=[1, 1, 1, 1]).eval()
-    trained_student, _ = load_student(run / 'best.pth')
+    trained_student = load_model(run / 'best.pth').model
     x = torch.randn(2, 3, cfg.data.img_size, cfg.data.img_size)
     torch.testing.assert_close(model(x), trained_student.eval()(x))
     assert main(['eval', str(tmp_path / 'export'), '--data', str(data_root / 'val'), '--workers', '0', '--json']) == 0

@@ -15,7 +15,7 @@ from run_tools import finish, metrics, start, step_lines, wait_for
 from scalekd.engine.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
 from scalekd.cli import main
 from scalekd.engine.run_folder import MARKER, RunFolder, RunFolderError
-import scalekd.engine.trainer as engine
+import scalekd.engine.run_output as engine
 
 EVERY_STEP = dict(checkpoint_every_steps=1, keep_checkpoints=20)
 

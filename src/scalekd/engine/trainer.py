@@ -1,17 +1,12 @@
 """The training engine: builds a run from its config and trains, evaluates, checkpoints and resumes it."""
-import dataclasses
 import math
 import os
-import signal
-import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from timm.loss import create_classification_loss
 from timm.optim import create_optimizer_v2
@@ -22,24 +17,23 @@ from ..adapters.models import create_timm_model, input_normalization as model_no
 from ..task.builder import build_distiller
 from ..task.distiller import Distiller
 from ..task.report import param_counts, tap_rows
-from .checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, checkpoint_position, checkpoints_by_age,
-                         latest_checkpoint, read_training_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from .config import RunConfig, config_from_dict, config_to_dict, save_config
+from .checkpoint import checkpoint_name, read_training_checkpoint
+from .config import RunConfig, config_to_dict, save_config
 from .data import build_datasets, build_loaders, build_mixup, seed_epoch
 from .distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_rank, barrier, on_main
+from .epoch_losses import EpochLosses
+from .faults import NormStatistics, StopSignal, judge_non_finite, non_finite_flags
 from .precision import autocast, resolve_precision
-from .run_folder import RunFolder
+from .run_errors import RunError, RunInterrupted
+from .run_folder import check_output_path
 from .run_logger import RunLogger
+from .run_output import RunOutput, check_resume_request
 from .synthetic_step import synthetic_batch, training_step
+from .training_state import Progress, TrainingState, changed_settings, gather_rng_states, restore_rng_states
 from .weights import load_weights
 
-__all__ = ['Trainer', 'build_task', 'evaluate', 'dry_run', 'input_normalization', 'RunError', 'RunInterrupted']
-
-
-
-
-class RunError(ValueError):
-    """A run that cannot start as asked (output folder, resume, batch split)."""
+__all__ = ['Trainer', 'build_task', 'evaluate', 'dry_run', 'input_normalization', 'RunError', 'RunInterrupted',
+           'changed_settings']
 
 
 def input_normalization(cfg: RunConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -128,93 +122,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.
     optimizer.zero_grad(set_to_none=True)
 
 
-class EpochLosses:
-    """The loss terms of the current epoch on this rank, summed on the device (no host sync per step).
-
-    Terms of an accumulation window count only once its update is done (a skipped window leaves
-    no trace); :meth:`global_sums` adds every rank's sums, which is what a checkpoint stores.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.names: List[str] = []
-        self.sums: Optional[torch.Tensor] = None
-        self.batches = 0
-        self._window: List[torch.Tensor] = []
-
-    def load(self, totals: Dict[str, float], batches: int) -> None:
-        """Start from sums carried over (by the main process of a resumed run; none at an epoch's end)."""
-        if not totals:
-            return self.reset()
-        self.names = sorted(totals)
-        self.sums = torch.tensor([totals[n] for n in self.names], dtype=torch.float64, device=self.device)
-        self.batches = batches
-
-    def add(self, terms: Dict[str, torch.Tensor]) -> None:
-        if not self.names:
-            self.names = sorted(terms)
-        self._window.append(torch.stack([terms[n].detach().double() for n in self.names]))
-
-    def commit(self) -> None:
-        if self._window:
-            window = torch.stack(self._window).sum(0)
-            self.sums = window if self.sums is None else self.sums + window
-            self.batches += len(self._window)
-        self._window = []
-
-    def discard(self) -> None:
-        self._window = []
-
-    def global_sums(self, env: DistEnv) -> Tuple[Dict[str, float], int]:
-        """Every rank's sums added (a collective), and the number of batches behind them."""
-        sums = self.sums.tolist() if self.sums is not None else [0.0] * len(self.names)
-        values = all_reduce_sum({**{f't/{n}': v for n, v in zip(self.names, sums)}, 'batches': self.batches}, env)
-        return {n: values[f't/{n}'] for n in self.names}, int(values['batches'])
-
-    def reset(self) -> None:
-        self.sums, self.batches, self._window = None, 0, []
-
-
-@dataclass
-class _Progress:
-    """Where a run stands; saved in every checkpoint (with the epoch's loss sums of every rank)."""
-    epoch: int = 0     # epochs completed
-    batch: int = 0     # batches of the current epoch consumed, per process (mid-epoch checkpoints)
-    step: int = 0      # optimizer updates done
-    best_top1: float = -1.0
-    best_top5: float = 0.0
-    best_epoch: int = -1
-    best_step: int = -1
-    nan_skips: int = 0
-    history: List[Dict[str, Any]] = field(default_factory=list)
-
-
-class RunInterrupted(RuntimeError):
-    """SIGTERM / SIGINT stopped the run after saving a checkpoint."""
-
-
-# settings a resumed run may change without changing what it computes
-_RESUME_FREE = ('output', 'log.', 'data.root', 'data.workers', 'data.val_batch_size', 'data.check_images',
-                'train.keep_checkpoints', 'train.checkpoint_every_steps', 'train.max_nan_skips',
-                'train.dist_timeout_s', 'train.deterministic', 'train.compile', 'train.accum_steps')
-
-
-def _flat(data: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
-    out = {}
-    for k, v in data.items():
-        out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) and k != 'kwargs' else {f'{prefix}{k}': v})
-    return out
-
-
-def changed_settings(old: RunConfig, new: RunConfig) -> List[str]:
-    """``key: old -> new`` for each setting of a resumed run that differs from its checkpoint's."""
-    a, b = _flat(config_to_dict(old)), _flat(config_to_dict(new))
-    return [f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not k.startswith(_RESUME_FREE)]
-
-
 class Trainer:
-    """Everything of one run, built from its config (models, data, optimiser, schedule, logging).
+    """One run, built from its config (models, data, optimiser, schedule, logging), and its training loop.
 
     Args:
         cfg: the validated run config.
@@ -222,15 +131,14 @@ class Trainer:
         resume: ``None``, ``'auto'`` (newest complete checkpoint in the output folder, if any) or a path.
         force: start afresh in an output folder that holds another run (deleting only its files).
 
-    The main process holds the output folder's lock from here to the end of :meth:`fit`.
+    The main process holds the output folder (:class:`~scalekd.engine.run_output.RunOutput`) from here
+    to the end of :meth:`fit`. Lines marked "every rank" are collectives: each rank reaches them together.
     """
 
     def __init__(self, cfg: RunConfig, env: DistEnv, resume: Optional[str] = None, force: bool = False):
         self.cfg, self.env = cfg, env
         tcfg = cfg.train
-        if resume and force:
-            raise RunError('--resume and --force contradict each other: --resume continues the run in the output '
-                           'folder, --force deletes it')
+        check_resume_request(resume, force)
         self.precision = resolve_precision(tcfg.precision, env.device)
         if tcfg.batch_size % (env.world_size * tcfg.accum_steps):
             raise RunError(f'train.batch_size {tcfg.batch_size} does not split over {env.world_size} process(es) '
@@ -238,71 +146,17 @@ class Trainer:
         self.batch_per_rank = tcfg.batch_size // (env.world_size * tcfg.accum_steps)
         if tcfg.deterministic:
             enable_determinism(env.device)
-        self.folder = RunFolder(cfg.output) if env.is_main else None
-        self.out_dir = Path(cfg.output)
-        self._resume_state: Optional[Dict[str, Any]] = None
+        self.out_dir = check_output_path(cfg.output)
         self._notes: List[str] = []  # said in the log once it is open
-        self.resumed_from: Optional[Path] = on_main(lambda: self._open_output(resume, force), env)
+        self.output = RunOutput(cfg.output, tcfg.keep_checkpoints, self._notes.append) if env.is_main else None
+        # every rank: the main process opens the folder, every rank learns the checkpoint it resumes from
+        self.resumed_from: Optional[Path] = on_main(lambda: self.output.open(resume, force), env)
         try:
             self._build(resume is not None)
         except BaseException:
-            if self.folder is not None:
-                self.folder.release(failed=True)
+            if self.output is not None:
+                self.output.release(failed=True)
             raise
-
-    # -- output folder and resume ----------------------------------------------------------------------
-    def _open_output(self, resume: Optional[str], force: bool) -> Optional[Path]:
-        """Main process: lock the output folder, then find the checkpoint to resume from (read once,
-        kept for :meth:`_load`), or make the folder ready for a fresh run."""
-        self.folder.acquire()
-        try:
-            path = None
-            if resume == 'auto':
-                path, self._resume_state, passed = latest_checkpoint(self.folder.path)
-                self._notes += [f'passed over {p}' for p in passed]
-            elif resume:
-                path = Path(resume)
-                if path.is_dir():
-                    raise RunError(f'--resume {path} is a folder: give one of its checkpoint-*.pth, or set output to it '
-                                   f'and pass --resume auto')
-                inside = path.resolve().parent == self.folder.path.resolve()
-                if self.folder.holds_run() and not inside:
-                    raise RunError(f'output folder {self.folder.path} holds another run; resume {path} into its own '
-                                   f'folder (set output) or use --resume auto')
-                self._resume_state = read_training_checkpoint(path)
-                if inside:
-                    self._set_aside_later(path)
-            if not resume or not self.folder.holds_run():  # a new run here: nothing of another may be lost
-                removed = self.folder.check_fresh(force)
-                self._notes += [f'--force removed the previous run\'s {", ".join(removed)}'] if removed else []
-            partial = self.folder.remove_partial_writes()
-            self._notes += [f'removed unfinished writes {", ".join(partial)}'] if partial else []
-            return path
-        except BaseException:
-            self.folder.release(failed=True)
-            raise
-
-    def _set_aside_later(self, path: Path) -> None:
-        """Resuming from an older checkpoint of this folder abandons the history after it: its later
-        checkpoints and a best.pth from after it move aside, so that no later resume mixes them in."""
-        progress, train = self._resume_state['progress'], self._resume_state['config']['train']
-        resumed = (progress['epoch'], progress['batch'] // train.get('accum_steps', 1))
-        later = [p for p in checkpoints_by_age(self.folder.path) if checkpoint_position(p.name) > resumed]
-        best, step = self.folder.path / 'best.pth', progress['step']
-        if best.is_file() and self._best_step_on_disk(best) > step:
-            later.append(best)
-        if later:
-            aside = self.folder.set_aside(later, step)
-            self._notes.append(f'resumed from an older checkpoint: {", ".join(p.name for p in later)} of the '
-                               f'abandoned history moved to {aside}')
-
-    def _best_step_on_disk(self, best: Path) -> int:
-        """The step of the best epoch ``best.pth`` holds (-1 when it does not load, with a note)."""
-        try:
-            return read_training_checkpoint(best)['progress'].get('best_step', -1)
-        except CheckpointError as e:
-            self._notes.append(f'best.pth is unreadable ({e})')
-            return -1
 
     def _build(self, resuming: bool) -> None:
         cfg, env, tcfg = self.cfg, self.env, self.cfg.train
@@ -335,17 +189,17 @@ class Trainer:
         if env.distributed:
             self.task.prepare_distributed(device_ids=[env.local_rank] if env.device.type == 'cuda' else None)
 
-        self.progress = _Progress()
+        self.training_state = TrainingState(cfg, self.task, self.optimizer, self.scaler, self.ema)
+        self.progress = Progress()
         self.losses = EpochLosses(env.device)
-        self._buffers = list(self.task.trainable_module.buffers())  # running statistics a forward updates
+        self.norm_stats = NormStatistics(self.task.trainable_module)
+        self.stop = StopSignal()
         if self.resumed_from is not None:
-            state = self._resume_state if env.is_main else read_training_checkpoint(self.resumed_from)
-            self._load(state, self.resumed_from)
-        self._resume_state = None
+            self._resume()
         if env.is_main:
-            self.folder.mark(fresh=not resuming)
+            self.output.start(fresh=not resuming)
             save_config(cfg, self.out_dir / 'config.yaml')
-        barrier(env)
+        barrier(env)  # every rank
         self.logger = RunLogger(self.out_dir, cfg.log, enabled=env.is_main, wandb_config=config_to_dict(cfg),
                                 start_step=self.progress.step)
         for note in self._notes:
@@ -353,105 +207,35 @@ class Trainer:
         if self.resumed_from is not None:
             self.logger.info(f'resumed from {self.resumed_from} at epoch {self.progress.epoch} + '
                              f'{self.progress.batch} batches, step {self.progress.step}')
-        self._stop_signal: Optional[int] = None
 
-    def _load(self, state: Dict[str, Any], path: Path) -> None:
-        """Continue from a training checkpoint, on this run's number of processes and accumulation
-        steps (the same global image position: an epoch is one global order dealt round-robin to the
-        processes, see :class:`scalekd.engine.data.EpochSampler`). The config's optimizer settings and
-        schedule apply from the resumed step on; another global batch is refused."""
-        if 'optimizer' not in state:
-            raise CheckpointError(f'{path} holds a student for eval / export, not a training state; resume from a '
-                                  f'checkpoint-*.pth')
-        old = config_from_dict(state['config'], where=str(path))
-        if old.train.batch_size != self.cfg.train.batch_size:
-            raise RunError(f'{path} was trained with train.batch_size {old.train.batch_size}, this run asks for '
-                           f'{self.cfg.train.batch_size}: a run\'s data order, steps and schedule are those of its '
-                           f'global batch; resume with train.batch_size {old.train.batch_size} (on any number of '
-                           f'processes and accumulation steps that divide it) or start a new run')
-        hyper = [{k: v for k, v in g.items() if k != 'params'} for g in self.optimizer.param_groups]
-        try:
-            self.task.student.load_state_dict(state['student'])
-            self.task.load_task_state(state['task_state'])
-            self.optimizer.load_state_dict(state['optimizer'])
-        except (RuntimeError, ValueError, KeyError) as e:
-            detail = ' '.join(line.strip() for line in str(e).splitlines())
-            raise CheckpointError(f'{path} does not fit this run ({self.cfg.student.model}, method '
-                                  f'{self.cfg.distill.method}): {detail[:400]}') from None
-        for group, values in zip(self.optimizer.param_groups, hyper):  # the config's lr, decay, momentum ...
-            group.update(values)
-        if self.scaler is not None and state.get('scaler'):
-            self.scaler.load_state_dict(state['scaler'])
-        if self.ema is not None and state.get('ema'):
-            self.ema.module.load_state_dict(state['ema'])
-        progress = dict(state['progress'])
-        totals, batches = progress.pop('totals', {}), progress.pop('batches', 0)
-        self.progress = _Progress(**progress)
-        self.losses.load(totals if self.env.is_main else dict.fromkeys(totals, 0.0), batches if self.env.is_main else 0)
-        self.progress.batch = self.progress.batch // old.train.accum_steps * self.cfg.train.accum_steps
-        self.scheduler.step_update(self.progress.step)  # the config's schedule, at the resumed step
-        rngs = state['rng']
-        if len(rngs) == self.env.world_size:
-            set_rng_state(rngs[self.env.rank], self.env.device)
-        else:  # another number of processes: data order and augmentations carry over, not the other streams
-            random_seed(self.cfg.seed + self.progress.step, self.env.rank)
-        if self.env.is_main:
-            changed = changed_settings(old, self.cfg)
+    def _resume(self) -> None:
+        """Continue from the checkpoint :attr:`resumed_from` (the main process read it when opening the
+        folder), on this run's number of processes and accumulation steps (the same global image
+        position: an epoch is one global order dealt round-robin to the processes, see
+        :class:`scalekd.engine.data.EpochSampler`), with the config's schedule from the resumed step on.
+        The main process carries the epoch's loss sums."""
+        main = self.output is not None
+        state = self.output.take_resume_state() if main else read_training_checkpoint(self.resumed_from)
+        resumed = self.training_state.load(state, self.resumed_from)
+        self.progress = p = resumed.progress
+        self.losses.load(resumed.totals if main else dict.fromkeys(resumed.totals, 0.0), resumed.batches if main else 0)
+        self.scheduler.step_update(p.step)
+        restore_rng_states(resumed.rngs, self.env, self.cfg.seed + p.step)
+        if main:
+            changed = changed_settings(resumed.config, self.cfg)
             self._notes += [f'settings changed since the checkpoint, applied: {"; ".join(changed)}'] if changed else []
-            self._reconcile_best(state)
-
-    def _reconcile_best(self, state: Dict[str, Any]) -> None:
-        """Make ``best.pth`` hold the resumed progress's best epoch: rewrite it when the resumed state is
-        that epoch (a kill between the two writes); when it cannot be restored, track the best afresh
-        from here, so that best.pth and the recorded best always agree."""
-        p, best = self.progress, self.out_dir / 'best.pth'
-        if p.best_step < 0 or (best.is_file() and self._best_step_on_disk(best) == p.best_step):
-            return
-        if p.best_step == p.step and p.batch == 0:
-            save_checkpoint(self._best_state(state), best)
-            self._notes.append(f'best.pth rewritten from the resumed checkpoint (epoch {p.best_epoch})')
-            return
-        self._notes.append(f'the best epoch so far ({p.best_epoch}, top-1 {p.best_top1:.2f}) is not in best.pth and '
-                           f'the resumed checkpoint cannot restore it: the best epoch is tracked afresh from here')
-        p.best_top1, p.best_top5, p.best_epoch, p.best_step = -1.0, 0.0, -1, -1
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _state(self) -> Dict[str, Any]:
-        """The full training state; every rank takes part (RNG states and loss sums are gathered)."""
-        rngs = [None] * self.env.world_size
-        if self.env.distributed:
-            dist.all_gather_object(rngs, rng_state(self.env.device))
-        else:
-            rngs = [rng_state(self.env.device)]
-        totals, batches = self.losses.global_sums(self.env)
-        return dict(
-            format_version=FORMAT_VERSION,
-            progress=dict(dataclasses.asdict(self.progress), totals=totals, batches=batches),
-            world_size=self.env.world_size,
-            student=self.task.student.state_dict(), task_state=self.task.get_task_state(),
-            optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            ema=self.ema.module.state_dict() if self.ema is not None else None,
-            rng=rngs, config=config_to_dict(self.cfg))
-
-    @staticmethod
-    def _best_state(state: Dict[str, Any]) -> Dict[str, Any]:
-        """What eval and export need of a training state."""
-        return {k: state[k] for k in ('format_version', 'progress', 'student', 'ema', 'config')}
+            self.output.reconcile_best(p, state)
 
     def _save(self, is_best: bool = False) -> Path:
-        """Checkpoint the current state (all ranks take part; the main process writes), then best.pth,
-        then drop the oldest checkpoints of the run's series beyond ``train.keep_checkpoints``."""
-        state = self._state()
-        path = self.out_dir / checkpoint_name(self.progress.epoch, self.progress.batch // self.cfg.train.accum_steps)
-        if self.env.is_main:
-            self.folder.record(path, self.progress.step)
-            save_checkpoint(state, path)
-            if is_best:
-                save_checkpoint(self._best_state(state), self.out_dir / 'best.pth')
-            protect = [self.resumed_from] if self.resumed_from is not None else []
-            self.folder.prune(self.cfg.train.keep_checkpoints, protect)
-        return path
+        """Checkpoint the current state: every rank takes part (RNG streams and loss sums are
+        gathered), the main process writes."""
+        rngs = gather_rng_states(self.env)
+        totals, batches = self.losses.global_sums(self.env)
+        p = self.progress
+        name = checkpoint_name(p.epoch, p.batch // self.cfg.train.accum_steps)
+        if self.output is not None:
+            self.output.write(self.training_state.state_dict(p, totals, batches, rngs), name, p.step, is_best)
+        return self.out_dir / name
 
     # -- training ------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -485,25 +269,6 @@ class Trainer:
             images, targets = self.mixup(images, targets)
         return images, targets
 
-    def _non_finite(self, terms: Dict[str, torch.Tensor], epoch: int, window_start: int) -> None:
-        """Every rank, after agreeing that some rank's loss is not finite: skip the accumulation
-        window (``train.max_nan_skips``), or save the state from before it once and raise."""
-        p = self.progress
-        flags = any_rank([~torch.isfinite(v.detach()) for v in terms.values()], self.env)
-        bad = ', '.join(k for k, f in zip(terms, flags) if f)
-        where = f'epoch {epoch + 1}, step {p.step + 1}'
-        if p.nan_skips < self.cfg.train.max_nan_skips:
-            p.nan_skips += 1
-            self.logger.info(f'non-finite loss at {where} ({bad}): update skipped '
-                             f'({p.nan_skips}/{self.cfg.train.max_nan_skips} skips used)')
-            return
-        p.batch = window_start
-        self.losses.discard()
-        path = self._save()
-        raise FloatingPointError(f'non-finite loss at {where} in term(s) {bad}; the state before it is saved in '
-                                 f'{path}: continue from it with a lower learning rate (--resume auto -o optim.lr=...; '
-                                 f'the new rate applies from there) or skip such updates (--max-nan-skips N)')
-
     def train_one_epoch(self, epoch: int) -> Dict[str, float]:
         """Train the rest of one epoch; the epoch's mean loss terms over every rank, and images / s.
 
@@ -524,17 +289,23 @@ class Trainer:
             boundary = (p.batch + 1) % accum == 0
             if not skip_window:
                 images, targets = self._step_inputs(images, targets)
-                before = [b.clone() for b in self._buffers]
+                before = self.norm_stats.snapshot()
                 with task.no_sync() if not boundary else nullcontext():
                     with autocast(self.precision, env.device):
                         out = task(images, targets)
                     terms = {k: v.detach().float() for k, v in out.items() if k != 'output'}
-                    non_finite, stop = any_rank([~torch.isfinite(terms['loss']),
-                                                 torch.tensor(self._stop_signal is not None)], env)
+                    # every rank: a non-finite loss, a stop signal, on any rank
+                    non_finite, stop = any_rank([~torch.isfinite(terms['loss']), self.stop.flag()], env)
                     if non_finite:  # undo what the bad forward did to the norm layers' running statistics
-                        for buffer, value in zip(self._buffers, before):
-                            buffer.copy_(value)
-                        self._non_finite(terms, epoch, p.batch - p.batch % accum)
+                        self.norm_stats.restore(before)
+                        flags = any_rank(non_finite_flags(terms), env)  # every rank: which terms, on any rank
+                        bad = judge_non_finite(list(terms), flags, p.nan_skips, cfg.train.max_nan_skips, epoch, p.step)
+                        if not bad.skip:
+                            p.batch -= p.batch % accum  # the state from before the window
+                            self.losses.discard()
+                            raise bad.error(self._save())  # every rank
+                        p.nan_skips = bad.skips_used
+                        self.logger.info(bad.note())
                         skip_window = True
                     else:
                         loss = out['loss'] / accum
@@ -545,25 +316,20 @@ class Trainer:
             if boundary:
                 self._update(skip_window)
                 if not skip_window and (p.step == 1 or p.step % cfg.log.interval == 0):
-                    self._log_step(epoch, terms, bar, seen, start)
+                    means = all_reduce_mean({k: float(v) for k, v in terms.items()}, env)  # every rank
+                    self._log_step(epoch, means, bar, seen, start)
                 skip_window = False
-                self._maybe_checkpoint_or_stop(stop, last=p.batch >= total)
-        totals, batches = self.losses.global_sums(env)
+                every = cfg.train.checkpoint_every_steps
+                if stop or (every and p.step % every == 0 and p.batch < total):
+                    path = self._save()  # every rank: mid-epoch checkpoint, or the one before stopping
+                    if stop:
+                        raise self.stop.interrupted(p.step, path)
+        totals, batches = self.losses.global_sums(env)  # every rank
         means = {k: v / max(batches, 1) for k, v in totals.items()}
         means['img_per_s'] = seen * env.world_size / max(time.perf_counter() - start, 1e-9)
         self.losses.reset()
         p.batch = 0
         return means
-
-    def _maybe_checkpoint_or_stop(self, stop: bool, last: bool) -> None:
-        """Mid-epoch checkpoints every ``train.checkpoint_every_steps``; save and stop on SIGTERM / SIGINT
-        (``stop`` is already agreed by every rank)."""
-        every = self.cfg.train.checkpoint_every_steps
-        if stop or (every and self.progress.step % every == 0 and not last):
-            path = self._save()
-            if stop:
-                raise RunInterrupted(f'stopped by signal {self._stop_signal or "on another rank"} at step '
-                                     f'{self.progress.step}; checkpoint {path}; continue with --resume auto')
 
     def _update(self, skip: bool) -> None:
         """The optimizer step of an accumulation window (none for a skipped window, whose gradients
@@ -579,17 +345,13 @@ class Trainer:
             self.ema.update(self.task.student, step=self.progress.step)
         self.scheduler.step_update(self.progress.step)
 
-    def _log_step(self, epoch: int, terms: Dict[str, torch.Tensor], bar, seen: int, start: float) -> None:
-        """A train line (the last micro-batch's terms, averaged over ranks: the only other host sync)."""
-        values = all_reduce_mean({k: float(v) for k, v in terms.items()}, self.env)
-        record = dict(values, epoch=epoch + 1, step=self.progress.step, lr=self.optimizer.param_groups[0]['lr'])
+    def _log_step(self, epoch: int, means: Dict[str, float], bar, seen: int, start: float) -> None:
+        """A train line of the last micro-batch's terms, ``means`` over ranks."""
+        record = dict(means, epoch=epoch + 1, step=self.progress.step, lr=self.optimizer.param_groups[0]['lr'])
         self.logger.metrics(record, self.progress.step, 'train')
         if bar is not self.train_loader:
             rate = seen * self.env.world_size / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix({k: f'{v:.3g}' for k, v in values.items()} | {'img/s': f'{rate:.0f}'}, refresh=False)
-
-    def _request_stop(self, signum, frame) -> None:
-        self._stop_signal = signum
+            bar.set_postfix({k: f'{v:.3g}' for k, v in means.items()} | {'img/s': f'{rate:.0f}'}, refresh=False)
 
     def fit(self) -> Dict[str, Any]:
         """Train from where the run stands to the last epoch; the best top-1 / top-5 and their epoch.
@@ -597,17 +359,13 @@ class Trainer:
         SIGTERM and SIGINT finish the current step, save a checkpoint and raise :class:`RunInterrupted`.
         The output folder's lock is let go at the end, whatever happens.
         """
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            return self._fit()
+            with self.stop.installed():
+                return self._fit()
         finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
             self.logger.close()
-            if self.folder is not None:
-                self.folder.release()
+            if self.output is not None:
+                self.output.release()
 
     def _fit(self) -> Dict[str, Any]:
         cfg, p = self.cfg, self.progress

@@ -1,0 +1,147 @@
+"""What a training checkpoint holds of a run, and loading it back into a run's objects: the
+progress, the student, the task's own state, optimizer, grad scaler and EMA, every rank's RNG
+streams, and which settings a resumed run may change."""
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from timm.utils import ModelEmaV3, random_seed
+
+from ..task.distiller import Distiller
+from .checkpoint import FORMAT_VERSION, CheckpointError, rng_state, set_rng_state
+from .config import RunConfig, config_from_dict, config_to_dict
+from .distributed import DistEnv
+from .run_errors import RunError
+
+__all__ = ['Progress', 'Resumed', 'TrainingState', 'best_state', 'changed_settings', 'gather_rng_states',
+           'restore_rng_states']
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint (with the epoch's loss sums of every rank)."""
+    epoch: int = 0     # epochs completed
+    batch: int = 0     # batches of the current epoch consumed, per process (mid-epoch checkpoints)
+    step: int = 0      # optimizer updates done
+    best_top1: float = -1.0
+    best_top5: float = 0.0
+    best_epoch: int = -1
+    best_step: int = -1
+    nan_skips: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+    def forget_best(self) -> None:
+        """Track the best epoch afresh from here."""
+        self.best_top1, self.best_top5, self.best_epoch, self.best_step = -1.0, 0.0, -1, -1
+
+
+# settings a resumed run may change without changing what it computes
+_RESUME_FREE = ('output', 'log.', 'data.root', 'data.workers', 'data.val_batch_size', 'data.check_images',
+                'train.keep_checkpoints', 'train.checkpoint_every_steps', 'train.max_nan_skips',
+                'train.dist_timeout_s', 'train.deterministic', 'train.compile', 'train.accum_steps')
+
+
+def _flat(data: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) and k != 'kwargs' else {f'{prefix}{k}': v})
+    return out
+
+
+def changed_settings(old: RunConfig, new: RunConfig) -> List[str]:
+    """``key: old -> new`` for each setting of a resumed run that differs from its checkpoint's."""
+    a, b = _flat(config_to_dict(old)), _flat(config_to_dict(new))
+    return [f'{k}: {a.get(k)!r} -> {b.get(k)!r}' for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(_RESUME_FREE)]
+
+
+def gather_rng_states(env: DistEnv) -> List[Dict[str, Any]]:
+    """Every rank's RNG streams, in rank order (a collective: every rank calls it)."""
+    if not env.distributed:
+        return [rng_state(env.device)]
+    rngs = [None] * env.world_size
+    dist.all_gather_object(rngs, rng_state(env.device))
+    return rngs
+
+
+def restore_rng_states(rngs: List[Dict[str, Any]], env: DistEnv, seed: int) -> None:
+    """This rank's saved streams; on another number of processes, fresh ones from ``seed`` (data
+    order and augmentations carry over through the sampler, not the other streams)."""
+    if len(rngs) == env.world_size:
+        set_rng_state(rngs[env.rank], env.device)
+    else:
+        random_seed(seed, env.rank)
+
+
+def best_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """What eval and export need of a training state (``best.pth``)."""
+    return {k: state[k] for k in ('format_version', 'progress', 'student', 'ema', 'config')}
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint gives back besides the weights: where the run stands, the epoch's loss sums
+    (of every rank), the checkpoint's config and RNG streams."""
+    progress: Progress
+    totals: Dict[str, float]
+    batches: int
+    config: RunConfig
+    rngs: List[Dict[str, Any]]
+
+
+class TrainingState:
+    """The objects of a run that a checkpoint holds, and their state dict."""
+
+    def __init__(self, cfg: RunConfig, task: Distiller, optimizer: torch.optim.Optimizer,
+                 scaler: Optional[torch.amp.GradScaler], ema: Optional[ModelEmaV3]):
+        self.cfg, self.task, self.optimizer, self.scaler, self.ema = cfg, task, optimizer, scaler, ema
+
+    def state_dict(self, progress: Progress, totals: Dict[str, float], batches: int,
+                   rngs: List[Dict[str, Any]]) -> Dict[str, Any]:
+        """A checkpoint: ``progress`` with the epoch's loss sums of every rank, and ``rngs`` of every rank."""
+        return dict(
+            format_version=FORMAT_VERSION,
+            progress=dict(dataclasses.asdict(progress), totals=totals, batches=batches),
+            world_size=len(rngs),
+            student=self.task.student.state_dict(), task_state=self.task.get_task_state(),
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            ema=self.ema.module.state_dict() if self.ema is not None else None,
+            rng=rngs, config=config_to_dict(self.cfg))
+
+    def load(self, state: Dict[str, Any], path: Path) -> Resumed:
+        """Load a checkpoint into this run's objects, keeping the config's optimizer settings (they
+        apply from the resumed step on); another global batch is refused. The progress is that of
+        this run's accumulation steps (the same global image position)."""
+        if 'optimizer' not in state:
+            raise CheckpointError(f'{path} holds a student for eval / export, not a training state; resume from a '
+                                  f'checkpoint-*.pth')
+        cfg, old = self.cfg, config_from_dict(state['config'], where=str(path))
+        if old.train.batch_size != cfg.train.batch_size:
+            raise RunError(f'{path} was trained with train.batch_size {old.train.batch_size}, this run asks for '
+                           f'{cfg.train.batch_size}: a run\'s data order, steps and schedule are those of its '
+                           f'global batch; resume with train.batch_size {old.train.batch_size} (on any number of '
+                           f'processes and accumulation steps that divide it) or start a new run')
+        hyper = [{k: v for k, v in g.items() if k != 'params'} for g in self.optimizer.param_groups]
+        try:
+            self.task.student.load_state_dict(state['student'])
+            self.task.load_task_state(state['task_state'])
+            self.optimizer.load_state_dict(state['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:
+            detail = ' '.join(line.strip() for line in str(e).splitlines())
+            raise CheckpointError(f'{path} does not fit this run ({cfg.student.model}, method '
+                                  f'{cfg.distill.method}): {detail[:400]}') from None
+        for group, values in zip(self.optimizer.param_groups, hyper):  # the config's lr, decay, momentum ...
+            group.update(values)
+        if self.scaler is not None and state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])
+        if self.ema is not None and state.get('ema'):
+            self.ema.module.load_state_dict(state['ema'])
+        progress = dict(state['progress'])
+        totals, batches = progress.pop('totals', {}), progress.pop('batches', 0)
+        progress = Progress(**progress)
+        progress.batch = progress.batch // old.train.accum_steps * cfg.train.accum_steps
+        return Resumed(progress, totals, batches, old, state['rng'])
