@@ -29,3 +29,12 @@ def test_the_files_are_what_the_script_writes():
     made = {name: header + yaml.safe_dump(cfg, sort_keys=False) for name, header, cfg in SCRIPT['demo_configs']()}
     on_disk = {p.name: p.read_text() for p in (ROOT / 'configs' / 'demo').glob('*-*.yaml')}
     assert on_disk == made and len(made) == 9
+
+
+def test_a_dry_run_of_a_demo_config_loads_the_shipped_teacher(monkeypatch):
+    import torch
+    from scalekd.engine.trainer import dry_run
+    monkeypatch.chdir(ROOT)  # the teacher's path is relative to the repository root
+    report = dry_run(load_config(ROOT / 'configs' / 'demo' / 'cnn-scalekd.yaml'), torch.device('cpu'))
+    assert report['weights'] == {'teacher': f'loaded {SCRIPT["TEACHER"]}', 'student': 'random'}
+    assert report['finite'] and {'s4_ori', 's4_alt', 'proxy_ori', 'proxy_alt', 'kd_loss'} <= set(report['losses'])

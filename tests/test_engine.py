@@ -194,3 +194,15 @@ def test_no_weight_decay_on_norms_biases_and_embeddings(data_root, tmp_path):
     assert {'student.pos_embed', 'student.cls_token', 'student.norm.weight', 'student.blocks.0.attn.qkv.bias',
             's4.projectors.ori.pos_embed', 's4.projectors.ori.norm.weight'} <= no_decay
     assert {'student.blocks.0.attn.qkv.weight', 's4.projectors.ori.student_conv.weight'} <= decay
+
+
+def test_a_mixed_precision_run_says_its_val_top1_is_not_eval_s(data_root, tmp_path):
+    cfg = tiny_config(tmp_path, data_root, train=dict(precision='bf16'), sched=dict(epochs=1),
+                      data=dict(train_subset=8, val_subset=3))
+    assert main(['train', str(cfg)]) == 0
+    log = (tmp_path / 'run' / 'train.log').read_text()
+    assert 'val top-1 is measured under bf16 autocast; scalekd eval measures in fp32' in log
+    (tmp_path / 'fp32').mkdir()
+    fp32 = tiny_config(tmp_path / 'fp32', data_root, sched=dict(epochs=1), data=dict(train_subset=8, val_subset=3))
+    assert main(['train', str(fp32)]) == 0
+    assert 'autocast' not in (tmp_path / 'fp32' / 'run' / 'train.log').read_text()

@@ -184,6 +184,8 @@ CASES += [
     Case('train teacher weights empty', lambda f: ['train', str(f.cfg), '-o', f'teacher.checkpoint={f.empty()}'],
          'empty.pth is empty (0 bytes)'),
     Case('train teacher weights of another model', _teacher_of_another_model, 'does not fit the teacher'),
+    Case('train --dry-run teacher weights of another model', lambda f: [*_teacher_of_another_model(f), '--dry-run'],
+         'does not fit the teacher'),
     # -- eval
     Case('eval missing checkpoint', lambda f: ['eval', str(f.tmp / 'gone.pth'), '--data', str(f.data / 'val')],
          'gone.pth does not exist', absent=()),

@@ -166,6 +166,9 @@ class Trainer:
             source = cfg.teacher.checkpoint or ('the hub' if cfg.teacher.pretrained else None)
             self._notes.append(f'teacher weights: {source}' if source else
                                'teacher weights: none given (random): set teacher.checkpoint or teacher.pretrained')
+        if self.precision != 'fp32':
+            self._notes.append(f'val top-1 is measured under {self.precision} autocast; scalekd eval measures in fp32, '
+                               f'which can differ by a few tenths of a point')
         random_seed(cfg.seed, env.rank)  # then each rank its own stream (drop path, mixup)
         if tcfg.channels_last:
             self.task.trainable_module.to(memory_format=torch.channels_last)
@@ -396,14 +399,24 @@ class Trainer:
 
 
 def dry_run(cfg: RunConfig, device: torch.device, batch: int = 2) -> Dict[str, Any]:
-    """Build a config's models at full size with random weights and run one training step on a
-    synthetic batch (no data, no output folder); returns the loss terms and parameter counts."""
+    """Build a config's models at full size, load local weight files (``teacher.checkpoint``, so a file
+    that does not fit is found now; hub weights are not fetched) and run one training step on a
+    synthetic batch (no data, no output folder); returns the loss terms, parameter counts and weights."""
     random_seed(cfg.seed, 0)
     task = build_task(cfg, device, random_weights=True)
+    weights = {}
+    for role, model_cfg, model in (('teacher', cfg.teacher, task.teacher and task.teacher.model),
+                                   ('student', cfg.student, task.student)):
+        if model is None:
+            continue
+        if model_cfg.checkpoint:
+            load_weights(model, model_cfg.checkpoint, what=f'{role} {model_cfg.model}')
+        weights[role] = (f'loaded {model_cfg.checkpoint}' if model_cfg.checkpoint else
+                         'hub weights (not fetched by --dry-run)' if model_cfg.pretrained else 'random')
     precision = resolve_precision(cfg.train.precision, device)
     optimizer = create_optimizer_v2(task.trainable_module, opt=cfg.optim.opt, lr=cfg.optim.lr,
                                     weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
     images, targets = synthetic_batch(task, batch, cfg.train.channels_last)
     losses = training_step(task, optimizer, images, targets, precision)
     return dict(losses=losses, finite=all(math.isfinite(v) for v in losses.values()), precision=precision,
-                taps=tap_rows(task), params=param_counts(task))
+                weights=weights, taps=tap_rows(task), params=param_counts(task))
