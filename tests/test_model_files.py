@@ -1,6 +1,7 @@
 """One loader for a training checkpoint, an export folder or a weight file, each read once."""
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,17 @@ def test_non_finite_weights_load_with_a_warning_naming_them(run_files, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         load_model(path, use_ema=False)  # the raw weights are finite: no warning
+
+
+def test_an_export_onto_a_full_disk_is_named_and_leaves_nothing(run_files, tmp_path, monkeypatch):
+    import errno
+    import scalekd.tools.export as export
+    _, path, _, _ = run_files
+
+    def full(state, filename, metadata=None):
+        Path(filename).write_bytes(b'x' * 100)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(export, 'save_file', full)
+    with pytest.raises(WeightsError, match='failed: the disk is full; nothing was written'):
+        export_checkpoint(path, tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()

@@ -337,3 +337,43 @@ def test_epoch_losses_count_committed_windows_only():
     assert losses.global_sums(ENV) == (dict(kd=3.5, loss=7.0), 4)
     losses.reset()
     assert losses.global_sums(ENV) == (dict(kd=0.0, loss=0.0), 0)
+
+
+def test_a_checkpoint_estimate_matches_a_written_checkpoint_and_a_full_disk_is_refused_before_training(
+        tmp_path, data_root, monkeypatch):
+    from collections import namedtuple
+    import scalekd.engine.run_output as run_output
+    from scalekd.cli import main
+    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=1), data=dict(train_subset=8, val_subset=3))
+    assert main(['train', str(cfg)]) == 0
+    written = (tmp_path / 'run' / 'checkpoint-0001.pth').stat().st_size
+    from scalekd.engine.distributed import DistEnv
+    from scalekd.engine.trainer import Trainer
+    trainer = Trainer(load_config(cfg, ['output=' + str(tmp_path / 'other')]), DistEnv())
+    estimate = trainer.training_state.checkpoint_bytes()
+    trainer.output.release(failed=True)
+    assert 0.8 * written < estimate < 1.2 * written  # weights + SGD momentum + nothing else of size
+    Usage = namedtuple('Usage', 'total used free')
+    monkeypatch.setattr(run_output.shutil, 'disk_usage', lambda path: Usage(10 ** 9, 10 ** 9, written))
+    assert main(['train', str(cfg), '-o', f'output={tmp_path / "full"}']) == 2
+    assert not (tmp_path / 'full').exists()
+
+
+def test_a_full_disk_during_a_write_is_named_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import scalekd.engine.checkpoint as checkpoint
+    from scalekd.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    save_checkpoint({'w': torch.ones(3)}, tmp_path / 'c.pth')
+
+    def full(state, f):
+        f.write(b'x' * 2 ** 20)
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 1048576 vs 1048512')
+    monkeypatch.setattr(checkpoint.torch, 'save', full)
+    with pytest.raises(CheckpointError, match=r'writing .*c.pth failed after 1 MB: the disk is full'):
+        save_checkpoint({'w': torch.zeros(3)}, tmp_path / 'c.pth')
+    monkeypatch.setattr(checkpoint.torch, 'save', lambda s, f: (_ for _ in ()).throw(OSError(errno.ENOSPC, 'No space')))
+    with pytest.raises(CheckpointError, match='the disk is full'):
+        save_checkpoint({'w': torch.zeros(3)}, tmp_path / 'c.pth')
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(tmp_path / 'c.pth')['w'], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ['c.pth']

@@ -7,9 +7,11 @@ A training checkpoint is a dict with ``format_version`` (:data:`FORMAT_VERSION`)
 export need (``config``, ``progress``, ``student``, ``ema``). Files written before versioning
 are format 1; :func:`read_training_checkpoint` migrates every older format to the current one.
 """
+import errno
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ['FORMAT_VERSION', 'save_checkpoint', 'load_checkpoint', 'is_training_checkpoint',
-           'read_training_checkpoint', 'migrate',
+           'read_training_checkpoint', 'migrate', 'out_of_space',
            'latest_checkpoint', 'checkpoints_by_age', 'checkpoint_name', 'checkpoint_position', 'rng_state', 'set_rng_state',
            'CheckpointError']
 
@@ -80,9 +82,20 @@ def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = Path(tmp).stat().st_size if Path(tmp).exists() else 0
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)) and out_of_space(e):
+            raise CheckpointError(f'writing {path} failed after {written / 2 ** 20:.0f} MB: the disk is full '
+                                  f'({shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MB free once the partial '
+                                  f'file was removed); the previous checkpoint is intact') from None
         raise
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Whether a write failed for want of disk space (``ENOSPC``, or torch's zip writer failing mid-file,
+    which is how torch.save reports it)."""
+    return getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or 'unexpected pos' in str(e)
 
 
 def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:

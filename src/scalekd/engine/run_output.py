@@ -2,6 +2,7 @@
 checkpoint to resume from (``--resume auto`` or a path), the fresh-start check, setting aside the
 history after an older resumed checkpoint, checkpoint writes with retention, and keeping ``best.pth``
 and the recorded best epoch in agreement. Only the main process holds one."""
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -38,6 +39,15 @@ class RunOutput:
         self.resumed_from: Optional[Path] = None
         self._note = note
         self._resume_state: Optional[Dict[str, Any]] = None
+
+    def check_space(self, checkpoint_bytes: int) -> None:
+        """Refuse a run whose folder has no room for two checkpoints (the new one is written beside the
+        last before it replaces it)."""
+        free = shutil.disk_usage(self.path).free
+        if free < 2 * checkpoint_bytes:
+            raise RunError(f'{self.path} has {free / 2 ** 20:.0f} MB free; a checkpoint of this run takes about '
+                           f'{checkpoint_bytes / 2 ** 20:.0f} MB and two must fit: free some space or set output to '
+                           f'another disk')
 
     def open(self, resume: Optional[str], force: bool) -> Optional[Path]:
         """Lock the folder, then find the checkpoint to resume from (read once, see

@@ -199,6 +199,8 @@ class Trainer:
         self.stop = StopSignal()
         if self.resumed_from is not None:
             self._resume()
+        # every rank: before anything is written, the main process checks the folder has room for checkpoints
+        on_main(lambda: self.output.check_space(self.training_state.checkpoint_bytes()), env)
         if env.is_main:
             self.output.start(fresh=not resuming)
             save_config(cfg, self.out_dir / 'config.yaml')

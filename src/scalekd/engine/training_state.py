@@ -99,6 +99,17 @@ class TrainingState:
                  scaler: Optional[torch.amp.GradScaler], ema: Optional[ModelEmaV3]):
         self.cfg, self.task, self.optimizer, self.scaler, self.ema = cfg, task, optimizer, scaler, ema
 
+    def checkpoint_bytes(self) -> int:
+        """About how many bytes a checkpoint of this run takes: the trainable weights, one or two optimizer
+        slots per weight (momentum; Adam's two moments), and the EMA student."""
+        def size(tensors) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors)
+        weights = size(p for p in self.task.trainable_module.parameters() if p.requires_grad)
+        defaults = self.optimizer.defaults
+        slots = 2 if 'betas' in defaults else 1 if defaults.get('momentum') else 0
+        ema = size(self.ema.module.state_dict().values()) if self.ema is not None else 0
+        return size(self.task.trainable_module.state_dict().values()) + slots * weights + ema
+
     def state_dict(self, progress: Progress, totals: Dict[str, float], batches: int,
                    rngs: List[Dict[str, Any]]) -> Dict[str, Any]:
         """A checkpoint: ``progress`` with the epoch's loss sums of every rank, and ``rngs`` of every rank."""

@@ -9,7 +9,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from ..engine.checkpoint import save_checkpoint
+from ..engine.checkpoint import out_of_space, save_checkpoint
 from ..engine.run_folder import check_output_path
 from ..engine.weights import WeightsError
 from .model_files import load_model
@@ -55,11 +55,13 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
         save_file(state, str(partial[0]), metadata={'format': 'pt'})
         save_config_for_hf(student, str(partial[1]), data_config=data_config)
         _not_from_the_hub(partial[1])
-    except BaseException:
+    except BaseException as e:
         for path in partial:
             path.unlink(missing_ok=True)
         if created:
             out_dir.rmdir()
+        if isinstance(e, (OSError, RuntimeError)) and out_of_space(e):
+            raise WeightsError(f'exporting to {out_dir} failed: the disk is full; nothing was written') from None
         raise
     os.replace(partial[0], weights)
     os.replace(partial[1], config)
