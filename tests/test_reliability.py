@@ -377,6 +377,10 @@ def test_eval_names_an_unreadable_image_instead_of_counting_its_neighbour(tmp_pa
     assert main(['eval', str(straight / 'best.pth'), '--data', str(root / 'val'), '--workers', workers]) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'unreadable image' in err and 'red/1.png' in err, err
+    assert main(['eval', str(straight / 'best.pth'), '--data', str(root / 'val'), '--workers', workers,
+                 '--skip-unreadable', '--json']) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics['count'] == 8 and metrics['skipped'] == 1  # 9 images, the unreadable one left out
 
 
 def test_an_image_beyond_the_pixel_limit_is_named(tmp_path, data_root, capsys, monkeypatch):

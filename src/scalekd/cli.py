@@ -145,6 +145,8 @@ def _add_eval(sub) -> None:
     p.add_argument('--data', required=True, help='folder with one sub-folder per class, or the Fashion-MNIST IDX files')
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='loader workers (default: up to 4, at most one per CPU)')
+    p.add_argument('--skip-unreadable', action='store_true',
+                   help='decode every image first and leave out (and count) unreadable ones; default: stop at one')
     _add_device(p)
     p.add_argument('--json', action='store_true')
     p.set_defaults(func=_run_eval)
@@ -153,9 +155,10 @@ def _add_eval(sub) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from .tools.evaluation import evaluate_path
     device = resolve_device(args.device)
-    metrics = evaluate_path(args.checkpoint, args.data, args.batch, args.workers, device)
+    metrics = evaluate_path(args.checkpoint, args.data, args.batch, args.workers, device, args.skip_unreadable)
+    skipped = f", {metrics['skipped']} unreadable skipped" if metrics['skipped'] else ''
     print(json.dumps(metrics) if args.json else
-          f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  ({metrics['count']} images)")
+          f"top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  ({metrics['count']} images{skipped})")
     return 0
 
 
