@@ -272,6 +272,42 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ablate(sub) -> None:
+    from .tools.ablation import STUDIES
+    p = sub.add_parser('ablate', help="the paper's ablations on the demo benchmark (Table 9, Table 1, Table 17, "
+                                      'Fig. 4, the CAP kernel), each row on several seeds with paired differences')
+    p.add_argument('study', choices=sorted(STUDIES), help='which study')
+    p.add_argument('--seeds', default='0,1,2', help='comma-separated seeds (default 0,1,2)')
+    p.add_argument('--students', help="comma-separated subset of the study's students (cnn, mlp, vit)")
+    p.add_argument('--subset', type=int, help='training images per run (default: the demo\'s 800)')
+    p.add_argument('--epochs', type=int, help='epochs per run (default: the demo\'s 15)')
+    p.add_argument('--data', help='folder with the Fashion-MNIST IDX files (default as for demo)')
+    p.add_argument('--output', default='runs/ablate', help='output folder (default runs/ablate; finished runs are reused)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    _add_device(p)
+    p.set_defaults(func=_run_ablate)
+
+
+def _run_ablate(args: argparse.Namespace) -> int:
+    from .engine.allocator import keep_freed_memory
+    from .tools.ablation import STUDIES, format_study, run_study
+    from .tools.demo import DemoSettings
+    settings = DemoSettings(output=args.output, data=args.data, progress=not args.no_progress,
+                            device=resolve_device(args.device))
+    for name in ('subset', 'epochs'):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    try:
+        seeds = [int(s) for s in args.seeds.split(',') if s]
+    except ValueError:
+        raise ValueError(f'--seeds takes comma-separated integers, got {args.seeds!r}') from None
+    students = [s for s in args.students.split(',') if s] if args.students else None
+    keep_freed_memory()
+    study = STUDIES[args.study]
+    print(format_study(study, run_study(study, settings, seeds, students)))
+    return 0
+
+
 def _add_model_args(p) -> None:
     p.add_argument('--model', help='timm name (hub weights unless --checkpoint is a plain weight file)')
     p.add_argument('--checkpoint', help='scalekd checkpoint (.pth), export folder, or a weight file for --model')
@@ -391,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_mmcls(sub)
     _add_bench(sub)
     _add_demo(sub)
+    _add_ablate(sub)
     _add_spectrum(sub)
     _add_linear_probe(sub)
     _add_feature_distance(sub)

@@ -27,7 +27,7 @@ from ..engine.weights import load_weights
 from .plots import plot_curves
 
 __all__ = ['DemoSettings', 'STUDENTS', 'TEACHER', 'TEACHER_WEIGHTS', 'METHOD_LABELS', 'run_config', 'run_demo', 'format_table',
-           'load_teacher']
+           'load_teacher', 'test_loader', 'train_and_test']
 
 TEACHER_WEIGHTS = Path(__file__).parents[1] / 'assets' / 'fashion_mnist_vit_teacher' / 'model.safetensors'
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -70,18 +70,21 @@ class DemoSettings:
         return ['none', 'kd', 'scalekd'] if self.baselines else ['none', 'scalekd']
 
 
-def run_config(settings: DemoSettings, student: str, method: str) -> RunConfig:
-    """The full run config of one demo run (saved in its folder: ``scalekd train`` reruns it)."""
+def run_config(settings: DemoSettings, student: str, method: str, options: Optional[Dict[str, Any]] = None,
+               output: Optional[str] = None) -> RunConfig:
+    """The full run config of one demo run (saved in its folder: ``scalekd train`` reruns it). ``options``
+    (distillation options) replace the settings' ones; ``output`` the run's folder."""
     s = settings
+    options = options if options is not None else s.distill if method == 'scalekd' else {}
     data = dict(dataset='fashion_mnist', root=s.data or '', train_split='train', val_split='test',
                 train_subset=s.subset, val_subset=s.test_sample, img_size=28, in_chans=1, num_classes=10,
                 mean=list(FASHION_MNIST_MEAN), std=list(FASHION_MNIST_STD), scale=[0.75, 1.0], ratio=[0.9, 1.1],
                 hflip=0.5, interpolation='bilinear', crop_pct=1.0, workers=0, val_batch_size=500, check_images=False)
     teacher = dict(TEACHER, checkpoint=s.teacher_weights, mean=list(TEACHER['mean']), std=list(TEACHER['std']))
     return validate_config(config_from_dict(dict(
-        output=str(Path(s.output) / f'{student}-{METHOD_LABELS[method]}'), seed=s.seed,
+        output=output or str(Path(s.output) / f'{student}-{METHOD_LABELS[method]}'), seed=s.seed,
         teacher=teacher if method != 'none' else {}, student=STUDENTS[student],
-        distill=dict(method=method, **(s.distill if method == 'scalekd' else {})), data=data,
+        distill=dict(options, method=method), data=data,
         optim=dict(opt='adamw', lr=s.lr, weight_decay=0.05, clip_grad=5.0),
         sched=dict(sched='cosine', epochs=s.epochs, warmup_epochs=min(1, s.epochs - 1), min_lr=1e-5),
         train=dict(batch_size=s.batch_size, precision='auto', keep_checkpoints=1),
@@ -96,13 +99,13 @@ def load_teacher(weights: str) -> torch.nn.Module:
     return model.eval()
 
 
-def _test_loader(cfg: RunConfig) -> DataLoader:
+def test_loader(cfg: RunConfig) -> DataLoader:
     """All 10,000 test images (the per-epoch curve uses a fixed sample of them)."""
     full = dataclasses.replace(cfg.data, train_subset=None, val_subset=None)
     return DataLoader(build_datasets(full, FASHION_MNIST_MEAN, FASHION_MNIST_STD).val, batch_size=500)
 
 
-def _train(cfg: RunConfig, test: DataLoader, env: DistEnv) -> Dict[str, Any]:
+def train_and_test(cfg: RunConfig, test: DataLoader, env: DistEnv) -> Dict[str, Any]:
     """One demo run: the per-epoch curve on the test sample, the final student on the whole test split."""
     start = time.perf_counter()
     trainer = Trainer(cfg, env, force=True)
@@ -120,7 +123,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Dict
     start = time.perf_counter()
     out = Path(settings.output)
     env = DistEnv(device=settings.device)
-    test = _test_loader(run_config(settings, settings.students[0], 'none'))
+    test = test_loader(run_config(settings, settings.students[0], 'none'))
     teacher_top1 = evaluate(load_teacher(settings.teacher_weights).to(env.device), test, env, 'fp32')['top1']
     say(f'teacher {TEACHER["model"]} ({Path(settings.teacher_weights).name}): test top-1 {teacher_top1:.2f}')
     results: Dict[str, Any] = dict(
@@ -133,7 +136,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Dict
         row: Dict[str, Any] = dict(model=STUDENTS[name]['model'], curves={}, seconds={})
         for method in settings.methods:
             label = METHOD_LABELS[method]
-            run = _train(run_config(settings, name, method), test, env)
+            run = train_and_test(run_config(settings, name, method), test, env)
             row[f'{label}_top1'], row['curves'][label], row['seconds'][label] = run['top1'], run['curve'], run['seconds']
             say(f'{name} {label}: test top-1 {run["top1"]:.2f} ({run["seconds"]:.0f} s)')
         row['gain'] = row['scalekd_top1'] - row['alone_top1']

@@ -1,0 +1,184 @@
+"""``scalekd ablate``: the paper's ablations reproduced on the demo benchmark.
+
+Each study trains its rows (option presets) and the two references every row is compared with (the
+student alone and logit KD) for each student and seed, with the demo's recipe, subset and shipped
+teacher. Runs that share a seed see the same batches, so each row's difference to a reference is
+paired per seed: the table gives its mean and spread, beside the mean top-1 and its spread, and the
+paper's number where it has one. The paper's order of the rows is printed beside ours, with the pairs
+that disagree. Every run keeps its folder (``config.yaml``, ``metrics.jsonl``); a finished run is not
+trained again when a study is rerun.
+"""
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..engine.config import config_to_dict
+from ..engine.distributed import DistEnv
+from ..method.options import ablation
+from .demo import STUDENTS, DemoSettings, run_config, test_loader, train_and_test
+from .plots import pyplot, save_figure
+
+__all__ = ['Study', 'STUDIES', 'REFERENCES', 'run_study', 'format_study']
+
+REFERENCES = ('student', 'kd')  # every row is compared with these, seed by seed
+
+
+@dataclass(frozen=True)
+class Study:
+    """Rows (label, distillation options, the paper's top-1 or None) trained for each student."""
+    name: str
+    paper: str  # where the paper reports it, and its setting
+    students: Tuple[str, ...]
+    rows: Tuple[Tuple[str, Dict[str, Any], Optional[float]], ...]
+    paper_order: Tuple[str, ...]  # rows from the paper's worst to its best (its ties kept in this order)
+
+
+STUDIES: Dict[str, Study] = {s.name: s for s in (
+    Study('components', 'Table 9(a) (Swin-S -> ResNet-50, traditional recipe, ImageNet)', ('cnn', 'mlp', 'vit'), (
+        ('student', ablation('student'), 76.55), ('kd', ablation('kd'), None), ('fd', ablation('fd'), 77.43),
+        ('cap', ablation('cap'), 77.87), ('cap_dfm', ablation('cap_dfm'), 78.51),
+        ('cap_tpp', ablation('cap_tpp'), 78.62), ('cap_dfm_tpp', ablation('cap_dfm_tpp'), 79.30),
+        ('scalekd', ablation('scalekd'), 79.62)),
+        ('student', 'fd', 'cap', 'cap_dfm', 'cap_tpp', 'cap_dfm_tpp', 'scalekd')),
+    Study('pilot', 'Table 1 (Swin-S -> ResNet-50, traditional recipe, no logit KD, ImageNet)', ('cnn', 'mlp'), (
+        ('student', ablation('student'), 76.55), ('kd', ablation('kd'), None),
+        ('fd', ablation('fd'), 77.43), ('fd_s3_s4', dict(ablation('fd'), stages=('s3', 's4')), 77.74),
+        ('cap_dfm_tpp', ablation('cap_dfm_tpp'), 79.30)),
+        ('student', 'fd', 'fd_s3_s4', 'cap_dfm_tpp')),
+    Study('views', 'Table 9(c) and Table 17 (Swin-S -> ResNet-50, CAP on s4, ImageNet)', ('cnn',), (
+        ('student', ablation('student'), 76.55), ('kd', ablation('kd'), None),
+        ('cap', ablation('cap'), 77.87), ('cap_dual_no_phi', dict(ablation('cap'), views='dual'), 78.12),
+        ('cap_dir_alt', dict(ablation('cap_dfm'), original_view='dc'), 78.23), ('cap_dfm', ablation('cap_dfm'), 78.51)),
+        ('student', 'cap', 'cap_dual_no_phi', 'cap_dir_alt', 'cap_dfm')),
+    Study('beta', 'Fig. 4 (ResNet-50, alpha fixed; best beta 0.6)', ('cnn',), (
+        ('student', ablation('student'), None), ('kd', ablation('kd'), None),
+        *((f'beta_{b}', dict(alpha=0.14, beta=b), None) for b in (0.0, 0.25, 0.5, 0.75, 1.0))),
+        ()),
+    Study('projector', "the CAP's convolution: faithful vs separable (scalekd's option, not in the paper)",
+          ('cnn', 'mlp', 'vit'), (
+        ('student', ablation('student'), None), ('kd', ablation('kd'), None),
+        ('scalekd', ablation('scalekd'), None), ('scalekd_separable', dict(cap_conv='separable'), None)),
+        ()),
+)}
+
+
+def _run(settings: DemoSettings, study: Study, student: str, label: str, options: Dict[str, Any], seed: int,
+         test, env: DistEnv, say: Callable[[str], None]) -> Dict[str, Any]:
+    """One row's run for one student and seed, or its result from a finished earlier run of the same
+    config (rows of the same label share their runs across studies)."""
+    folder = Path(settings.output) / 'runs' / student / label / f'seed{seed}'
+    options = dict(options)
+    cfg = run_config(dataclasses.replace(settings, seed=seed), student, options.pop('method', 'scalekd'), options,
+                     output=str(folder))
+    key = {k: v for k, v in config_to_dict(cfg).items() if k != 'log'}  # what decides the result
+    done = folder / 'result.json'
+    if done.is_file():
+        result = json.loads(done.read_text())
+        if result['config'] != key:
+            raise ValueError(f'{folder} holds a run of another config (other settings for the label {label!r}): '
+                             f'move it away or use another --output')
+        return result
+    run = train_and_test(cfg, test, env)
+    result = dict(top1=run['top1'], seconds=run['seconds'], config=key)
+    done.write_text(json.dumps(result))
+    say(f'{study.name}: {student} {label} seed {seed}: test top-1 {run["top1"]:.2f} ({run["seconds"]:.0f} s)')
+    return result
+
+
+def _spread(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _paired(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
+    diffs = [x - y for x, y in zip(a, b)]
+    return statistics.mean(diffs), _spread(diffs)
+
+
+def _disagreements(order: Sequence[str], means: Dict[str, float]) -> List[Tuple[str, str]]:
+    """Pairs (a, b) the paper ranks a below b that ours ranks the other way."""
+    return [(a, b) for i, a in enumerate(order) for b in order[i + 1:] if means[a] > means[b]]
+
+
+def run_study(study: Study, settings: DemoSettings, seeds: Sequence[int] = (0, 1, 2),
+              students: Optional[Sequence[str]] = None, say: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Train (or reuse) every run of ``study``; write ``<study>.json``, ``<study>.md`` and ``<study>.png``
+    under ``settings.output`` and return the summary."""
+    start = time.perf_counter()
+    students = tuple(students or study.students)
+    unknown = [s for s in students if s not in STUDENTS]
+    if unknown:
+        raise ValueError(f'unknown demo student(s) {", ".join(unknown)}; choose from {", ".join(STUDENTS)}')
+    env = DistEnv(device=settings.device)
+    test = test_loader(run_config(settings, students[0], 'none'))
+    summary: Dict[str, Any] = dict(study=study.name, paper=study.paper, seeds=list(seeds), students={},
+                                   settings=dict(subset=settings.subset, epochs=settings.epochs, lr=settings.lr,
+                                                 batch_size=settings.batch_size, device=str(env.device)))
+    for student in students:
+        top1 = {label: [_run(settings, study, student, label, options, seed, test, env, say)['top1'] for seed in seeds]
+                for label, options, _ in study.rows}
+        rows = {}
+        for label, _, paper in study.rows:
+            row = dict(mean=statistics.mean(top1[label]), spread=_spread(top1[label]), top1=top1[label], paper=paper)
+            for ref in REFERENCES:
+                row[f'vs_{ref}'], row[f'vs_{ref}_spread'] = _paired(top1[label], top1[ref])
+            rows[label] = row
+        means = {label: row['mean'] for label, row in rows.items()}
+        summary['students'][student] = dict(
+            model=STUDENTS[student]['model'], rows=rows,
+            ours_order=sorted(means, key=means.get),
+            disagree=_disagreements(study.paper_order, means))
+    summary['seconds'] = time.perf_counter() - start
+    out = Path(settings.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'{study.name}.json').write_text(json.dumps(summary, indent=2))
+    (out / f'{study.name}.md').write_text(format_study(study, summary) + '\n')
+    plot_study(summary, out / f'{study.name}.png')
+    return summary
+
+
+def format_study(study: Study, summary: Dict[str, Any]) -> str:
+    """A markdown table per student (mean top-1 +- spread over seeds, paired differences to the student
+    alone and to KD), then the paper's order beside ours and where they disagree."""
+    seeds = summary['seeds']
+    lines = [f'### {study.name}: {study.paper}', '',
+             f'Fashion-MNIST test top-1 (%), {len(seeds)} seed(s) ({", ".join(map(str, seeds))}); spread: standard '
+             f'deviation over seeds; vs: mean paired difference (same seed, same batches) +- its spread.']
+    for student, result in summary['students'].items():
+        lines += ['', f'**{student}** ({result["model"]})', '',
+                  '| row | top-1 | vs student | vs KD | paper (ImageNet) |', '|---|---|---|---|---|']
+        for label, row in result['rows'].items():
+            paper = f'{row["paper"]:.2f}' if row['paper'] is not None else ''
+            lines.append(f'| {label} | {row["mean"]:.2f} +- {row["spread"]:.2f} | {row["vs_student"]:+.2f} +- '
+                         f'{row["vs_student_spread"]:.2f} | {row["vs_kd"]:+.2f} +- {row["vs_kd_spread"]:.2f} | {paper} |')
+        if study.paper_order:
+            disagree = ', '.join(f'{a} > {b}' for a, b in result['disagree']) or 'none'
+            ours = [label for label in result['ours_order'] if label in study.paper_order]
+            lines += ['', f'paper order: {" < ".join(study.paper_order)}', f'our order: {" < ".join(ours)}',
+                      f'disagreements (ours): {disagree}']
+    lines += ['', f'{summary["seconds"]:.0f} s']
+    return '\n'.join(lines)
+
+
+def plot_study(summary: Dict[str, Any], path: Path) -> Path:
+    """Mean top-1 per row with its spread over seeds: one panel per student."""
+    plt = pyplot()
+    students = summary['students']
+    fig, axes = plt.subplots(1, len(students), figsize=(0.6 * max(len(r['rows']) for r in students.values()) * len(students) + 2,
+                                                          3.6), squeeze=False)
+    for ax, (student, result) in zip(axes[0], students.items()):
+        labels = list(result['rows'])
+        means = [result['rows'][label]['mean'] for label in labels]
+        spreads = [result['rows'][label]['spread'] for label in labels]
+        ax.bar(range(len(labels)), means, yerr=spreads, capsize=3, color='tab:blue', alpha=0.8)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha='right', fontsize=8)
+        low = min(m - s for m, s in zip(means, spreads))
+        ax.set_ylim(low - 2, max(m + s for m, s in zip(means, spreads)) + 1)
+        ax.set_title(f'{student}: {result["model"]}', fontsize=9)
+        ax.grid(axis='y', alpha=0.3)
+    axes[0][0].set_ylabel('test top-1 (%)')
+    fig.suptitle(f'{summary["study"]}: mean over seeds {summary["seeds"]} +- spread', fontsize=9)
+    return save_figure(fig, path)

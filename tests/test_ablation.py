@@ -1,0 +1,80 @@
+"""``scalekd ablate``: every study's rows train with their own options, on a tiny budget."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_fixtures import make_fashion_mnist
+from scalekd.cli import main
+from scalekd.engine.config import load_config
+from scalekd.tools.ablation import STUDIES, format_study, run_study
+from scalekd.tools.demo import DemoSettings
+
+pytestmark = pytest.mark.slow  # 17 tiny training runs
+
+# loss terms each row must log (and no others): the options reached the training
+TERMS = {
+    'student': set(), 'kd': {'kd_loss'}, 'fd': {'s4_ori'}, 'fd_s3_s4': {'s3_ori', 's4_ori'},
+    'cap': {'s4_ori'}, 'cap_dfm': {'s4_ori', 's4_alt'}, 'cap_dual_no_phi': {'s4_ori', 's4_alt'},
+    'cap_dir_alt': {'s4_ori', 's4_alt'}, 'cap_tpp': {'proxy_ori', 's4_ori'},
+    'cap_dfm_tpp': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'},
+    'scalekd': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'},
+    'scalekd_separable': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'},
+    **{f'beta_{b}': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'} for b in (0.0, 0.25, 0.5, 0.75, 1.0)},
+}
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('ablate')
+    data = make_fashion_mnist(tmp / 'fm', n_train=40, n_test=20)
+    return DemoSettings(output=str(tmp / 'out'), subset=16, epochs=1, batch_size=8, test_sample=10, data=str(data),
+                        progress=False, device=torch.device('cpu'))
+
+
+def _terms(folder):
+    steps = [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines()]
+    step = next(r for r in steps if 'task_loss' in r)
+    return {k for k in step if k.endswith(('_ori', '_alt')) or k == 'kd_loss'}
+
+
+@pytest.mark.parametrize('name', ['components', 'views', 'pilot', 'beta', 'projector'])
+def test_every_row_of_a_study_trains_with_its_options(tiny, name):
+    study = STUDIES[name]
+    summary = run_study(study, tiny, seeds=(0,), students=('cnn',), say=lambda line: None)
+    rows = summary['students']['cnn']['rows']
+    assert list(rows) == [label for label, _, _ in study.rows]
+    for label, row in rows.items():
+        folder = Path(tiny.output) / 'runs' / 'cnn' / label / 'seed0'
+        assert _terms(folder) == TERMS[label], label
+        assert 0 <= row['mean'] <= 100 and row['spread'] == 0.0 and row['top1'] == [row['mean']]
+        assert row['vs_student'] == pytest.approx(row['mean'] - rows['student']['mean'])
+        options = load_config(folder / 'config.yaml').distill_options().resolve()
+        if label == 'fd':
+            assert options.projector == 'linear' and options.stages == ('s4',)
+        if label == 'cap_dual_no_phi':
+            assert options.views == 'dual'
+        if label == 'cap_dir_alt':
+            assert options.original_view == 'dc'
+        if label.startswith('beta_'):
+            beta = float(label[len('beta_'):])
+            assert (options.w_ori, options.w_alt) == pytest.approx((0.14 * beta, 0.14 * (1 - beta)))
+        if label == 'scalekd_separable':
+            assert options.cap_conv == 'separable'
+    out = Path(tiny.output)
+    assert (out / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
+    table = (out / f'{name}.md').read_text()
+    assert table.count('\n| ') == len(rows) + 1 and format_study(study, summary) + '\n' == table
+    if study.paper_order:
+        assert 'paper order: ' + ' < '.join(study.paper_order) in table
+
+
+def test_a_rerun_reuses_finished_runs_and_refuses_another_config_under_a_label(tiny, capsys):
+    again = run_study(STUDIES['views'], tiny, seeds=(0,), students=('cnn',), say=print)
+    assert capsys.readouterr().out == ''  # nothing trained again
+    assert again['students']['cnn']['rows']['cap']['mean'] == json.loads(
+        (Path(tiny.output) / 'runs' / 'cnn' / 'cap' / 'seed0' / 'result.json').read_text())['top1']
+    assert main(['ablate', 'views', '--seeds', '0', '--students', 'cnn', '--output', tiny.output, '--epochs', '2',
+                 '--subset', '16', '--data', tiny.data, '--no-progress']) == 2
+    assert 'holds a run of another config' in capsys.readouterr().err
