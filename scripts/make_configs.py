@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from scalekd.engine.config import load_config
+from scalekd.method.options import DistillOptions, ablation
 from scalekd.tools.paper_pairs import PAPER_PAIRS
 
 ROOT = Path(__file__).resolve().parents[1] / 'configs'
@@ -113,7 +114,7 @@ for name, (note, model, opts) in TEACHERS.items():
     FILES[f'teachers/{name}'] = (note, dict(body, distill=opts) if opts else body)
 
 # ---- baselines: the student alone (no teacher) -------------------------------------------------
-NONE = dict(method='none')
+NONE = ablation('student')
 for short, (_, _, recipe, data) in STUDENTS.items():
     exp(f'baselines/{short}', f'student alone, {recipe} recipe', recipe, None, short, NONE, data=data)
 for short in ('resnet50', 'mixer_s16'):
@@ -134,9 +135,9 @@ row('table7/swin_l-resnet50-600ep', 'Table 7: ResNet-50, 600 epochs, 82.55', ['t
     sched=dict(epochs=600))
 
 # ---- Table 1: pilot, Swin-S teacher, traditional recipe, no L_kd ---------------------------------
-T1 = {'fd_s4': ('FD (s4)', dict(method='fd')),
-      'fd_s3_s4': ('FD (s3+s4)', dict(method='fd', stages=['s3', 's4'])),
-      'scalekd': ('ScaleKD without KD', dict(method='scalekd', kd=False))}
+T1 = {'fd_s4': ('FD (s4)', ablation('fd')),
+      'fd_s3_s4': ('FD (s3+s4)', dict(ablation('fd'), stages=['s3', 's4'])),
+      'scalekd': ('ScaleKD without KD', dict(method='scalekd', **ablation('cap_dfm_tpp')))}
 T1_TOP1 = {'resnet50': (76.55, 77.43, 77.74, 79.30), 'mixer_s16': (74.02, 74.88, 75.32, 77.24)}
 for short, top1 in T1_TOP1.items():
     row(f'table1/{short}-baseline', f'Table 1 {short} baseline {top1[0]}', [f'baselines/{short}-traditional'])
@@ -154,17 +155,17 @@ for recipe, (short, accs) in T2.items():
             exp(path, note, f'{recipe}_cnn', teacher, short, dict(method='scalekd'))
 
 # ---- Table 9: ablations, Swin-S teacher, traditional recipe, no L_kd unless +KD -------------------
-def switches(projector='cap', stages=('s4',), views='single', tpp=False, aq=False, kd=False, **more):
-    return dict(method='scalekd', projector=projector, stages=list(stages), views=views, tpp=tpp,
-                adaptive_queries=aq, kd=kd, **more)
+def switches(name, **changes):
+    """The ablation preset ``name`` with ``changes``, every component switch written out."""
+    written = DistillOptions.from_kwargs(**dict(ablation(name), **changes)).switches()
+    return dict(written, stages=list(written['stages']))
 
 
-TPP = dict(stages=('s3', 's4'), tpp=True, aq=True)
-T9A = {'cap': ('CAP', 77.87, switches()),
-       'cap_dfm': ('CAP+DFM', 78.51, switches(views='dfm')),
-       'cap_tpp': ('CAP+TPP', 78.62, switches(**TPP)),
+T9A = {'cap': ('CAP', 77.87, switches('cap')),
+       'cap_dfm': ('CAP+DFM', 78.51, switches('cap_dfm')),
+       'cap_tpp': ('CAP+TPP', 78.62, switches('cap_tpp')),
        'cap_dfm_tpp': ('CAP+DFM+TPP', 79.30, 'table1/{s}-scalekd'),
-       'cap_dfm_tpp_kd': ('CAP+DFM+TPP+KD', 79.62, switches(views='dfm', kd=True, **TPP))}
+       'cap_dfm_tpp_kd': ('CAP+DFM+TPP+KD', 79.62, switches('scalekd'))}
 for short in ('resnet50', 'mixer_s16'):
     for name, (label, acc, distill) in T9A.items():
         note = f'Table 9(a) {short} {label}' + (f' {acc}' if short == 'resnet50' else '')
@@ -182,9 +183,9 @@ T9_REUSE = [('b/linear', 'Table 9(b) linear projector 77.43 (= FD s4)', 'table1/
 for name, note, base in T9_REUSE:
     row(f'table9/{name}', note, [base])
 exp('table9/b/conv', 'Table 9(b) conv projector 77.52', 'traditional_cnn', 'swin_s', 'resnet50',
-    switches(projector='conv'))
+    switches('cap', projector='conv'))
 exp('table9/c/dual_path_cap', 'Table 9(c) dual-path CAP (no phi) 78.12', 'traditional_cnn', 'swin_s', 'resnet50',
-    switches(views='dual'))
+    switches('cap', views='dual'))
 row('table9/d/tpp_proxy_only', 'Table 9(d) TPP proxy path only 78.50', ['table9/a/resnet50-cap_tpp'],
     distill=dict(adaptive_queries=False))
 

@@ -3,9 +3,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from scalekd import (ConvProjector, CrossAttentionProjector, DistillOptions, LinearProjector, UnknownModelError,
-                     UnsupportedModelError, build_distiller, remove_dc)
+from scalekd import (ConvProjector, CrossAttentionProjector, DistillOptions, LinearProjector, ScaleKDTeacher,
+                     StudentAdapter, UnknownModelError, UnsupportedModelError, build_distiller, remove_dc)
+from scalekd.adapters import FAMILIES
 from scalekd.method.mimicking import FeatureMimicking
+from scalekd.method.options import ABLATIONS, ablation
 from scalekd.method.views import build_views
 from tiny_models import IMG, make_student, make_teacher
 
@@ -21,34 +23,45 @@ def _projectors(distiller):
             if isinstance(m, (CrossAttentionProjector, LinearProjector, ConvProjector))]
 
 
-# (method, options) -> (feature loss names, projector class, projector count): the paper's rows
+# options -> (feature loss names, projector class, projector count): the ablation presets and the paper's other rows
+DFM_TPP = {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'}
 ROWS = {
-    'baseline': ('none', {}, set(), None, 0),
-    'kd': ('kd', {}, set(), None, 0),
-    'fd_s4': ('fd', {}, {'s4_ori'}, LinearProjector, 1),
-    'fd_s3_s4': ('fd', dict(stages=['s3', 's4']), {'s3_ori', 's4_ori'}, LinearProjector, 2),
-    'projector_conv': ('fd', dict(projector='conv'), {'s4_ori'}, ConvProjector, 1),
-    'cap': ('scalekd', dict(views='single', tpp=False, adaptive_queries=False, kd=False, stages=['s4']),
-            {'s4_ori'}, CrossAttentionProjector, 1),
-    'dual_path_cap': ('scalekd', dict(views='dual', tpp=False, adaptive_queries=False, kd=False, stages=['s4']),
-                      {'s4_ori', 's4_alt'}, CrossAttentionProjector, 2),
-    'cap_dfm': ('scalekd', dict(tpp=False, adaptive_queries=False, kd=False, stages=['s4']),
-                {'s4_ori', 's4_alt'}, CrossAttentionProjector, 2),
-    'cap_tpp_proxy_only': ('scalekd', dict(views='single', adaptive_queries=False, kd=False),
-                           {'proxy_ori', 's4_ori'}, CrossAttentionProjector, 2),
-    'cap_tpp': ('scalekd', dict(views='single', kd=False), {'proxy_ori', 's4_ori'}, CrossAttentionProjector, 2),
-    'cap_dfm_tpp': ('scalekd', dict(kd=False), {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'},
-                    CrossAttentionProjector, 4),
-    'scalekd': ('scalekd', {}, {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'}, CrossAttentionProjector, 4),
-    'dir_alt': ('scalekd', dict(original_view='dc'), {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'},
-                CrossAttentionProjector, 4),
+    'student': (ablation('student'), set(), None, 0),
+    'kd': (ablation('kd'), set(), None, 0),
+    'fd': (ablation('fd'), {'s4_ori'}, LinearProjector, 1),
+    'fd_s3_s4': (dict(ablation('fd'), stages=['s3', 's4']), {'s3_ori', 's4_ori'}, LinearProjector, 2),
+    'projector_conv': (dict(ablation('fd'), projector='conv'), {'s4_ori'}, ConvProjector, 1),
+    'cap': (ablation('cap'), {'s4_ori'}, CrossAttentionProjector, 1),
+    'dual_path_cap': (dict(ablation('cap'), views='dual'), {'s4_ori', 's4_alt'}, CrossAttentionProjector, 2),
+    'cap_dfm': (ablation('cap_dfm'), {'s4_ori', 's4_alt'}, CrossAttentionProjector, 2),
+    'cap_tpp_proxy_only': (dict(ablation('cap_tpp'), adaptive_queries=False), {'proxy_ori', 's4_ori'},
+                           CrossAttentionProjector, 2),
+    'cap_tpp': (ablation('cap_tpp'), {'proxy_ori', 's4_ori'}, CrossAttentionProjector, 2),
+    'cap_dfm_tpp': (ablation('cap_dfm_tpp'), DFM_TPP, CrossAttentionProjector, 4),
+    'scalekd': (ablation('scalekd'), DFM_TPP, CrossAttentionProjector, 4),
+    'dir_alt': (dict(original_view='dc'), DFM_TPP, CrossAttentionProjector, 4),
 }
+
+
+def test_every_ablation_preset_is_a_row():
+    assert all(ROWS[name][0] == ablation(name) for name in ABLATIONS)
+    with pytest.raises(ValueError, match="unknown ablation 'cap_kd'; choose one of student, kd"):
+        ablation('cap_kd')
+
+
+def test_switches_write_out_what_tells_the_presets_apart():
+    switches = {name: DistillOptions.from_kwargs(**ablation(name)).switches() for name in ABLATIONS}
+    assert switches['cap'] == dict(method='scalekd', projector='cap', stages=('s4',), views='single', tpp=False,
+                                   adaptive_queries=False, kd=False)
+    assert switches['scalekd'] == dict(method='scalekd', projector='cap', stages=('s3', 's4'), views='dfm', tpp=True,
+                                       adaptive_queries=True, kd=True)
+    assert len({tuple(s.items()) for s in switches.values()}) == len(ABLATIONS)
 
 
 @pytest.mark.parametrize('row', sorted(ROWS))
 def test_ablation_rows_build_what_they_say(row):
-    method, options, feature_terms, projector_cls, count = ROWS[row]
-    distiller = _distiller(method, **options)
+    options, feature_terms, projector_cls, count = ROWS[row]
+    distiller = _distiller(**options)
     out = distiller(X, Y)
     kd = distiller.options.kd
     assert set(out) == {'loss', 'output', 'task_loss'} | ({'kd_loss'} if kd else set()) | feature_terms
@@ -139,6 +152,18 @@ def test_unsupported_models_are_named_with_what_is_missing():
     with pytest.raises(UnknownModelError, match="unknown teacher model 'swin_lage_patch4_window7_224'.*did you mean "
                                                  'swin_large_patch4_window7_224'):
         build_distiller('swin_lage_patch4_window7_224', 'resnet18')
+
+
+def test_beit_and_eva_are_plain_families_of_their_own():
+    """The adapters read BEiT / EVA-02 like a ViT; no weight export knows their key layout."""
+    classes = [c for f in FAMILIES for c in f.classes]
+    assert len(classes) == len(set(classes))
+    for name, family in (('beit', 'beit'), ('eva02', 'eva'), ('eva', 'vit')):  # EVA-L is a timm VisionTransformer
+        teacher = ScaleKDTeacher(make_teacher(name, IMG), (IMG, IMG))
+        assert teacher.family == family and teacher.num_prefix_tokens == 1
+    student = StudentAdapter(make_student('eva02', IMG), (IMG, IMG))
+    assert (student.family, student.plain) == ('eva', True)
+    assert not any(f.openmmlab or f.torchvision for f in FAMILIES if f.name in ('beit', 'eva'))
 
 
 def test_tap_options_are_checked_against_the_models():

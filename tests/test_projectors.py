@@ -5,7 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scalekd import ConvProjector, CrossAttentionProjector, LinearProjector, build_projector
+from scalekd import ConvProjector, CrossAttentionProjector, LinearProjector, build_distiller, build_projector
+from scalekd.task.kernels import UnfoldConv2d, use_cpu_kernels
+from tiny_models import IMG, make_student, make_teacher
 
 
 def _make_identity_branches(cap: CrossAttentionProjector) -> None:
@@ -130,3 +132,23 @@ def test_conv_projector_shapes_and_factory():
     assert isinstance(build_projector('cap', 4, 8, (2, 2), (2, 2), num_heads=2), CrossAttentionProjector)
     with pytest.raises(ValueError, match="unknown projector 'mlp'; choose one of cap, linear, conv"):
         build_projector('mlp', 4, 8, (2, 2), (2, 2))
+
+
+def test_cpu_kernels_swap_the_full_cap_conv_and_keep_weights_keys_and_outputs():
+    torch.manual_seed(0)
+    caps = nn.ModuleList([CrossAttentionProjector(16, 8, (5, 5), (3, 3), num_heads=2),
+                          CrossAttentionProjector(16, 8, (5, 5), (3, 3), num_heads=2, student_conv='separable')])
+    assert type(caps[0].student_conv) is nn.Conv2d  # CAP itself is plain
+    x = torch.randn(2, 16, 5, 5)
+    before, keys, weight = [c(x) for c in caps], list(caps.state_dict()), caps[0].student_conv.weight
+    assert use_cpu_kernels(caps) == 1
+    assert isinstance(caps[0].student_conv, UnfoldConv2d) and caps[0].student_conv.weight is weight
+    assert list(caps.state_dict()) == keys and type(caps[1].student_conv) is nn.Sequential
+    for a, b in zip(before, [c(x) for c in caps]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('device', [None, torch.device('cpu')])
+def test_a_distiller_built_on_the_cpu_takes_the_unfold_kernel(device):
+    distiller = build_distiller(make_teacher('vit', IMG), make_student('resnet', IMG), img_size=IMG, device=device)
+    assert sum(isinstance(m, UnfoldConv2d) for m in distiller.modules()) == 4  # proxy and s4 CAPs, ori and alt

@@ -1,7 +1,8 @@
 """Model adapters: what ScaleKD reads from timm students and teachers."""
 from .common import UnsupportedModelError
-from .student import STUDENT_FAMILIES, StudentAdapter, StudentTaps
-from .teacher import TEACHER_FAMILIES, ScaleKDTeacher, TeacherFeatures
+from .families import FAMILIES, Family
+from .student import StudentAdapter, StudentTaps
+from .teacher import ScaleKDTeacher, TeacherFeatures
 
-__all__ = ['UnsupportedModelError', 'StudentAdapter', 'StudentTaps', 'STUDENT_FAMILIES',
-           'ScaleKDTeacher', 'TeacherFeatures', 'TEACHER_FAMILIES']
+__all__ = ['UnsupportedModelError', 'StudentAdapter', 'StudentTaps', 'ScaleKDTeacher', 'TeacherFeatures',
+           'FAMILIES', 'Family']

@@ -1,7 +1,7 @@
 """Helpers shared by the student and teacher adapters."""
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,21 +21,6 @@ def model_label(model: nn.Module) -> str:
     name = getattr(model, 'pretrained_cfg', {}).get('architecture') if hasattr(model, 'pretrained_cfg') else None
     cls = type(model).__name__
     return f'{name} ({cls})' if name else cls
-
-
-def find_family(model: nn.Module, families: Sequence[Tuple[str, Tuple[Type[nn.Module], ...]]], role: str) -> str:
-    """The family name whose classes ``model`` is an instance of, or an error naming what is supported."""
-    for name, classes in families:
-        if isinstance(model, classes):
-            if not hasattr(model, 'forward_intermediates'):
-                raise UnsupportedModelError(
-                    f'{model_label(model)} cannot be a ScaleKD {role}: it has no forward_intermediates() '
-                    f'(update timm to >= 1.0.23)')
-            return name
-    supported = ', '.join(f'{n} ({"/".join(c.__name__ for c in cls)})' for n, cls in families)
-    raise UnsupportedModelError(
-        f'{model_label(model)} is not a supported ScaleKD {role}: its family has no {role} adapter. '
-        f'Supported {role} families: {supported}.')
 
 
 def tokens_to_map(tokens: torch.Tensor, grid: Tuple[int, int], num_prefix: int = 0) -> torch.Tensor:

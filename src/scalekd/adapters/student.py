@@ -10,29 +10,11 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.models.beit import Beit
-from timm.models.convnext import ConvNeXt
-from timm.models.efficientnet import EfficientNet
-from timm.models.eva import Eva
-from timm.models.mlp_mixer import MlpMixer
-from timm.models.resnet import ResNet
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
 
-from .common import Shape, dummy_input, find_family, model_label, probing, shape_of, tokens_to_map
+from .common import Shape, dummy_input, model_label, probing, shape_of, tokens_to_map
+from .families import find_family
 
-__all__ = ['StudentAdapter', 'STUDENT_FAMILIES']
-
-# (family, timm classes); MobileNet-V1 is built by timm's EfficientNet class.
-STUDENT_FAMILIES = (
-    ('resnet', (ResNet,)),
-    ('mobilenet', (EfficientNet,)),
-    ('convnext', (ConvNeXt,)),
-    ('swin', (SwinTransformer,)),
-    ('mixer', (MlpMixer,)),
-    ('vit', (VisionTransformer, Eva, Beit)),
-)
-_PLAIN = ('mixer', 'vit')
+__all__ = ['StudentAdapter']
 
 
 @dataclass(frozen=True)
@@ -54,9 +36,10 @@ class StudentAdapter:
     """
 
     def __init__(self, model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3, s3_block: Optional[int] = None):
-        self.family = find_family(model, STUDENT_FAMILIES, 'student')
+        family = find_family(model, 'student')
+        self.family, self.plain = family.name, family.plain
         self.label = model_label(model)
-        if self.family in _PLAIN:
+        if self.plain:
             depth = len(model.blocks)
             s3_block = s3_block if s3_block is not None else max(1, min(round(depth * 3 / 4), depth - 1))
             if not 1 <= s3_block < depth:
@@ -79,7 +62,7 @@ class StudentAdapter:
 
     def final_map(self, model: nn.Module, final: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """``forward_features`` output -> the s4 map (N, C, H, W)."""
-        if self.family in _PLAIN:
+        if self.plain:
             tokens = model.fc_norm(final[:, self.num_prefix_tokens:]) if self.uses_fc_norm else final
             return tokens_to_map(tokens, grid, 0 if self.uses_fc_norm else self.num_prefix_tokens)
         if self.family == 'swin':

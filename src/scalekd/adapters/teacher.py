@@ -14,21 +14,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.models.beit import Beit
-from timm.models.eva import Eva
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
 from timm.task import DistillationTeacher
 
-from .common import (Shape, UnsupportedModelError, channel_stats, dummy_input, find_family, map_to_tokens, model_label,
-                     probing, shape_of, tokens_to_map)
+from .common import (Shape, UnsupportedModelError, channel_stats, dummy_input, map_to_tokens, model_label, probing,
+                     shape_of, tokens_to_map)
+from .families import find_family
 
-__all__ = ['ScaleKDTeacher', 'TeacherFeatures', 'TEACHER_FAMILIES']
-
-TEACHER_FAMILIES = (
-    ('swin', (SwinTransformer,)),
-    ('vit', (VisionTransformer, Beit, Eva)),
-)
+__all__ = ['ScaleKDTeacher', 'TeacherFeatures']
 
 
 @dataclass
@@ -51,17 +43,17 @@ class ScaleKDTeacher(DistillationTeacher):
     """
 
     def __init__(self, model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3, last_blocks: Optional[int] = None):
-        family = find_family(model, TEACHER_FAMILIES, 'teacher')
+        family = find_family(model, 'teacher')
         super().__init__(model)
-        self.family = family
+        self.family = family.name
         self.label = model_label(model)
         model.requires_grad_(False)
         if self.mean_kd.shape[1] != in_chans:
             self.set_normalization(channel_stats(self.mean_kd.flatten().tolist(), in_chans),
                                    channel_stats(self.std_kd.flatten().tolist(), in_chans))
-        self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0) if family == 'vit' else 0
+        self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0) if family.plain else 0
         self._stage_kwargs: Dict[int, Dict[str, Any]] = {}
-        if family == 'swin':
+        if self.family == 'swin':
             if last_blocks is not None:
                 raise ValueError(f'teacher_last_blocks applies to plain ViT teachers only, not {self.label}')
             self.stage_start = len(model.layers) - 1

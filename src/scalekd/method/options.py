@@ -14,6 +14,9 @@ method        projector  stages  views  tpp  adaptive_queries  kd
 
 Loss weights: ``w_ori`` / ``w_alt`` (release: 0.08 / 0.06) or the paper's ``alpha`` / ``beta``
 (``w_ori = alpha * beta``, ``w_alt = alpha * (1 - beta)``), not both.
+
+:data:`ABLATIONS` names the component ablation (Tables 9, 15b) as option presets: the student alone,
+KD, FD, CAP, CAP+DFM, CAP+TPP, CAP+DFM+TPP and full ScaleKD (CAP+DFM+TPP+KD).
 """
 import dataclasses
 from dataclasses import dataclass, fields
@@ -22,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 from .projectors import PROJECTORS
 from .views import ORIGINAL_VIEWS, VIEW_MODES
 
-__all__ = ['DistillOptions', 'METHODS', 'FEATURE_METHODS']
+__all__ = ['DistillOptions', 'METHODS', 'FEATURE_METHODS', 'ABLATIONS', 'ablation']
 
 METHODS = ('none', 'kd', 'fd', 'scalekd')
 FEATURE_METHODS = ('fd', 'scalekd')
@@ -35,6 +38,25 @@ _PRESETS: Dict[str, Dict[str, Any]] = {
     'scalekd': dict(projector='cap', stages=STAGES, views='dfm', tpp=True, adaptive_queries=True, kd=True),
 }
 _FEATURE_SWITCHES = ('projector', 'stages', 'views', 'tpp', 'adaptive_queries')
+
+# ablation name -> the options that make it; what a preset leaves unset is the method's default
+ABLATIONS: Dict[str, Dict[str, Any]] = {
+    'student': dict(method='none'),
+    'kd': dict(method='kd'),
+    'fd': dict(method='fd'),
+    'cap': dict(views='single', tpp=False, adaptive_queries=False, kd=False, stages=('s4',)),
+    'cap_dfm': dict(tpp=False, adaptive_queries=False, kd=False, stages=('s4',)),
+    'cap_tpp': dict(views='single', kd=False),
+    'cap_dfm_tpp': dict(kd=False),
+    'scalekd': dict(),
+}
+
+
+def ablation(name: str) -> Dict[str, Any]:
+    """The options of the ablation preset ``name`` (a copy: add to it or override it freely)."""
+    if name not in ABLATIONS:
+        raise ValueError(f'unknown ablation {name!r}; choose one of {", ".join(ABLATIONS)}')
+    return dict(ABLATIONS[name])
 
 
 @dataclass(frozen=True)
@@ -94,6 +116,12 @@ class DistillOptions:
         opts = dataclasses.replace(self, **values, w_ori=w_ori, w_alt=w_alt, alpha=None, beta=None)
         opts._check()
         return opts
+
+    def switches(self) -> Dict[str, Any]:
+        """The method and its resolved component switches (``method``, ``projector``, ``stages``, ``views``,
+        ``tpp``, ``adaptive_queries``, ``kd``), in that order: what tells one ablation from another."""
+        opts = self.resolve()
+        return {'method': opts.method, **{k: getattr(opts, k) for k in _FEATURE_SWITCHES}, 'kd': opts.kd}
 
     @property
     def uses_features(self) -> bool:

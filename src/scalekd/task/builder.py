@@ -8,6 +8,7 @@ from ..adapters import ScaleKDTeacher
 from ..adapters.models import create_timm_model, default_img_size
 from ..method.options import DistillOptions
 from .distiller import Distiller
+from .kernels import use_cpu_kernels
 
 __all__ = ['build_distiller']
 
@@ -72,6 +73,8 @@ def build_distiller(
         criterion: task loss (default cross entropy).
         input_mean, input_std: normalisation of the images the distiller gets (default: the student's).
         teacher_mean, teacher_std: normalisation the teacher expects (default: its pretrained cfg).
+        device: where the models live (default: the CPU, where they are created). On the CPU the CAPs'
+            3x3 convolutions take the unfold kernel (:func:`~scalekd.task.kernels.use_cpu_kernels`).
         **options: :class:`~scalekd.DistillOptions` fields (``projector``, ``tpp``, ``beta``, ...).
     """
     opts = DistillOptions.from_kwargs(method=method, **options).resolve()
@@ -93,6 +96,8 @@ def build_distiller(
         student_model.to(device)
     distiller = Distiller(student_model, teacher_adapter, opts, size, in_chans, criterion=criterion,
                           input_mean=input_mean, input_std=input_std, device=device)
+    if device is None or torch.device(device).type == 'cpu':  # built without a device: on the CPU
+        use_cpu_kernels(distiller.distill_modules())
     return distiller.to(device) if device is not None else distiller
 
 

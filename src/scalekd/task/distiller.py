@@ -29,6 +29,8 @@ from ..method.views import build_views
 
 __all__ = ['Distiller', 'DistillationModule', 'TaskStateMismatchError']
 
+Views = Dict[str, torch.Tensor]  # view name (``ori`` / ``alt``) -> projected map
+
 
 class TaskStateMismatchError(ValueError):
     """A distillation state from another configuration (a checkpoint of another run)."""
@@ -39,7 +41,9 @@ class DistillationModule(nn.Module):
 
     ``forward(images, teacher_features, last_stage)`` returns (student logits, unweighted
     feature losses). The teacher's last stage is passed in, never registered here, so the
-    module's parameters and state dict hold no teacher weight.
+    module's parameters and state dict hold no teacher weight. ``forward`` is made of
+    :meth:`student_pass`, :meth:`proxy_views` (or the s3 projection), :meth:`s4_views` and
+    :meth:`tap_losses`, which are public so that each can run (and be timed) on its own.
     """
 
     def __init__(self, student: nn.Module, taps: StudentAdapter, options: DistillOptions,
@@ -82,31 +86,45 @@ class DistillationModule(nn.Module):
         names = {f'student.{n}' for n in getattr(student, 'no_weight_decay', set)()}
         return names | {n for n, _ in self.named_parameters() if n.endswith(('pos_embed', 'query_embed'))}
 
+    def student_pass(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One student forward: (logits, s3 map, s4 map)."""
+        return self.taps(self.student, x)
+
+    def proxy_views(self, s3: torch.Tensor, teacher: TeacherFeatures, last_stage: LastStage) -> Views:
+        """TPP's proxy path: s3 projected in each view and run through the teacher's last stage."""
+        return self.proxy(s3, last_stage, teacher.prefix)
+
+    def s4_views(self, s4: torch.Tensor, proxy_views: Optional[Views] = None) -> Views:
+        """s4 projected in each view; the proxy path's outputs are the CAPs' queries with adaptive queries."""
+        return self.s4.project(s4, proxy_views if self.adaptive_queries else None)
+
+    def tap_losses(self, tap: str, views: Views, teacher: TeacherFeatures) -> Dict[str, torch.Tensor]:
+        """Unweighted losses ``{tap}_{view}`` of one tap's projected views against the teacher's feature
+        (T_(n-1) for ``s3``, else T_n)."""
+        target = teacher.stage_input if tap == 's3' else teacher.final
+        return self.mimicking()[tap].losses(views, target, tap)
+
     def project(self, x: torch.Tensor, teacher: Optional[TeacherFeatures] = None,
-                last_stage: Optional[LastStage] = None) -> Tuple[torch.Tensor, Dict[str, Dict[str, torch.Tensor]]]:
+                last_stage: Optional[LastStage] = None) -> Tuple[torch.Tensor, Dict[str, Views]]:
         """Student logits, and the student features projected at each tap (``proxy`` or ``s3``, and ``s4``)
         in each view, in the teacher's feature space."""
-        logits, s3, s4 = self.taps(self.student, x)
-        projected: Dict[str, Dict[str, torch.Tensor]] = {}
+        logits, s3, s4 = self.student_pass(x)
+        projected: Dict[str, Views] = {}
         if self.s4 is None:
             return logits, projected
-        queries = None
         if self.proxy is not None:
-            projected['proxy'] = self.proxy(s3, last_stage, teacher.prefix)
-            queries = projected['proxy'] if self.adaptive_queries else None
+            projected['proxy'] = self.proxy_views(s3, teacher, last_stage)
         elif self.s3 is not None:
             projected['s3'] = self.s3.project(s3)
-        projected['s4'] = self.s4.project(s4, queries)
+        projected['s4'] = self.s4_views(s4, projected.get('proxy'))
         return logits, projected
 
     def forward(self, x: torch.Tensor, teacher: Optional[TeacherFeatures] = None,
                 last_stage: Optional[LastStage] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         logits, projected = self.project(x, teacher, last_stage)
         losses: Dict[str, torch.Tensor] = {}
-        mimicking = self.mimicking()
         for tap, views in projected.items():
-            target = teacher.stage_input if tap == 's3' else teacher.final
-            losses.update(mimicking[tap].losses(views, target, tap))
+            losses.update(self.tap_losses(tap, views, teacher))
         return logits, losses
 
 
@@ -220,11 +238,16 @@ class Distiller(TrainingTask):
                                          f'configuration?): missing {missing}, unexpected {unexpected}')
         module.load_state_dict(given, strict=False)
 
+    def teacher_features(self, images: torch.Tensor) -> Optional[TeacherFeatures]:
+        """The no-grad teacher forward on the distiller's ``images``, re-normalised to the teacher's own
+        statistics; ``None`` without a teacher."""
+        if self.teacher is None:
+            return None
+        return self.teacher.extract(self.teacher.normalize_input(images, self.student_mean, self.student_std))
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One training forward: ``loss`` (weighted total), ``output`` (student logits) and each term."""
-        teacher = None
-        if self.teacher is not None:
-            teacher = self.teacher.extract(self.teacher.normalize_input(input, self.student_mean, self.student_std))
+        teacher = self.teacher_features(input)
         last_stage = self.teacher.last_stage if self.teacher is not None else None
         logits, terms = self.trainable_module(input, teacher, last_stage)
         terms = {'task_loss': self.criterion(logits, target), **terms}

@@ -3,7 +3,9 @@
 Each variant runs in a fresh process so that its peak memory is its own: on CUDA
 ``torch.cuda.max_memory_allocated``, on CPU the process's peak resident set size (``ru_maxrss``,
 which includes the Python / torch runtime, the same for every variant). Step time is the median
-of ``steps`` timed training steps (forward, backward, SGD step) after one warm-up step.
+of ``steps`` timed training steps (forward, backward, SGD step) after one warm-up step. The variants
+are the ablation presets (:data:`scalekd.method.options.ABLATIONS`); every one but ``student`` runs the
+teacher's forward.
 """
 import json
 import resource
@@ -20,22 +22,11 @@ from ..engine.allocator import keep_freed_memory
 from ..engine.errors import USER_ERRORS
 from ..engine.precision import autocast, resolve_precision
 from ..engine.synthetic_step import synthetic_batch, training_step
+from ..method.options import ABLATIONS, ablation
 from ..task.builder import build_distiller
 from ..task.report import param_counts
 
-__all__ = ['VARIANTS', 'measure_variant', 'run_bench', 'format_table']
-
-# name -> distillation options; every variant but ``student`` runs the teacher's forward
-VARIANTS: Dict[str, Dict[str, Any]] = {
-    'student': dict(method='none'),
-    'kd': dict(method='kd'),
-    'fd': dict(method='fd'),
-    'cap': dict(views='single', tpp=False, adaptive_queries=False, kd=False, stages=['s4']),
-    'cap_dfm': dict(tpp=False, adaptive_queries=False, kd=False, stages=['s4']),
-    'cap_tpp': dict(views='single', kd=False),
-    'cap_dfm_tpp': dict(kd=False),
-    'scalekd': dict(),
-}
+__all__ = ['measure_variant', 'run_bench', 'format_table']
 
 
 def _sync(device: torch.device) -> None:
@@ -49,7 +40,7 @@ def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
     if device.type == 'cpu':
         keep_freed_memory()
     torch.manual_seed(0)
-    options = {**spec.get('options', {}), **VARIANTS[spec['variant']]}
+    options = {**spec.get('options', {}), **ablation(spec['variant'])}
     task = build_distiller(spec['teacher'], spec['student'], img_size=spec['img_size'], device=device, **options)
     precision = resolve_precision(spec['precision'], device)
     params = [p for p in task.trainable_module.parameters() if p.requires_grad]
@@ -97,44 +88,47 @@ def _interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, device: torch.d
 def _isolated_components(task, optimizer, images, targets, precision: str, steps: int,
                          full_step: Callable[[], Any]) -> Dict[str, float]:
     """Each part of a full ScaleKD step timed on its own, in the same rounds as full steps (``full``):
-    no hidden work means the parts add up to the step.
+    no hidden work means the parts add up to the step. Every part is the distiller's own piece
+    (:meth:`~scalekd.Distiller.teacher_features`, :class:`~scalekd.DistillationModule`'s
+    ``student_pass``, ``proxy_views``, ``s4_views`` and ``tap_losses``).
 
-    student: student forward + backward with the task loss; teacher: the no-grad teacher forward;
-    proxy / s4: the projectors (and, for the proxy path, the teacher's last stage) forward +
-    backward from the student's s3 / s4 maps, down to their gradients; optimizer: the SGD step over every trainable parameter and
-    clearing the gradients (as ``full`` does; every part starts without gradients, as in a step).
+    student: student forward + backward with the task loss; teacher: the no-grad teacher forward (with
+    its input re-normalisation); proxy / s4: the projectors (and, for the proxy path, the teacher's last
+    stage) forward + backward from the student's s3 / s4 maps, down to their gradients; optimizer: the
+    SGD step over every trainable parameter and clearing the gradients (as ``full`` does; every part
+    starts without gradients, as in a step).
     """
     device = images.device
     module = unwrap_model(task.trainable_module)
+    last_stage = task.teacher.last_stage
     with torch.no_grad(), autocast(precision, device):
-        feats = task.teacher.extract(images)
-        _, s3, s4 = module.taps(module.student, images)
+        feats = task.teacher_features(images)
+        _, s3, s4 = module.student_pass(images)
     s3, s4 = s3.requires_grad_(), s4.requires_grad_()  # the projectors' backward reaches the student, as in a step
 
     def student():
         with autocast(precision, device):
-            logits, _, _ = module.taps(module.student, images)
+            logits, _, _ = module.student_pass(images)
             loss = task.criterion(logits, targets)
         loss.backward()
 
     def teacher():
         with torch.no_grad(), autocast(precision, device):
-            task.teacher.extract(images)
+            task.teacher_features(images)
 
     def proxy():
         with autocast(precision, device):
-            proxies = module.proxy(s3, task.teacher.last_stage, feats.prefix)
-            loss = sum(module.proxy.mimicking.losses(proxies, feats.final, 'proxy').values())
+            views = module.proxy_views(s3, feats, last_stage)
+            loss = sum(module.tap_losses('proxy', views, feats).values())
         loss.backward()
         s3.grad = None
-        return proxies
+        return views
 
-    queries = {k: v.detach() for k, v in proxy().items()} if module.proxy is not None and module.adaptive_queries \
-        else None
+    proxy_views = {k: v.detach() for k, v in proxy().items()} if module.proxy is not None else None
 
     def s4_path():
         with autocast(precision, device):
-            loss = sum(module.s4.losses(module.s4.project(s4, queries), feats.final, 's4').values())
+            loss = sum(module.tap_losses('s4', module.s4_views(s4, proxy_views), feats).values())
         loss.backward()
         s4.grad = None
 
@@ -155,10 +149,10 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
               variants: Optional[Sequence[str]] = None, options: Optional[Dict[str, Any]] = None,
               progress=None) -> Dict[str, Any]:
     """Measure every variant, each in its own process; the JSON-ready result."""
-    names = list(variants or VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
+    names = list(variants or ABLATIONS)
+    unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
-        raise ValueError(f'unknown bench variant(s) {", ".join(unknown)}; choose from {", ".join(VARIANTS)}')
+        raise ValueError(f'unknown bench variant(s) {", ".join(unknown)}; choose from {", ".join(ABLATIONS)}')
     rows: List[Dict[str, Any]] = []
     for name in names:
         spec = dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,

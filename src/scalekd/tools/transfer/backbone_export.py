@@ -1,16 +1,16 @@
 """A timm student's state dict under the key names another toolkit's model expects.
 
-``timm``: unchanged. ``torchvision``: ResNet with the plain stem (``resnet18/34/50/101/152``; the
-keys are timm's) and ViT with a class token (``VisionTransformer``). ``mmdet`` / ``mmseg``: the
-backbone alone under OpenMMLab's names (:mod:`.openmmlab`).
+``timm``: unchanged. ``torchvision`` (the families with ``torchvision`` set in
+:data:`scalekd.adapters.FAMILIES`): ResNet with the plain stem (``resnet18/34/50/101/152``; the keys are
+timm's) and ViT with a class token (``VisionTransformer``). ``mmdet`` / ``mmseg``: the backbone alone
+under OpenMMLab's names (:mod:`.openmmlab`).
 """
 from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
-from timm.models.resnet import ResNet
-from timm.models.vision_transformer import VisionTransformer
 
+from ...adapters import families
 from .key_rules import rename
 from .openmmlab import OpenMMLabKeyError, family_of, to_openmmlab
 
@@ -57,20 +57,21 @@ def _torchvision_name(key: str) -> str:
 
 
 def _torchvision(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    name = type(model).__name__
-    if isinstance(model, ResNet):
+    name, family = type(model).__name__, families.family_of(model)
+    if family is None or not family.torchvision:
+        raise ExportFormatError(f'--format torchvision covers ResNet and ViT students, not {name}; use --format timm')
+    if family.name == 'resnet':
         if not isinstance(model.conv1, nn.Conv2d) or any('downsample.2' in k for k in state):
             raise ExportFormatError('torchvision has no ResNet with a deep stem or average-pool shortcut '
                                     '(the ResNet-D of this student); use --format timm')
         return dict(state)
-    if isinstance(model, VisionTransformer):
-        plain = (model.num_prefix_tokens == 1 and model.has_class_token and model.global_pool == 'token'
-                 and isinstance(model.fc_norm, nn.Identity) and not isinstance(model.norm, nn.Identity))
-        if not plain or any(k.startswith(('blocks.0.ls', 'reg_token')) or '.q_norm' in k for k in state):
-            raise ExportFormatError(f'torchvision ViT has one class token, pre-norm blocks and a final norm; '
-                                    f'{name} differs; use --format timm')
-        return {_torchvision_name(k): v for k, v in state.items()}
-    raise ExportFormatError(f'--format torchvision covers ResNet and ViT students, not {name}; use --format timm')
+    # vit
+    plain = (model.num_prefix_tokens == 1 and model.has_class_token and model.global_pool == 'token'
+             and isinstance(model.fc_norm, nn.Identity) and not isinstance(model.norm, nn.Identity))
+    if not plain or any(k.startswith(('blocks.0.ls', 'reg_token')) or '.q_norm' in k for k in state):
+        raise ExportFormatError(f'torchvision ViT has one class token, pre-norm blocks and a final norm; '
+                                f'{name} differs; use --format timm')
+    return {_torchvision_name(k): v for k, v in state.items()}
 
 
 _CONVERTERS: Dict[str, Callable[[nn.Module, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {

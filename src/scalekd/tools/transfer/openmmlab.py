@@ -1,4 +1,5 @@
-"""timm <-> OpenMMLab key names for ResNet, Swin, ViT, ConvNeXt and MLP-Mixer.
+"""timm <-> OpenMMLab key names for the families with ``openmmlab`` set in :data:`scalekd.adapters.FAMILIES`
+(ResNet, ConvNeXt, Swin, MLP-Mixer, ViT).
 
 Toolkits: ``mmcls`` (mmcls 1.x / mmpretrain classifiers: ``backbone.`` + ``head.``, the format of the
 ScaleKD release's students), ``mmdet`` and ``mmseg`` (the bare backbone a detector / segmentor
@@ -12,12 +13,8 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from timm.models.convnext import ConvNeXt
-from timm.models.mlp_mixer import MlpMixer
-from timm.models.resnet import ResNet
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
 
+from ...adapters import families
 from .key_rules import Rule, rename
 
 __all__ = ['TOOLKITS', 'OpenMMLabKeyError', 'family_of', 'to_openmmlab', 'from_openmmlab']
@@ -64,13 +61,12 @@ class OpenMMLabKeyError(ValueError):
 
 
 def family_of(model: nn.Module) -> str:
-    """``resnet``, ``swin``, ``vit``, ``convnext`` or ``mixer``; an error for other timm models."""
-    for cls, name in ((ResNet, 'resnet'), (SwinTransformer, 'swin'), (VisionTransformer, 'vit'),
-                      (ConvNeXt, 'convnext'), (MlpMixer, 'mixer')):
-        if isinstance(model, cls):
-            return name
-    raise OpenMMLabKeyError(f'OpenMMLab key names are known for ResNet, Swin, ViT, ConvNeXt and MLP-Mixer '
-                            f'students, not {type(model).__name__}')
+    """``model``'s family name when OpenMMLab key rules exist for it; an error for other models."""
+    family = families.family_of(model)
+    if family is None or not family.openmmlab:
+        raise OpenMMLabKeyError(f'OpenMMLab key names are known for {families.describe("openmmlab")} students, '
+                                f'not {type(model).__name__}')
+    return family.name
 
 
 def _rules(model: nn.Module, toolkit: str) -> List[Rule]:
@@ -117,7 +113,7 @@ def to_openmmlab(model: nn.Module, toolkit: str,
     ``mmseg``: the backbone alone)."""
     rules = _rules(model, toolkit)
     state = dict(state) if state is not None else {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    swin = isinstance(model, SwinTransformer)
+    swin = family_of(model) == 'swin'
     if swin:  # timm keeps it out of the state dict; OpenMMLab's Swin stores it
         state.update({k: b.cpu() for k, b in model.named_buffers() if k.endswith('relative_position_index')})
     out = {}
@@ -140,6 +136,7 @@ def from_openmmlab(model: nn.Module, state: Dict[str, torch.Tensor], toolkit: st
     error listing them. Swin's ``relative_position_index`` (a constant timm rebuilds) must equal timm's.
     """
     rules = _rules(model, toolkit)
+    swin = family_of(model) == 'swin'
     target = model.state_dict()
     buffers = dict(model.named_buffers())
     out, homeless, wrong = {}, [], []
@@ -156,7 +153,7 @@ def from_openmmlab(model: nn.Module, state: Dict[str, torch.Tensor], toolkit: st
             homeless.append(key)
         elif tuple(value.shape) != tuple(target[new].shape):
             wrong.append(f'{key} {tuple(value.shape)} -> {new} {tuple(target[new].shape)}')
-        elif isinstance(model, SwinTransformer) and '.downsample.' in new:
+        elif swin and '.downsample.' in new:
             out[new] = value.index_select(-1, torch.argsort(_unfold_order(value.shape[-1])))
         else:
             out[new] = value
