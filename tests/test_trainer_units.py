@@ -17,7 +17,7 @@ from scalekd.engine.config import RunConfig, config_to_dict, load_config
 from scalekd.engine.distributed import DistEnv
 from scalekd.engine.epoch_losses import EpochLosses
 from scalekd.engine.faults import NormStatistics, StopSignal, judge_non_finite, non_finite_flags
-from scalekd.engine.run_errors import RunError
+from scalekd.engine.errors import RunError
 from scalekd.engine.run_folder import RunFolderError
 from scalekd.engine.run_output import RunOutput, check_resume_request
 from scalekd.engine.trainer import build_task

@@ -13,7 +13,7 @@ from .engine.config import parse_key_value
 from .engine.devices import DEVICE_HELP, resolve_device
 from .engine.distributed import RankError
 from .engine.errors import USER_ERRORS
-from .method.options import METHODS
+from .method.options import ABLATIONS, METHODS
 from .task.builder import build_distiller
 from .tools.inspection import format_report, inspect_distiller
 from .tools.paper_pairs import PAPER_PAIRS
@@ -222,8 +222,7 @@ def _add_bench(sub) -> None:
     p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16', 'auto'))
     p.add_argument('--channels-last', action='store_true')
     _add_device(p)
-    p.add_argument('--variants', help='comma-separated subset of: student, kd, fd, cap, cap_dfm, cap_tpp, '
-                                      'cap_dfm_tpp, scalekd')
+    p.add_argument('--variants', help=f'comma-separated subset of: {", ".join(ABLATIONS)}')
     p.add_argument('--option', action='append', metavar='KEY=VALUE', help='distillation option for every variant')
     p.add_argument('--json', action='store_true', help='print one JSON object')
     p.set_defaults(func=_run_bench)

@@ -1,7 +1,17 @@
-"""Which exceptions are a user's mistake: one line and exit code 2 wherever a command reports them."""
+"""How runs and commands end on purpose: a run that cannot start as asked, a run a signal stopped,
+and which exceptions are a user's mistake (one line and exit code 2 wherever a command reports them)."""
 
-__all__ = ['USER_ERRORS']
+__all__ = ['RunError', 'RunInterrupted', 'USER_ERRORS']
 
-# a bad option, config, file or data (ConfigError, DataError, WeightsError, ... are ValueErrors) or the
-# non-finite-loss stop; anything else is a defect and keeps its traceback
+
+class RunError(ValueError):
+    """A run that cannot start as asked (output folder, resume, batch split)."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGTERM / SIGINT stopped the run after saving a checkpoint."""
+
+
+# a bad option, config, file or data (ConfigError, DataError, WeightsError, RunError, ... are ValueErrors) or
+# the non-finite-loss stop; anything else is a defect and keeps its traceback
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)

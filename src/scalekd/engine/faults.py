@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .run_errors import RunInterrupted
+from .errors import RunInterrupted
 
 __all__ = ['NormStatistics', 'NonFiniteLoss', 'judge_non_finite', 'non_finite_flags', 'StopSignal']
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from .checkpoint import (CheckpointError, checkpoint_position, checkpoints_by_age, latest_checkpoint,
                          read_training_checkpoint, save_checkpoint)
-from .run_errors import RunError
+from .errors import RunError
 from .run_folder import RunFolder
 from .training_state import Progress, best_state
 

@@ -24,7 +24,7 @@ from .distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_rank, bar
 from .epoch_losses import EpochLosses
 from .faults import NormStatistics, StopSignal, judge_non_finite, non_finite_flags
 from .precision import autocast, resolve_precision
-from .run_errors import RunError, RunInterrupted
+from .errors import RunError, RunInterrupted
 from .run_folder import check_output_path
 from .run_logger import RunLogger
 from .run_output import RunOutput, check_resume_request

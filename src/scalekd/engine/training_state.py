@@ -14,7 +14,7 @@ from ..task.distiller import Distiller
 from .checkpoint import FORMAT_VERSION, CheckpointError, rng_state, set_rng_state
 from .config import RunConfig, config_from_dict, config_to_dict
 from .distributed import DistEnv
-from .run_errors import RunError
+from .errors import RunError
 
 __all__ = ['Progress', 'Resumed', 'TrainingState', 'best_state', 'changed_settings', 'gather_rng_states',
            'restore_rng_states']
