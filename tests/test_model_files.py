@@ -186,3 +186,18 @@ def test_an_export_onto_a_full_disk_is_named_and_leaves_nothing(run_files, tmp_p
     with pytest.raises(WeightsError, match='failed: the disk is full; nothing was written'):
         export_checkpoint(path, tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
+
+
+def test_an_export_into_a_folder_that_cannot_be_written_is_named(run_files, tmp_path, monkeypatch):
+    import scalekd.tools.export as export
+    _, path, _, _ = run_files
+
+    def denied(state, filename, metadata=None):
+        raise PermissionError(13, 'Permission denied', filename)
+    monkeypatch.setattr(export, 'save_file', denied)
+    with pytest.raises(WeightsError, match='out cannot be written: Permission denied; nothing was written'):
+        export_checkpoint(path, tmp_path / 'out')
+    assert not (tmp_path / 'out').exists()
+    monkeypatch.setattr(Path, 'mkdir', lambda self, **kwargs: (_ for _ in ()).throw(PermissionError(13, 'Permission denied')))
+    with pytest.raises(WeightsError, match='export folder .*deep/out cannot be created: Permission denied'):
+        export_checkpoint(path, tmp_path / 'deep' / 'out')

@@ -47,7 +47,10 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
     """
     out_dir = Path(out_dir)
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WeightsError(f'export folder {out_dir} cannot be created: {e.strerror or e}') from None
     weights, config = out_dir / 'model.safetensors', out_dir / 'config.json'
     partial = [weights.with_name(weights.name + '.partial'), config.with_name(config.name + '.partial')]
     state = cast_floats({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, dtype)
@@ -62,6 +65,8 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
             out_dir.rmdir()
         if isinstance(e, (OSError, RuntimeError)) and out_of_space(e):
             raise WeightsError(f'exporting to {out_dir} failed: the disk is full; nothing was written') from None
+        if isinstance(e, PermissionError):
+            raise WeightsError(f'export folder {out_dir} cannot be written: {e.strerror}; nothing was written') from None
         raise
     os.replace(partial[0], weights)
     os.replace(partial[1], config)
