@@ -29,7 +29,7 @@ TERMS = {
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('ablate')
     data = make_fashion_mnist(tmp / 'fm', n_train=40, n_test=20)
-    return DemoSettings(output=str(tmp / 'out'), subset=16, epochs=1, batch_size=8, test_sample=10, data=str(data),
+    return DemoSettings(output=str(tmp / 'out'), subset=16, epochs=2, batch_size=8, test_sample=10, data=str(data),
                         progress=False, device=torch.device('cpu'))
 
 
@@ -48,6 +48,8 @@ def test_every_row_of_a_study_trains_with_its_options(tiny, name):
     for label, row in rows.items():
         folder = Path(tiny.output) / 'runs' / 'cnn' / label / 'seed0'
         assert _terms(folder) == TERMS[label], label
+        epochs = [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines() if '"epoch"' in line]
+        assert [('val_top1' in r) for r in epochs if 'train_task_loss' in r] == [False, True]  # evaluated once, at the end
         assert 0 <= row['mean'] <= 100 and row['spread'] == 0.0 and row['top1'] == [row['mean']]
         assert row['vs_student'] == pytest.approx(row['mean'] - rows['student']['mean'])
         options = load_config(folder / 'config.yaml').distill_options().resolve()
@@ -75,6 +77,6 @@ def test_a_rerun_reuses_finished_runs_and_refuses_another_config_under_a_label(t
     assert capsys.readouterr().out == ''  # nothing trained again
     assert again['students']['cnn']['rows']['cap']['mean'] == json.loads(
         (Path(tiny.output) / 'runs' / 'cnn' / 'cap' / 'seed0' / 'result.json').read_text())['top1']
-    assert main(['ablate', 'views', '--seeds', '0', '--students', 'cnn', '--output', tiny.output, '--epochs', '2',
+    assert main(['ablate', 'views', '--seeds', '0', '--students', 'cnn', '--output', tiny.output, '--epochs', '3',
                  '--subset', '16', '--data', tiny.data, '--no-progress']) == 2
     assert 'holds a run of another config' in capsys.readouterr().err

@@ -5,7 +5,7 @@ student alone and logit KD) for each student and seed, with the demo's recipe, s
 teacher. Runs that share a seed see the same batches, so each row's difference to a reference is
 paired per seed: the table gives its mean and spread, beside the mean top-1 and its spread, and the
 paper's number where it has one. The paper's order of the rows is printed beside ours, with the pairs
-that disagree. Every run keeps its folder (``config.yaml``, ``metrics.jsonl``); a finished run is not
+that disagree. Runs evaluate once, after their last epoch (the demo also draws a per-epoch curve). Every run keeps its folder (``config.yaml``, ``metrics.jsonl``); a finished run is not
 trained again when a study is rerun.
 """
 import dataclasses
@@ -74,6 +74,7 @@ def _run(settings: DemoSettings, study: Study, student: str, label: str, options
     options = dict(options)
     cfg = run_config(dataclasses.replace(settings, seed=seed), student, options.pop('method', 'scalekd'), options,
                      output=str(folder))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=cfg.sched.epochs))  # no curve
     key = {k: v for k, v in config_to_dict(cfg).items() if k != 'log'}  # what decides the result
     done = folder / 'result.json'
     if done.is_file():

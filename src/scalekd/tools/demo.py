@@ -111,7 +111,7 @@ def train_and_test(cfg: RunConfig, test: DataLoader, env: DistEnv) -> Dict[str, 
     trainer = Trainer(cfg, env, force=True)
     trainer.fit()
     top1 = evaluate(trainer.task.student, test, env, 'fp32')['top1']
-    return dict(top1=top1, curve=[h['val_top1'] for h in trainer.progress.history],
+    return dict(top1=top1, curve=[h['val_top1'] for h in trainer.progress.history if 'val_top1' in h],
                 seconds=time.perf_counter() - start)
 
 
