@@ -38,6 +38,7 @@ CASES = [
     ('train.keep_checkpoints=-1', 'train.keep_checkpoints in {cfg} (with overrides) must be >= 0 (0 keeps every'),
     ('train.checkpoint_every_steps=-2', 'train.checkpoint_every_steps in {cfg} (with overrides) must be >= 0'),
     ('data.train_subset=0', 'data.train_subset in {cfg} (with overrides) must be null or >= 1, got 0'),
+    ('data.subset_draw=stratified', 'data.subset_draw in {cfg} (with overrides) must be one of random, balanced'),
     ('data.val_batch_size=0', 'data.val_batch_size in {cfg} (with overrides) must be null or >= 1, got 0'),
     ('train.dist_timeout_s=0', 'train.dist_timeout_s in {cfg} (with overrides) must be >= 1, got 0'),
     ('data.mixup=-0.1', 'data.mixup in {cfg} (with overrides) must be >= 0, got -0.1'),
