@@ -9,7 +9,7 @@ from scalekd.adapters import FAMILIES
 from scalekd.method.mimicking import FeatureMimicking
 from scalekd.method.options import ABLATIONS, ablation
 from scalekd.method.views import build_views
-from tiny_models import IMG, make_student, make_teacher
+from tiny_models import IMG, NUM_CLASSES, make_student, make_teacher
 
 X, Y = torch.randn(2, 3, IMG, IMG), torch.tensor([3, 4])
 
@@ -186,3 +186,22 @@ def test_kd_needs_matching_classes():
 def test_method_none_needs_no_teacher():
     distiller = build_distiller(None, make_student('resnet', IMG), 'none', img_size=IMG)
     assert distiller.teacher is None and distiller(X, Y)['loss'].item() > 0
+
+
+@pytest.mark.parametrize('name', ['mobilenetv3_small_050', 'regnetx_002', 'ghostnet_050'])
+def test_student_alone_and_kd_take_a_classifier_of_any_family(name):
+    """No feature tap is read for method none / kd, so a family without a student adapter trains."""
+    teacher = make_teacher('vit', IMG)
+    for method in ('none', 'kd'):
+        task = build_distiller(teacher, name, method, img_size=IMG, num_classes=NUM_CLASSES)
+        assert len(task.distill_modules()) == 0
+        x, y = torch.randn(2, 3, IMG, IMG), torch.tensor([1, 7])
+        out = task(x, y)
+        out['loss'].backward()
+        task.eval()
+        assert torch.equal(task(x, y)['output'], task.student(x))  # the logits are the plain student's
+        grads = [p.grad for p in task.student.parameters() if p.requires_grad]
+        assert all(g is not None for g in grads) and torch.isfinite(out['loss'])
+        assert set(out) == {'loss', 'output', 'task_loss'} | ({'kd_loss'} if method == 'kd' else set())
+    with pytest.raises(UnsupportedModelError, match='not a supported ScaleKD student'):
+        build_distiller(teacher, name, 'scalekd', img_size=IMG, num_classes=NUM_CLASSES)

@@ -1,8 +1,8 @@
 """Model adapters: what ScaleKD reads from timm students and teachers."""
 from .common import UnsupportedModelError
 from .families import FAMILIES, Family
-from .student import StudentAdapter, StudentTaps
+from .student import LogitsOnly, StudentAdapter, StudentTaps
 from .teacher import ScaleKDTeacher, TeacherFeatures
 
-__all__ = ['UnsupportedModelError', 'StudentAdapter', 'StudentTaps', 'ScaleKDTeacher', 'TeacherFeatures',
+__all__ = ['UnsupportedModelError', 'StudentAdapter', 'StudentTaps', 'LogitsOnly', 'ScaleKDTeacher', 'TeacherFeatures',
            'FAMILIES', 'Family']

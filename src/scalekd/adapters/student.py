@@ -14,7 +14,7 @@ import torch.nn as nn
 from .common import Shape, dummy_input, model_label, probing, shape_of, tokens_to_map
 from .families import find_family
 
-__all__ = ['StudentAdapter']
+__all__ = ['StudentAdapter', 'LogitsOnly']
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,17 @@ class StudentAdapter:
             x, indices=[self.s3_index], norm=False, output_fmt='NCHW', intermediates_only=False)
         s4 = self.final_map(model, final, tuple(s3.shape[-2:]))
         return model.forward_head(final), s3, s4
+
+
+class LogitsOnly:
+    """The student's logits alone, for methods without feature taps (``none``, ``kd``): any timm
+    classifier, whatever its family. Its one dummy forward checks the model runs at ``img_size``."""
+
+    def __init__(self, model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3):
+        self.label = model_label(model)
+        with probing(model, f'student {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
+            model(dummy_input(model, img_size, in_chans))
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
+        """One student forward: (logits, None, None)."""
+        return model(x), None, None

@@ -10,7 +10,7 @@ else 1), ``kd_loss`` (``kd_weight``), and per tap and view ``{tap}_{view}``:
 ``proxy_ori`` = L_s, ``proxy_alt`` = L_s^alt, ``s4_ori`` = L_st, ``s4_alt`` = L_st^alt (TPP), or
 ``s3_*`` / ``s4_*`` against T_(n-1) / T_n without TPP; ``*_ori`` weigh ``w_ori``, ``*_alt`` ``w_alt``.
 """
-from typing import Any, Collection, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Collection, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from timm.task import TrainingTask
 from timm.task.classification import resolve_classification_loss
 from timm.utils import unwrap_model
 
-from ..adapters import ScaleKDTeacher, StudentAdapter, TeacherFeatures
+from ..adapters import LogitsOnly, ScaleKDTeacher, StudentAdapter, TeacherFeatures
 from ..adapters.common import Shape, input_normalization
 from ..method.losses import logit_kd_loss
 from ..method.mimicking import FeatureMimicking
@@ -46,7 +46,7 @@ class DistillationModule(nn.Module):
     :meth:`tap_losses`, which are public so that each can run (and be timed) on its own.
     """
 
-    def __init__(self, student: nn.Module, taps: StudentAdapter, options: DistillOptions,
+    def __init__(self, student: nn.Module, taps: Union[StudentAdapter, LogitsOnly], options: DistillOptions,
                  teacher: Optional[ScaleKDTeacher] = None):
         super().__init__()
         self.student = student
@@ -164,7 +164,8 @@ class Distiller(TrainingTask):
         if self.needs_teacher and teacher is None:
             raise ValueError(f'method {self.options.method!r} needs a teacher')
         self.teacher = teacher if self.needs_teacher else None
-        taps = StudentAdapter(student, img_size, in_chans, self.options.student_s3_block)
+        taps = StudentAdapter(student, img_size, in_chans, self.options.student_s3_block) \
+            if self.options.uses_features else LogitsOnly(student, img_size, in_chans)  # none / kd: any classifier
         self.trainable_module = DistillationModule(student, taps, self.options, self.teacher)
         self.criterion = resolve_classification_loss(criterion, self.device)
         mean, std = input_normalization(getattr(student, 'pretrained_cfg', None), in_chans, input_mean, input_std)
@@ -178,7 +179,7 @@ class Distiller(TrainingTask):
         return unwrap_model(self.trainable_module).student
 
     @property
-    def taps(self) -> StudentAdapter:
+    def taps(self) -> Union[StudentAdapter, LogitsOnly]:
         return unwrap_model(self.trainable_module).taps
 
     def distill_modules(self) -> nn.Module:

@@ -25,7 +25,7 @@ def param_counts(distiller: Distiller) -> Dict[str, int]:
 def tap_rows(distiller: Distiller) -> List[Dict[str, Any]]:
     """One row per feature tap: student and target shapes, projector, views, queries, parameters."""
     module = unwrap_model(distiller.trainable_module)
-    taps = distiller.taps.taps
+    taps = getattr(distiller.taps, 'taps', None)  # per-tap shapes; none for logits-only methods
     opts = distiller.options
     teacher = distiller.teacher
     rows = []
