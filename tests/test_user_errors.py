@@ -4,7 +4,6 @@ One table over every command: (case, arguments, what the line must say, files th
 afterwards). The config values of ``test_config_values.CASES`` join the table as ``train`` cases. Each
 case also checks that no file that existed before it was changed or removed.
 """
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Callable, List, Sequence
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from engine_fixtures import make_fashion_mnist, tiny_config

@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ...engine.data import CheckedImageDataset, class_folders
