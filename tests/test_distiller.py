@@ -205,3 +205,16 @@ def test_student_alone_and_kd_take_a_classifier_of_any_family(name):
         assert set(out) == {'loss', 'output', 'task_loss'} | ({'kd_loss'} if method == 'kd' else set())
     with pytest.raises(UnsupportedModelError, match='not a supported ScaleKD student'):
         build_distiller(teacher, name, 'scalekd', img_size=IMG, num_classes=NUM_CLASSES)
+
+
+def test_a_1x1_student_map_is_warned_about_where_the_alternative_view_reads_it():
+    teacher = make_teacher('vit', IMG)
+    with pytest.warns(UserWarning, match=r'1x1 s4 map at this image size: its alternative \(DC-removed\) view is '
+                                         r'zero, so s4_alt teach\(es\) nothing.*output_stride=16'):
+        build_distiller(teacher, 'resnet18', img_size=IMG, num_classes=NUM_CLASSES)  # stride 32 at 32 px: 1x1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        build_distiller(teacher, 'resnet18', img_size=IMG, num_classes=NUM_CLASSES, views='single')  # no alt view
+        build_distiller(teacher, 'resnet18', img_size=IMG, num_classes=NUM_CLASSES,
+                        student_kwargs=dict(output_stride=16))  # 2x2

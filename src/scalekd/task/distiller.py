@@ -10,6 +10,7 @@ else 1), ``kd_loss`` (``kd_weight``), and per tap and view ``{tap}_{view}``:
 ``proxy_ori`` = L_s, ``proxy_alt`` = L_s^alt, ``s4_ori`` = L_st, ``s4_alt`` = L_st^alt (TPP), or
 ``s3_*`` / ``s4_*`` against T_(n-1) / T_n without TPP; ``*_ori`` weigh ``w_ori``, ``*_alt`` ``w_alt``.
 """
+import warnings
 from typing import Any, Collection, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -36,6 +37,21 @@ class TaskStateMismatchError(ValueError):
     """A distillation state from another configuration (a checkpoint of another run)."""
 
 
+def _warn_single_position(taps: StudentAdapter, views, options: DistillOptions) -> None:
+    """Warn when a student tap the alternative view reads is a 1x1 map: projected from one position, the
+    features are the same everywhere, their DC-removed view is zero, and its loss teaches nothing."""
+    if not any(v.transform == 'phi' for v in views):
+        return
+    read = ['s4'] + (['s3'] if options.tpp or 's3' in options.stages else [])
+    flat = [tap for tap in read if tuple(getattr(taps.taps, tap)[1:]) == (1, 1)]
+    terms = [f'{"proxy" if tap == "s3" and options.tpp else tap}_alt' for tap in flat]
+    if flat:
+        warnings.warn(f'the student {taps.label} has a 1x1 {" and ".join(flat)} map at this image size: its '
+                      f'alternative (DC-removed) view is zero, so {" and ".join(terms)} teach(es) '
+                      f'nothing. Use a larger image size, or a lower output stride (e.g. student.kwargs.'
+                      f'output_stride=16 for ResNets)', UserWarning, stacklevel=4)
+
+
 class DistillationModule(nn.Module):
     """The trainable part: the student and the distillation modules (projectors), nothing else.
 
@@ -58,6 +74,7 @@ class DistillationModule(nn.Module):
         if not options.uses_features:
             return
         views = build_views(options.views, options.original_view)
+        _warn_single_position(taps, views, options)
 
         def projector_factory(src: Shape, dst: Shape, heads: int, query_chs: Optional[int] = None):
             cap_kwargs = dict(num_heads=heads, softmax_scale=options.softmax_scale,
