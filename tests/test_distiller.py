@@ -218,3 +218,22 @@ def test_a_1x1_student_map_is_warned_about_where_the_alternative_view_reads_it()
         build_distiller(teacher, 'resnet18', img_size=IMG, num_classes=NUM_CLASSES, views='single')  # no alt view
         build_distiller(teacher, 'resnet18', img_size=IMG, num_classes=NUM_CLASSES,
                         student_kwargs=dict(output_stride=16))  # 2x2
+
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'convnext_atto', 'mobilenetv3_small_050'])
+def test_logit_kd_takes_a_teacher_of_any_family(name):
+    """KD reads the teacher's logits alone: a CNN teacher without a feature adapter teaches a ViT."""
+    from scalekd.adapters.models import create_timm_model
+    teacher = create_timm_model(name, (IMG, IMG), num_classes=NUM_CLASSES).eval()
+    task = build_distiller(teacher, make_student('vit', IMG), 'kd', img_size=IMG)
+    x, y = torch.randn(2, 3, IMG, IMG), torch.tensor([1, 7])
+    out = task(x, y)
+    mean, std = task.teacher.mean_kd, task.teacher.std_kd  # the teacher sees its own normalisation
+    expected = teacher(((x * task.student_std + task.student_mean) - mean) / std)
+    with torch.no_grad():  # the release's soft-target cross entropy at T = 1
+        soft = -(torch.softmax(expected, -1) * torch.log_softmax(out['output'], -1)).sum(-1).mean()
+    assert out['kd_loss'].item() == pytest.approx(soft.item(), rel=1e-5)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(UnsupportedModelError, match='not a supported ScaleKD teacher'):
+        build_distiller(teacher, make_student('vit', IMG), 'scalekd', img_size=IMG)

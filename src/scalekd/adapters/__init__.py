@@ -2,7 +2,7 @@
 from .common import UnsupportedModelError
 from .families import FAMILIES, Family
 from .student import LogitsOnly, StudentAdapter, StudentTaps
-from .teacher import ScaleKDTeacher, TeacherFeatures
+from .teacher import LogitsTeacher, ScaleKDTeacher, TeacherFeatures
 
-__all__ = ['UnsupportedModelError', 'StudentAdapter', 'StudentTaps', 'LogitsOnly', 'ScaleKDTeacher', 'TeacherFeatures',
-           'FAMILIES', 'Family']
+__all__ = ['UnsupportedModelError', 'StudentAdapter', 'StudentTaps', 'LogitsOnly', 'ScaleKDTeacher', 'LogitsTeacher',
+           'TeacherFeatures', 'FAMILIES', 'Family']

@@ -20,19 +20,54 @@ from .common import (Shape, UnsupportedModelError, channel_stats, dummy_input, m
                      shape_of, tokens_to_map)
 from .families import find_family
 
-__all__ = ['ScaleKDTeacher', 'TeacherFeatures']
+__all__ = ['FrozenTeacher', 'LogitsTeacher', 'ScaleKDTeacher', 'TeacherFeatures']
 
 
 @dataclass
 class TeacherFeatures:
-    """What one no-grad teacher forward provides to the distiller."""
+    """What one no-grad teacher forward provides to the distiller (the logits alone for logit KD)."""
     logits: torch.Tensor
-    final: torch.Tensor          # T_n, (N, C_t, H_t, W_t)
-    stage_input: torch.Tensor    # T_{n-1}: the last stage's input, (N, C, H, W)
+    final: Optional[torch.Tensor] = None        # T_n, (N, C_t, H_t, W_t)
+    stage_input: Optional[torch.Tensor] = None  # T_{n-1}: the last stage's input, (N, C, H, W)
     prefix: Optional[torch.Tensor] = None  # plain ViTs: prefix tokens at the last stage's input
 
 
-class ScaleKDTeacher(DistillationTeacher):
+class FrozenTeacher(DistillationTeacher):
+    """A frozen timm teacher (eval mode, no gradients) with its input normalisation, one value per
+    input channel of the run."""
+
+    def __init__(self, model: nn.Module, in_chans: int = 3):
+        super().__init__(model)
+        self.label = model_label(model)
+        model.requires_grad_(False)
+        if self.mean_kd.shape[1] != in_chans:
+            self.set_normalization(channel_stats(self.mean_kd.flatten().tolist(), in_chans),
+                                   channel_stats(self.std_kd.flatten().tolist(), in_chans))
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The normalisation the teacher was trained with, when its pretrained cfg does not say it."""
+        p = next(self.model.parameters())
+        self.mean_kd = torch.tensor(mean, device=p.device, dtype=p.dtype).view(1, -1, 1, 1)
+        self.std_kd = torch.tensor(std, device=p.device, dtype=p.dtype).view(1, -1, 1, 1)
+
+
+class LogitsTeacher(FrozenTeacher):
+    """A teacher for logit KD alone: any timm classifier, whatever its family; no feature is read and
+    it has no last stage. Its one dummy forward checks the model runs at ``img_size``."""
+    last_stage = None
+
+    def __init__(self, model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3):
+        super().__init__(model, in_chans)
+        with probing(model, f'teacher {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
+            self.extract(dummy_input(model, img_size, in_chans))
+
+    @torch.no_grad()
+    def extract(self, x: torch.Tensor) -> TeacherFeatures:
+        """No-grad forward: the logits."""
+        return TeacherFeatures(self.model(x))
+
+
+class ScaleKDTeacher(FrozenTeacher):
     """A frozen teacher that also exposes its last stage as a differentiable callable.
 
     Args:
@@ -44,13 +79,8 @@ class ScaleKDTeacher(DistillationTeacher):
 
     def __init__(self, model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3, last_blocks: Optional[int] = None):
         family = find_family(model, 'teacher')
-        super().__init__(model)
+        super().__init__(model, in_chans)
         self.family = family.name
-        self.label = model_label(model)
-        model.requires_grad_(False)
-        if self.mean_kd.shape[1] != in_chans:
-            self.set_normalization(channel_stats(self.mean_kd.flatten().tolist(), in_chans),
-                                   channel_stats(self.std_kd.flatten().tolist(), in_chans))
         self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0) if family.plain else 0
         self._stage_kwargs: Dict[int, Dict[str, Any]] = {}
         if self.family == 'swin':
@@ -74,12 +104,6 @@ class ScaleKDTeacher(DistillationTeacher):
         self._stage_kwargs.clear()  # recorded at the build's weights: last_stage waits for a real extract()
         self.final_shape: Shape = shape_of(feats.final)
         self.stage_input_shape: Shape = shape_of(feats.stage_input)
-
-    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """The normalisation the teacher was trained with, when its pretrained cfg does not say it."""
-        p = next(self.model.parameters())
-        self.mean_kd = torch.tensor(mean, device=p.device, dtype=p.dtype).view(1, -1, 1, 1)
-        self.std_kd = torch.tensor(std, device=p.device, dtype=p.dtype).view(1, -1, 1, 1)
 
     def _record_block_inputs(self, i: int, block: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
         """Forward pre-hook of last-stage block ``i``: keep the extra inputs timm gives it (rotary

@@ -4,7 +4,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..adapters import ScaleKDTeacher
+from ..adapters import LogitsTeacher, ScaleKDTeacher
 from ..adapters.models import create_timm_model, default_img_size
 from ..method.options import DistillOptions
 from .distiller import Distiller
@@ -88,7 +88,8 @@ def build_distiller(
                                in_chans=in_chans, pretrained=teacher_pretrained)
         if device is not None:
             teacher_model.to(device)
-        teacher_adapter = ScaleKDTeacher(teacher_model, size, in_chans, opts.teacher_last_blocks)
+        teacher_adapter = ScaleKDTeacher(teacher_model, size, in_chans, opts.teacher_last_blocks) \
+            if opts.uses_features else LogitsTeacher(teacher_model, size, in_chans)  # kd: any classifier
         if teacher_mean is not None or teacher_std is not None:
             teacher_adapter.set_normalization(teacher_mean, teacher_std)
         _check_classes(teacher_model, student_model, opts.kd)

@@ -20,6 +20,7 @@ from timm.task.classification import resolve_classification_loss
 from timm.utils import unwrap_model
 
 from ..adapters import LogitsOnly, ScaleKDTeacher, StudentAdapter, TeacherFeatures
+from ..adapters.teacher import FrozenTeacher
 from ..adapters.common import Shape, input_normalization
 from ..method.losses import logit_kd_loss
 from ..method.mimicking import FeatureMimicking
@@ -162,7 +163,7 @@ class Distiller(TrainingTask):
     def __init__(
             self,
             student: nn.Module,
-            teacher: Optional[ScaleKDTeacher],
+            teacher: Optional[FrozenTeacher],
             options: DistillOptions,
             img_size: Tuple[int, int],
             in_chans: int = 3,
