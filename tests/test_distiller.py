@@ -237,3 +237,15 @@ def test_logit_kd_takes_a_teacher_of_any_family(name):
     assert not any(p.requires_grad for p in teacher.parameters())
     with pytest.raises(UnsupportedModelError, match='not a supported ScaleKD teacher'):
         build_distiller(teacher, make_student('vit', IMG), 'scalekd', img_size=IMG)
+
+
+def test_the_reports_of_a_logit_kd_task_have_no_feature_rows():
+    from scalekd.adapters.models import create_timm_model
+    from scalekd.task.report import param_counts, tap_rows
+    from scalekd.tools.inspection import inspect_distiller
+    teacher = create_timm_model('resnet18', (IMG, IMG), num_classes=NUM_CLASSES)
+    task = build_distiller(teacher, make_student('vit', IMG), 'kd', img_size=IMG)
+    assert tap_rows(task) == []
+    report = inspect_distiller(task)
+    assert 'teacher_last_stage' not in report and report['train_step']['ok']
+    assert report['params'] == param_counts(task) and report['params']['distill'] == 0

@@ -30,13 +30,13 @@ def tap_rows(distiller: Distiller) -> List[Dict[str, Any]]:
     teacher = distiller.teacher
     rows = []
     for name, mimicking, path, target in (
-            ('s3', module.proxy.mimicking if module.proxy is not None else None, 'proxy', teacher and teacher.stage_input_shape),
-            ('s3', module.s3, 'direct', teacher and teacher.stage_input_shape),
-            ('s4', module.s4, 'direct', teacher and teacher.final_shape)):
-        if mimicking is None:
+            ('s3', module.proxy.mimicking if module.proxy is not None else None, 'proxy', 'stage_input_shape'),
+            ('s3', module.s3, 'direct', 'stage_input_shape'),
+            ('s4', module.s4, 'direct', 'final_shape')):
+        if mimicking is None:  # a feature tap exists only with a feature teacher
             continue
         rows.append(dict(
-            name=name, path=path, student_shape=list(getattr(taps, name)), target_shape=list(target),
+            name=name, path=path, student_shape=list(getattr(taps, name)), target_shape=list(getattr(teacher, target)),
             projector=opts.projector, views=[v.name for v in mimicking.views],
             queries='proxy' if name == 's4' and opts.adaptive_queries else 'learned',
             params=count_params(mimicking)))

@@ -34,7 +34,7 @@ def inspect_distiller(distiller: Distiller, step: bool = True, batch: int = 2) -
         taps=tap_rows(distiller),
         params=param_counts(distiller),
     )
-    if teacher is not None:
+    if teacher is not None and teacher.last_stage is not None:  # a feature teacher (not logit KD's)
         report['teacher_last_stage'] = dict(input_shape=list(teacher.stage_input_shape),
                                             output_shape=list(teacher.final_shape))
     if step:
