@@ -48,6 +48,14 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.communicate()
 
 
+MEASURED = ('time', 'train_img_per_s', 'train_peak_mem_mb')  # what the machine measures: differs between equal runs
+
+
+def computed(record: dict) -> dict:
+    """A metrics record without :data:`MEASURED`."""
+    return {k: v for k, v in record.items() if k not in MEASURED}
+
+
 def metrics(run: Path) -> List[dict]:
     return [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
 

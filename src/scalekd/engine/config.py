@@ -103,6 +103,7 @@ class TrainConfig:
     precision: str = 'fp32'      # 'fp32', 'bf16', 'fp16', or 'auto' (bf16 where the hardware has it)
     channels_last: bool = False
     compile: bool = False
+    zero: bool = False           # shard the optimizer state over the processes (ZeRO-1; see engine/optimizer.py)
     ema: bool = False
     ema_decay: float = 0.9999
     eval_every: int = 1

@@ -9,7 +9,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.loss import create_classification_loss
-from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, random_seed
 
@@ -23,6 +22,8 @@ from .data import build_datasets, build_loaders, build_mixup, seed_epoch
 from .distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_rank, barrier, on_main
 from .epoch_losses import EpochLosses
 from .faults import NormStatistics, StopSignal, judge_non_finite, non_finite_flags
+from .memory import peak_memory_mb, reset_peak_memory
+from .optimizer import build_optimizer, gather_optimizer_state, is_sharded, optimizer_step
 from .precision import autocast, resolve_precision
 from .errors import RunError, RunInterrupted
 from .run_folder import check_output_path
@@ -105,23 +106,6 @@ def enable_determinism(device: torch.device) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
-                   clip_parameters, clip: Optional[float]) -> None:
-    """One update from the accumulated gradients: with a GradScaler, unscale before clipping, and
-    the scaler skips the step when a gradient is not finite."""
-    if scaler is not None:
-        if clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(clip_parameters, clip)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        if clip:
-            torch.nn.utils.clip_grad_norm_(clip_parameters, clip)
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 class Trainer:
     """One run, built from its config (models, data, optimiser, schedule, logging), and its training loop.
 
@@ -177,8 +161,9 @@ class Trainer:
         self.train_loader, self.val_loader = build_loaders(self.data, cfg.data, self.batch_per_rank, env, cfg.seed)
         self.mixup = build_mixup(cfg.data)
 
-        self.optimizer = create_optimizer_v2(self.task.trainable_module, opt=cfg.optim.opt, lr=cfg.optim.lr,
-                                             weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
+        self.optimizer = build_optimizer(self.task.trainable_module, cfg.optim, env, tcfg.zero)
+        if tcfg.zero and not env.distributed:
+            self._notes.append('train.zero: one process, nothing to shard: the optimizer state is whole')
         self.updates_per_epoch = len(self.train_loader) // tcfg.accum_steps
         self.scheduler, self.epochs = create_scheduler_v2(
             self.optimizer, sched=cfg.sched.sched, num_epochs=cfg.sched.epochs, decay_epochs=cfg.sched.decay_epochs,
@@ -212,6 +197,8 @@ class Trainer:
         if self.resumed_from is not None:
             self.logger.info(f'resumed from {self.resumed_from} at epoch {self.progress.epoch} + '
                              f'{self.progress.batch} batches, step {self.progress.step}')
+        if not reset_peak_memory(env.device):  # peak memory figures: of the training, not of the build
+            self.logger.info('peak memory figures include the model build: this system cannot reset the peak')
 
     def _resume(self) -> None:
         """Continue from the checkpoint :attr:`resumed_from` (the main process read it when opening the
@@ -236,10 +223,11 @@ class Trainer:
         gathered), the main process writes."""
         rngs = gather_rng_states(self.env)
         totals, batches = self.losses.global_sums(self.env)
+        optimizer_state = gather_optimizer_state(self.optimizer, self.env)
         p = self.progress
         name = checkpoint_name(p.epoch, p.batch // self.cfg.train.accum_steps)
         if self.output is not None:
-            self.output.write(self.training_state.state_dict(p, totals, batches, rngs), name, p.step, is_best)
+            self.output.write(self.training_state.state_dict(p, totals, batches, rngs, optimizer_state), name, p.step, is_best)
         return self.out_dir / name
 
     # -- training ------------------------------------------------------------------------------
@@ -262,7 +250,9 @@ class Trainer:
         lines.append(f'recipe: {cfg.optim.opt} lr {cfg.optim.lr} wd {cfg.optim.weight_decay}, {cfg.sched.sched} '
                      f'{self.epochs} epochs (warmup {cfg.sched.warmup_epochs}), batch {cfg.train.batch_size} '
                      f'({self.batch_per_rank} x {self.env.world_size} x {cfg.train.accum_steps}), '
-                     f'aug {cfg.data.auto_augment or "none"}, re {cfg.data.re_prob}, ls {cfg.data.label_smoothing}')
+                     f'aug {cfg.data.auto_augment or "none"}, re {cfg.data.re_prob}, ls {cfg.data.label_smoothing}'
+                     + (f', optimizer state sharded over {self.env.world_size} processes' if is_sharded(self.optimizer)
+                        else ''))
         return '\n'.join(lines)
 
     def _step_inputs(self, images, targets):
@@ -332,6 +322,9 @@ class Trainer:
         totals, batches = self.losses.global_sums(env)  # every rank
         means = {k: v / max(batches, 1) for k, v in totals.items()}
         means['img_per_s'] = seen * env.world_size / max(time.perf_counter() - start, 1e-9)
+        peaks = all_reduce_sum({str(r): peak_memory_mb(env.device) if r == env.rank else 0.0  # every rank
+                                for r in range(env.world_size)}, env)
+        means['peak_mem_mb'] = max(peaks.values())  # of the rank that holds the most
         self.losses.reset()
         p.batch = 0
         return means
@@ -416,8 +409,7 @@ def dry_run(cfg: RunConfig, device: torch.device, batch: int = 2) -> Dict[str, A
         weights[role] = (f'loaded {model_cfg.checkpoint}' if model_cfg.checkpoint else
                          'hub weights (not fetched by --dry-run)' if model_cfg.pretrained else 'random')
     precision = resolve_precision(cfg.train.precision, device)
-    optimizer = create_optimizer_v2(task.trainable_module, opt=cfg.optim.opt, lr=cfg.optim.lr,
-                                    weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum)
+    optimizer = build_optimizer(task.trainable_module, cfg.optim, DistEnv(device=device))
     images, targets = synthetic_batch(task, batch, cfg.train.channels_last)
     losses = training_step(task, optimizer, images, targets, precision)
     return dict(losses=losses, finite=all(math.isfinite(v) for v in losses.values()), precision=precision,

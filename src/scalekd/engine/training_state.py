@@ -41,7 +41,7 @@ class Progress:
 # settings a resumed run may change without changing what it computes
 _RESUME_FREE = ('output', 'log.', 'data.root', 'data.workers', 'data.val_batch_size', 'data.check_images',
                 'train.keep_checkpoints', 'train.checkpoint_every_steps', 'train.max_nan_skips',
-                'train.dist_timeout_s', 'train.deterministic', 'train.compile', 'train.accum_steps')
+                'train.dist_timeout_s', 'train.deterministic', 'train.compile', 'train.accum_steps', 'train.zero')
 
 
 def _flat(data: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
@@ -105,20 +105,22 @@ class TrainingState:
         def size(tensors) -> int:
             return sum(t.numel() * t.element_size() for t in tensors)
         weights = size(p for p in self.task.trainable_module.parameters() if p.requires_grad)
-        defaults = self.optimizer.defaults
-        slots = 2 if 'betas' in defaults else 1 if defaults.get('momentum') else 0
+        group = self.optimizer.param_groups[0]  # (a sharded optimizer's groups hold the hyper-parameters too)
+        slots = 2 if 'betas' in group else 1 if group.get('momentum') else 0
         ema = size(self.ema.module.state_dict().values()) if self.ema is not None else 0
         return size(self.task.trainable_module.state_dict().values()) + slots * weights + ema
 
     def state_dict(self, progress: Progress, totals: Dict[str, float], batches: int,
-                   rngs: List[Dict[str, Any]]) -> Dict[str, Any]:
-        """A checkpoint: ``progress`` with the epoch's loss sums of every rank, and ``rngs`` of every rank."""
+                   rngs: List[Dict[str, Any]], optimizer_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """A checkpoint: ``progress`` with the epoch's loss sums of every rank, ``rngs`` of every rank, and
+        the whole optimizer state (``optimizer_state``, gathered from a sharded optimizer; default: the
+        optimizer's own)."""
         return dict(
             format_version=FORMAT_VERSION,
             progress=dict(dataclasses.asdict(progress), totals=totals, batches=batches),
             world_size=len(rngs),
             student=self.task.student.state_dict(), task_state=self.task.get_task_state(),
-            optimizer=self.optimizer.state_dict(),
+            optimizer=optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             ema=self.ema.module.state_dict() if self.ema is not None else None,
             rng=rngs, config=config_to_dict(self.cfg))

@@ -1,0 +1,69 @@
+"""The run's optimizer: timm's, built from the config, optionally sharded over ranks (``train.zero``).
+
+With ``train.zero`` on several processes, PyTorch's ``ZeroRedundancyOptimizer`` wraps the same timm
+optimizer class and parameter groups: each rank keeps the optimizer state (AdamW's two moments,
+SGD's momentum) of about 1/world_size of the parameters, updates those, and broadcasts them. The
+update is the unsharded optimizer's. ZeRO-1 is chosen over FSDP2's ``fully_shard`` because the
+weights and gradients stay whole on every rank: DDP, gradient clipping over every parameter, EMA,
+the loss-term taps and the checkpoint format are unchanged; what is sharded is the largest share
+of the projectors' training state that no forward or backward needs.
+
+A checkpoint holds the consolidated state (:func:`gather_optimizer_state`, a collective) in the
+plain optimizer's format, so a run resumes with or without ``train.zero`` on any number of processes.
+"""
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+
+from .config import OptimConfig
+from .distributed import DistEnv
+
+__all__ = ['build_optimizer', 'gather_optimizer_state', 'optimizer_step', 'is_sharded']
+
+
+def build_optimizer(module: nn.Module, cfg: OptimConfig, env: DistEnv, zero: bool = False) -> torch.optim.Optimizer:
+    """timm's optimizer of ``module``'s trainable parameters (its weight-decay groups); with ``zero`` on
+    several processes, the same optimizer sharded over them."""
+    optimizer = create_optimizer_v2(module, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum)
+    if not (zero and env.distributed):
+        return optimizer
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    if not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__module__.startswith('timm.optim.lookahead'):
+        raise ValueError(f'train.zero shards a plain optimizer; optim.opt {cfg.opt!r} wraps another one: '
+                         f'set train.zero false or choose another optim.opt')
+    groups = [dict(g) for g in optimizer.param_groups]  # every hyper-parameter set: the class's defaults are not needed
+    return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer))
+
+
+def is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether each rank holds only its shard of ``optimizer``'s state."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def gather_optimizer_state(optimizer: torch.optim.Optimizer, env: DistEnv) -> Optional[Dict[str, Any]]:
+    """The whole optimizer state on the main process (``None`` on the others); a collective for a
+    sharded optimizer: every rank calls it."""
+    if is_sharded(optimizer):
+        optimizer.consolidate_state_dict(to=0)
+    return optimizer.state_dict() if env.is_main else None
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+                   clip_parameters, clip: Optional[float]) -> None:
+    """One update from the accumulated gradients: with a GradScaler, unscale before clipping, and
+    the scaler skips the step when a gradient is not finite."""
+    if scaler is not None:
+        if clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(clip_parameters, clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if clip:
+            torch.nn.utils.clip_grad_norm_(clip_parameters, clip)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
