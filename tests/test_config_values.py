@@ -28,6 +28,8 @@ CASES = [
     ('optim.opt=adamq', "optim.opt in {cfg} (with overrides) must be an optimizer timm knows"),
     ('sched.sched=cosin', 'sched.sched in {cfg} (with overrides) must be one of cosine, tanh, step'),
     ('train.precision=fp8', 'train.precision in {cfg} (with overrides) must be one of fp32, bf16, fp16, auto'),
+    ('train.teacher_precision=fp8',
+     'train.teacher_precision in {cfg} (with overrides) must be null or one of fp32, bf16, fp16, auto'),
     ('data.interpolation=cubic', 'data.interpolation in {cfg} (with overrides) must be one of bilinear'),
     ('optim.momentum=1.5', 'optim.momentum in {cfg} (with overrides) must be in [0, 1), got 1.5'),
     ('data.crop_pct=0', 'data.crop_pct in {cfg} (with overrides) must be in (0, 1], got 0.0'),

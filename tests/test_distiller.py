@@ -1,4 +1,7 @@
-"""Methods, ablation switches, loss weighting, task state and errors of the distiller."""
+"""Methods, ablation switches, loss weighting, task state, teacher precision, compilation and errors of the
+distiller."""
+import shutil
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +12,7 @@ from scalekd.adapters import FAMILIES
 from scalekd.method.mimicking import FeatureMimicking
 from scalekd.method.options import ABLATIONS, ablation
 from scalekd.method.views import build_views
-from tiny_models import IMG, NUM_CLASSES, make_student, make_teacher
+from tiny_models import IMG, NUM_CLASSES, make_student, make_teacher, teacher_img
 
 X, Y = torch.randn(2, 3, IMG, IMG), torch.tensor([3, 4])
 
@@ -249,3 +252,84 @@ def test_the_reports_of_a_logit_kd_task_have_no_feature_rows():
     report = inspect_distiller(task)
     assert 'teacher_last_stage' not in report and report['train_step']['ok']
     assert report['params'] == param_counts(task) and report['params']['distill'] == 0
+
+
+@pytest.mark.parametrize('teacher', ['vit', 'swin'])
+def test_teacher_precision_runs_the_teacher_forward_alone_in_its_dtype(teacher):
+    """teacher_dtype=bf16 in an fp32 step: the teacher's features are those of its forward under bf16
+    autocast (computed here directly), handed on in float32; the student and projectors stay fp32.
+    teacher_dtype=float32 under a bf16 step gives the plain fp32 features."""
+    torch.manual_seed(0)
+    distiller = build_distiller(make_teacher(teacher, IMG), make_student('resnet', IMG), img_size=IMG,
+                                teacher_dtype=torch.bfloat16)
+    images = distiller.teacher.normalize_input(X, distiller.student_mean, distiller.student_std)
+    with torch.no_grad():
+        fp32 = distiller.teacher.extract(images)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            bf16 = distiller.teacher.extract(images)
+    got = distiller.teacher_features(X)
+    assert bf16.logits.dtype == torch.bfloat16  # (a map after a LayerNorm is float32 under autocast)
+    for name in ('logits', 'final', 'stage_input'):
+        assert getattr(got, name).dtype == torch.float32
+        torch.testing.assert_close(getattr(got, name), getattr(bf16, name).float(), rtol=0, atol=0)
+        assert not torch.allclose(getattr(got, name), getattr(fp32, name), rtol=1e-5, atol=1e-5), name
+    out = distiller(X, Y)
+    out['loss'].backward()
+    assert out['loss'].dtype == torch.float32 and torch.isfinite(out['loss'])
+    grads = [p.grad for p in distiller.trainable_module.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)
+
+    distiller.teacher_dtype = torch.float32
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        kept = distiller.teacher_features(X)
+    for name in ('logits', 'final', 'stage_input'):
+        torch.testing.assert_close(getattr(kept, name), getattr(fp32, name), rtol=0, atol=0)
+
+
+def _twins(teacher: str):
+    """Two equal distillers (seeded builds, same weights)."""
+    img = teacher_img(teacher)
+    twins = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        twins.append(build_distiller(make_teacher(teacher, img), make_student('resnet', img), img_size=img))
+    return twins, torch.randn(2, 3, img, img)
+
+
+def _assert_same_step(plain, compiled, images, rtol: float, atol: float) -> None:
+    outputs = [d(images, Y) for d in (plain, compiled)]
+    for out in outputs:
+        out['loss'].backward()
+    for name, value in outputs[0].items():
+        torch.testing.assert_close(outputs[1][name], value, rtol=rtol, atol=atol, msg=name)
+    grads = [{n: p.grad for n, p in d.trainable_module.named_parameters()} for d in (plain, compiled)]
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=rtol, atol=atol, msg=name)
+
+
+def test_compile_compiles_the_teacher_and_each_piece_and_keeps_weights_and_keys():
+    """Distiller.compile (timm's TrainingTask protocol): the teacher's extraction and last stage and each
+    piece of the trainable module are compiled (traced by dynamo: the eager backend keeps the test
+    fast); the state dict's keys are unchanged and a step equals the uncompiled one."""
+    (plain, compiled), images = _twins('vit')
+    keys = list(compiled.state_dict())
+    module = compiled.compile(backend='eager')
+    assert module is compiled.trainable_module and list(compiled.state_dict()) == keys
+    compiled_fns = [compiled.teacher.extract, compiled.teacher.last_stage] + [
+        getattr(module, n) for n in ('student_pass', 'proxy_views', 's4_views', 'tap_losses')]
+    assert all(hasattr(fn, '_torchdynamo_orig_callable') for fn in compiled_fns)
+    _assert_same_step(plain, compiled, images, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which('c++') or shutil.which('g++')), reason='inductor on CPU needs a C++ compiler')
+def test_inductor_compiled_teacher_gives_the_eager_step():
+    """train.compile's default backend on CPU for the teacher (a Swin teacher, whose last stage the proxy
+    path replays and differentiates): losses and gradients of one step equal the uncompiled step's up
+    to float rounding. The trainable pieces are traced as in the test above (inductor on all of them
+    takes minutes on 2 cores)."""
+    (plain, compiled), images = _twins('swin')
+    compiled.compile(backend='eager')
+    compiled.teacher.compile()
+    _assert_same_step(plain, compiled, images, rtol=1e-4, atol=1e-5)

@@ -157,6 +157,23 @@ def test_unfold_conv_equals_the_direct_convolution():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_unfold_conv_takes_the_direct_kernel_above_its_unfold_bound():
+    """The unfolded input of (2, 16, 7, 7) under a 3x3 kernel is 16 x 9 x 2 x 49 floats = 56,448 bytes:
+    under a bound of that size the unfold GEMM runs, above it oneDNN's convolution (its autograd node
+    says which); the outputs agree."""
+    from scalekd.task.kernels import UnfoldConv2d
+    torch.manual_seed(0)
+    conv = UnfoldConv2d(16, 12, 3, padding=1)
+    x = torch.randn(2, 16, 7, 7, requires_grad=True)
+    outputs = {}
+    for bound in (56_448, 56_447):
+        conv.max_unfold_bytes = bound
+        outputs[bound] = conv(x)
+    assert 'Convolution' not in type(outputs[56_448].grad_fn).__name__
+    assert 'Convolution' in type(outputs[56_447].grad_fn).__name__
+    torch.testing.assert_close(outputs[56_448], outputs[56_447], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_bench_parts_skip_the_paths_an_option_switches_off(capsys):
     args = ['bench', '--teacher', 'vit_tiny_patch16_224', '--student', 'resnet18', '--img-size', '32',
@@ -193,5 +210,7 @@ def test_bench_report_ratios_and_parts_from_known_child_results(monkeypatch, cap
     assert parts['unexplained'] == pytest.approx(0.1)  # (4.0 - 3.6) / 4.0
     table = format_table(report)
     assert 'scalekd peak over kd: +800 MB' in table and 'take 12 MB' in table  # 2^20 params x 12 bytes
-    assert '= 3.600 s vs full 4.000 s (+10.0% unexplained)' in table
+    assert '= 3.600 s vs full 4.000 s (+10.0% unexplained); teacher share 12%' in table  # 0.5 / 4.0
+    assert 'teacher bf16' not in table
+    assert 'fp32 (teacher bf16) on' in format_table(bench.run_bench('t', 's', variants=['kd'], teacher_precision='bf16'))
     assert [line.split()[:3] for line in table.splitlines()[2:4]] == [['kd', '2.000', '1.00'], ['scalekd', '5.000', '2.50']]

@@ -152,6 +152,8 @@ CASES += [
     Case('train image size the teacher patches do not tile', _train('data.img_size=36'),
          "image size 36 is not a multiple of the teacher 'vit_tiny_patch16_224' patch size 8"),
     Case('train unknown distill option', _train('distill.betta=0.5'), "unknown config key 'distill.betta'"),
+    Case('train fp16 teacher on the CPU', _train('train.teacher_precision=fp16'),
+         'train.teacher_precision fp16: fp16 autocast needs a CUDA device; use bf16 on CPU'),
     Case('train resume and force', lambda f: ['train', str(f.cfg), '--resume', 'auto', '--force'],
          '--resume and --force contradict each other'),
     # -- train: the output path

@@ -220,6 +220,8 @@ def _add_bench(sub) -> None:
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--steps', type=int, default=3, help='timed steps per variant, after one warm-up step')
     p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16', 'auto'))
+    p.add_argument('--teacher-precision', choices=('fp32', 'bf16', 'fp16', 'auto'),
+                   help="the teacher forward's own precision (train.teacher_precision; default: --precision)")
     p.add_argument('--channels-last', action='store_true')
     _add_device(p)
     p.add_argument('--variants', help=f'comma-separated subset of: {", ".join(ABLATIONS)}')
@@ -410,7 +412,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     report = run_bench(args.teacher, args.student, args.img_size, args.batch, args.steps, args.precision,
                        args.channels_last, str(device), args.variants.split(',') if args.variants else None,
                        _key_values(args.option, '--option'),
-                       progress=None if args.json else lambda m: print(m, file=sys.stderr))
+                       progress=None if args.json else lambda m: print(m, file=sys.stderr),
+                       teacher_precision=args.teacher_precision)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
 

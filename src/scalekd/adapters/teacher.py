@@ -44,6 +44,14 @@ class FrozenTeacher(DistillationTeacher):
             self.set_normalization(channel_stats(self.mean_kd.flatten().tolist(), in_chans),
                                    channel_stats(self.std_kd.flatten().tolist(), in_chans))
 
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> 'FrozenTeacher':
+        """Compile the no-grad feature extraction and, where there is one, the last stage the proxy path
+        runs (timm's ``DistillationTeacher.compile`` compiles ``model.forward``, which neither calls)."""
+        self.extract = torch.compile(self.extract, backend=backend, mode=mode, **compile_kwargs)
+        if getattr(self, 'last_stage', None) is not None:
+            self.last_stage = torch.compile(self.last_stage, backend=backend, mode=mode, **compile_kwargs)
+        return self
+
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """The normalisation the teacher was trained with, when its pretrained cfg does not say it."""
         p = next(self.model.parameters())

@@ -101,6 +101,7 @@ class TrainConfig:
     batch_size: int = 256        # global batch over all processes and accumulation steps
     accum_steps: int = 1
     precision: str = 'fp32'      # 'fp32', 'bf16', 'fp16', or 'auto' (bf16 where the hardware has it)
+    teacher_precision: Optional[str] = None  # the teacher forward's own (same choices); null: the run's
     channels_last: bool = False
     compile: bool = False
     zero: bool = False           # shard the optimizer state over the processes (ZeRO-1; see engine/optimizer.py)

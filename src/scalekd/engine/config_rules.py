@@ -94,6 +94,7 @@ RULES = tuple(Rule(key, *check) for key, check in (
     ('train.batch_size', _min(1)),
     ('train.accum_steps', _min(1)),
     ('train.precision', _one_of(PRECISIONS)),
+    ('train.teacher_precision', _optional(_one_of(PRECISIONS))),
     ('train.ema_decay', _unit(low_open=True, high_open=True)),
     ('train.eval_every', _min(1)),
     ('train.keep_checkpoints', ((lambda v: v >= 0), '>= 0 (0 keeps every checkpoint)')),

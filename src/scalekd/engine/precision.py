@@ -1,10 +1,10 @@
 """Mixed precision: which dtype a run uses, and its autocast context."""
 from contextlib import nullcontext
-from typing import ContextManager, Optional
+from typing import ContextManager
 
 import torch
 
-__all__ = ['resolve_precision', 'autocast', 'cpu_has_fast_bf16']
+__all__ = ['resolve_precision', 'autocast', 'autocast_dtype', 'cpu_has_fast_bf16']
 
 PRECISIONS = ('fp32', 'bf16', 'fp16', 'auto')
 
@@ -15,22 +15,28 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where the hardware runs it fast, else ``fp32``; others are checked."""
+def resolve_precision(precision: str, device: torch.device, key: str = 'train.precision') -> str:
+    """``auto`` -> ``bf16`` where the hardware runs it fast, else ``fp32``; others are checked (errors
+    name ``key``)."""
     if precision not in PRECISIONS:
-        raise ValueError(f'unknown precision {precision!r}; choose one of {", ".join(PRECISIONS)}')
+        raise ValueError(f'{key}: unknown precision {precision!r}; choose one of {", ".join(PRECISIONS)}')
     if precision == 'auto':
         if device.type == 'cuda':
             return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
         return 'bf16' if cpu_has_fast_bf16() else 'fp32'
     if precision == 'fp16' and device.type != 'cuda':
-        raise ValueError('fp16 autocast needs a CUDA device; use bf16 on CPU')
+        raise ValueError(f'{key} fp16: fp16 autocast needs a CUDA device; use bf16 on CPU')
     return precision
+
+
+def autocast_dtype(precision: str) -> torch.dtype:
+    """The dtype a resolved precision computes in (``torch.float32`` for fp32)."""
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32)
 
 
 def autocast(precision: str, device: torch.device) -> ContextManager:
     """The autocast context of a resolved precision (a no-op for fp32)."""
-    dtype: Optional[torch.dtype] = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
-    if dtype is None:
+    dtype = autocast_dtype(precision)
+    if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

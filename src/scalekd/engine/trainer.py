@@ -24,7 +24,7 @@ from .epoch_losses import EpochLosses
 from .faults import NormStatistics, StopSignal, judge_non_finite, non_finite_flags
 from .memory import peak_memory_mb, reset_peak_memory
 from .optimizer import build_optimizer, gather_optimizer_state, is_sharded, optimizer_step
-from .precision import autocast, resolve_precision
+from .precision import autocast, autocast_dtype, cpu_has_fast_bf16, resolve_precision
 from .errors import RunError, RunInterrupted
 from .run_folder import check_output_path
 from .run_logger import RunLogger
@@ -61,12 +61,16 @@ def build_task(cfg: RunConfig, device: torch.device, random_weights: bool = Fals
     teacher = _create(cfg.teacher, cfg.data, 'teacher', random_weights) if needs_teacher else None
     student = _create(cfg.student, cfg.data, 'student', random_weights)
     mean, std = input_normalization(cfg)
+    teacher_precision = cfg.train.teacher_precision
+    teacher_dtype = None if teacher_precision is None else \
+        autocast_dtype(resolve_precision(teacher_precision, device, 'train.teacher_precision'))
     soft_targets = cfg.data.mixup > 0 or cfg.data.cutmix > 0
     criterion = create_classification_loss(loss_type='bce' if cfg.data.bce_loss else 'ce',
                                            smoothing=cfg.data.label_smoothing, soft_targets=soft_targets)
     distiller = build_distiller(
         teacher, student, img_size=cfg.data.img_size, in_chans=cfg.data.in_chans, criterion=criterion,
         input_mean=mean, input_std=std, teacher_mean=cfg.teacher.mean, teacher_std=cfg.teacher.std,
+        teacher_dtype=teacher_dtype,
         **{k: v for k, v in vars(cfg.distill).items()})
     return distiller.to(device)
 
@@ -124,6 +128,8 @@ class Trainer:
         tcfg = cfg.train
         check_resume_request(resume, force)
         self.precision = resolve_precision(tcfg.precision, env.device)
+        if tcfg.teacher_precision is not None:  # refused now, before the output folder is touched
+            resolve_precision(tcfg.teacher_precision, env.device, 'train.teacher_precision')
         if tcfg.batch_size % (env.world_size * tcfg.accum_steps):
             raise RunError(f'train.batch_size {tcfg.batch_size} does not split over {env.world_size} process(es) '
                            f'x {tcfg.accum_steps} accumulation step(s)')
@@ -150,6 +156,9 @@ class Trainer:
             source = cfg.teacher.checkpoint or ('the hub' if cfg.teacher.pretrained else None)
             self._notes.append(f'teacher weights: {source}' if source else
                                'teacher weights: none given (random): set teacher.checkpoint or teacher.pretrained')
+        if env.device.type == 'cpu' and not cpu_has_fast_bf16() and torch.bfloat16 in (
+                autocast_dtype(self.precision), self.task.teacher_dtype):
+            self._notes.append('bf16 on a CPU without AVX512-BF16 or AMX is emulated: slower than fp32 here')
         if self.precision != 'fp32':
             self._notes.append(f'val top-1 is measured under {self.precision} autocast; scalekd eval measures in fp32, '
                                f'which can differ by a few tenths of a point')
@@ -173,7 +182,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(env.device.type) if self.precision == 'fp16' else None
         self.ema = ModelEmaV3(self.task.student, decay=tcfg.ema_decay) if tcfg.ema else None
         if tcfg.compile:
-            self.task.trainable_module = torch.compile(self.task.trainable_module)
+            self.task.compile()
         if env.distributed:
             self.task.prepare_distributed(device_ids=[env.local_rank] if env.device.type == 'cuda' else None)
 
@@ -238,7 +247,8 @@ class Trainer:
         params = param_counts(task)
         lines = [f'run {self.out_dir}  ({self.env.world_size} process(es) on {self.env.device}, {self.precision})',
                  f'teacher {teacher.label if teacher else "-"}   student {task.taps.label}   '
-                 f'method {task.options.method} at {cfg.data.img_size}px',
+                 f'method {task.options.method} at {cfg.data.img_size}px'
+                 + (f', teacher forward in {cfg.train.teacher_precision}' if cfg.train.teacher_precision else ''),
                  f"params: student {params['student']:,}  teacher {params['teacher']:,}  distill {params['distill']:,}"]
         for t in tap_rows(task):
             lines.append(f"  tap {t['name']} ({t['path']}): {'x'.join(map(str, t['student_shape']))} -> "

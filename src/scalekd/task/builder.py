@@ -57,6 +57,7 @@ def build_distiller(
         teacher_mean: Optional[Sequence[float]] = None,
         teacher_std: Optional[Sequence[float]] = None,
         device: Optional[torch.device] = None,
+        teacher_dtype: Optional[torch.dtype] = None,
         **options: Any,
 ) -> Distiller:
     """Build a teacher-student distiller.
@@ -75,6 +76,7 @@ def build_distiller(
         teacher_mean, teacher_std: normalisation the teacher expects (default: its pretrained cfg).
         device: where the models live (default: the CPU, where they are created). On the CPU the CAPs'
             3x3 convolutions take the unfold kernel (:func:`~scalekd.task.kernels.use_cpu_kernels`).
+        teacher_dtype: the teacher forward's own autocast dtype (see :class:`~scalekd.Distiller`).
         **options: :class:`~scalekd.DistillOptions` fields (``projector``, ``tpp``, ``beta``, ...).
     """
     opts = DistillOptions.from_kwargs(method=method, **options).resolve()
@@ -96,7 +98,7 @@ def build_distiller(
     if device is not None:
         student_model.to(device)
     distiller = Distiller(student_model, teacher_adapter, opts, size, in_chans, criterion=criterion,
-                          input_mean=input_mean, input_std=input_std, device=device)
+                          input_mean=input_mean, input_std=input_std, device=device, teacher_dtype=teacher_dtype)
     if device is None or torch.device(device).type == 'cpu':  # built without a device: on the CPU
         use_cpu_kernels(distiller.distill_modules())
     return distiller.to(device) if device is not None else distiller

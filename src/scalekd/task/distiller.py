@@ -10,6 +10,7 @@ else 1), ``kd_loss`` (``kd_weight``), and per tap and view ``{tap}_{view}``:
 ``proxy_ori`` = L_s, ``proxy_alt`` = L_s^alt, ``s4_ori`` = L_st, ``s4_alt`` = L_st^alt (TPP), or
 ``s3_*`` / ``s4_*`` against T_(n-1) / T_n without TPP; ``*_ori`` weigh ``w_ori``, ``*_alt`` ``w_alt``.
 """
+import dataclasses
 import warnings
 from typing import Any, Collection, Dict, Optional, Sequence, Set, Tuple, Union
 
@@ -93,6 +94,12 @@ class DistillationModule(nn.Module):
         elif 's3' in options.stages:
             self.s3 = FeatureMimicking(views, s3_factory, ckpt)
 
+    def compile_pieces(self, **compile_kwargs) -> None:
+        """Compile each piece of :meth:`forward` on its own (``torch.compile`` keyword arguments), so that
+        a compiled step and each piece timed alone (``scalekd bench --compile``) run the same code."""
+        for name in ('student_pass', 'proxy_views', 's4_views', 'tap_losses'):
+            setattr(self, name, torch.compile(getattr(self, name), **compile_kwargs))
+
     def mimicking(self) -> Dict[str, FeatureMimicking]:
         """The feature mimicking at each tap that exists (``proxy`` or ``s3``, and ``s4``)."""
         taps = {'proxy': self.proxy.mimicking if self.proxy is not None else None, 's3': self.s3, 's4': self.s4}
@@ -158,6 +165,10 @@ class Distiller(TrainingTask):
         criterion: the task loss (default: timm's classification loss, cross entropy).
         input_mean, input_std: the normalisation of the images given to ``forward`` (default: the
             student's pretrained cfg); the teacher gets them re-normalised to its own.
+        teacher_dtype: the teacher forward's own autocast dtype (``torch.bfloat16`` for an fp32 student on
+            hardware with fast bf16; ``torch.float32`` keeps it out of the run's autocast); its features
+            are handed on in float32. Default: the run's autocast, whatever it is. The teacher's last
+            stage on the student's maps (TPP) is part of the trainable graph and keeps the run's.
     """
 
     def __init__(
@@ -173,6 +184,7 @@ class Distiller(TrainingTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = False,
+            teacher_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.options = options.resolve()
@@ -182,6 +194,7 @@ class Distiller(TrainingTask):
         if self.needs_teacher and teacher is None:
             raise ValueError(f'method {self.options.method!r} needs a teacher')
         self.teacher = teacher if self.needs_teacher else None
+        self.teacher_dtype = teacher_dtype
         taps = StudentAdapter(student, img_size, in_chans, self.options.student_s3_block) \
             if self.options.uses_features else LogitsOnly(student, img_size, in_chans)  # none / kd: any classifier
         self.trainable_module = DistillationModule(student, taps, self.options, self.teacher)
@@ -224,6 +237,17 @@ class Distiller(TrainingTask):
             self.teacher.train(mode and self.options.teacher_train_mode)
         return self
 
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        """timm's ``TrainingTask.compile`` (call it before :meth:`prepare_distributed`): the trainable
+        module's pieces (student pass, proxy path, s4 projection, losses) and the teacher's feature
+        extraction and last stage; the weights and state-dict keys stay those of the plain modules.
+        Returns the trainable module, whose :meth:`DistillationModule.forward` runs the compiled pieces."""
+        module = unwrap_model(self.trainable_module)
+        module.compile_pieces(backend=backend, mode=mode, **compile_kwargs)
+        if self.teacher is not None:
+            self.teacher.compile(backend=backend, mode=mode, **compile_kwargs)
+        return module
+
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'Distiller':
         """Wrap the trainable module (student + projectors) in DDP; the frozen teacher is not wrapped."""
         from torch.nn.parallel import DistributedDataParallel
@@ -262,7 +286,15 @@ class Distiller(TrainingTask):
         statistics; ``None`` without a teacher."""
         if self.teacher is None:
             return None
-        return self.teacher.extract(self.teacher.normalize_input(images, self.student_mean, self.student_std))
+        images = self.teacher.normalize_input(images, self.student_mean, self.student_std)
+        if self.teacher_dtype is None:
+            return self.teacher.extract(images)
+        dtype = self.teacher_dtype
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            features = self.teacher.extract(images)
+        floats = {f.name: getattr(features, f.name).float() for f in dataclasses.fields(features)
+                  if getattr(features, f.name) is not None}
+        return dataclasses.replace(features, **floats)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One training forward: ``loss`` (weighted total), ``output`` (student logits) and each term."""

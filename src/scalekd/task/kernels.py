@@ -18,10 +18,21 @@ __all__ = ['UnfoldConv2d', 'use_cpu_kernels']
 class UnfoldConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same weights and math) that runs on CPU as unfold + one matrix product, which beats
     oneDNN's direct convolution on a CAP's small, wide maps; equal up to float rounding. Other devices,
-    grouped convs and non-zero padding modes take the usual kernel."""
+    grouped convs and non-zero padding modes take the usual kernel, and so does an input whose unfolded
+    copy (C_in x k x k x N x H_out x W_out values, kept for the backward) would exceed
+    :attr:`max_unfold_bytes`: chunking the batch would not bound it, as autograd keeps every chunk's copy."""
+
+    max_unfold_bytes: int = 256 * 2 ** 20  # the s3 CAP of Swin -> ResNet-50 at 224 (7.2 MB an image): batch <= 35
+
+    def _unfold_bytes(self, x: torch.Tensor) -> int:
+        n, c, h, w = x.shape
+        out = [(d + 2 * p - dl * (k - 1) - 1) // s + 1
+               for d, p, dl, k, s in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride)]
+        return c * self.kernel_size[0] * self.kernel_size[1] * n * out[0] * out[1] * x.element_size()
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if x.device.type != 'cpu' or self.groups != 1 or self.padding_mode != 'zeros' or isinstance(self.padding, str):
+        if (x.device.type != 'cpu' or self.groups != 1 or self.padding_mode != 'zeros' or isinstance(self.padding, str)
+                or self._unfold_bytes(x) > self.max_unfold_bytes):
             return super()._conv_forward(x, weight, bias)
         n, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C_in*k*k, L)

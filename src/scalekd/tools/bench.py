@@ -1,14 +1,14 @@
 """``scalekd bench``: the training cost of each ScaleKD component, side by side (the paper's Table 15b).
 
-Each variant runs in a fresh process so that its peak memory is its own: on CUDA
-``torch.cuda.max_memory_allocated``, on CPU the process's peak resident set size (``ru_maxrss``,
-which includes the Python / torch runtime, the same for every variant). Step time is the median
+Each variant runs in a fresh process so that its peak memory is its own, measured from the end of
+the build (:mod:`scalekd.engine.memory`): on CUDA ``torch.cuda.max_memory_allocated``, on CPU the
+process's peak resident set (which includes the Python / torch runtime and the models' weights, the
+same for every variant, but not what building them took). Step time is the median
 of ``steps`` timed training steps (forward, backward, SGD step) after one warm-up step. The variants
 are the ablation presets (:data:`scalekd.method.options.ABLATIONS`); every one but ``student`` runs the
 teacher's forward.
 """
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,7 +20,8 @@ from timm.utils import unwrap_model
 
 from ..engine.allocator import keep_freed_memory
 from ..engine.errors import USER_ERRORS
-from ..engine.precision import autocast, resolve_precision
+from ..engine.memory import peak_memory_mb, reset_peak_memory
+from ..engine.precision import autocast, autocast_dtype, cpu_has_fast_bf16, resolve_precision
 from ..engine.synthetic_step import synthetic_batch, training_step
 from ..method.options import ABLATIONS, ablation
 from ..task.builder import build_distiller
@@ -41,32 +42,29 @@ def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
         keep_freed_memory()
     torch.manual_seed(0)
     options = {**spec.get('options', {}), **ablation(spec['variant'])}
-    task = build_distiller(spec['teacher'], spec['student'], img_size=spec['img_size'], device=device, **options)
+    teacher_precision = spec.get('teacher_precision')
+    teacher_dtype = None if teacher_precision is None else \
+        autocast_dtype(resolve_precision(teacher_precision, device, '--teacher-precision'))
+    task = build_distiller(spec['teacher'], spec['student'], img_size=spec['img_size'], device=device,
+                           teacher_dtype=teacher_dtype, **options)
     precision = resolve_precision(spec['precision'], device)
     params = [p for p in task.trainable_module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     images, targets = synthetic_batch(task, spec['batch'], spec['channels_last'])
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
 
     def step() -> Dict[str, float]:
         return training_step(task, optimizer, images, targets, precision)
 
     losses = step()  # warm-up
     step_s = _interleaved(dict(step=step), spec['steps'], device, warmup=False)['step']
-    peak_mb = _peak_mb(device)  # of the training steps, before the diagnostics below add their own
+    peak_mb = peak_memory_mb(device)  # of the training steps, before the diagnostics below add their own
     components = _isolated_components(task, optimizer, images, targets, precision, spec['steps'], step) \
         if spec['variant'] == 'scalekd' else None
     return dict(name=spec['variant'], step_s=step_s, peak_mb=round(peak_mb, 1),
                 images_per_s=spec['batch'] / step_s, precision=precision,
                 params=param_counts(task),
                 losses=losses, components=components)
-
-
-def _peak_mb(device: torch.device) -> float:
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, device: torch.device,
@@ -144,11 +142,23 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
     return _interleaved(parts, steps, device)
 
 
+def cpu_name() -> str:
+    """This CPU's model name, core count and whether it has bf16 matrix units (the figures depend on them)."""
+    try:
+        model = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
+                     'unknown CPU')
+    except OSError:
+        model = 'unknown CPU'
+    units = 'AVX512-BF16 or AMX' if cpu_has_fast_bf16() else 'no AVX512-BF16 / AMX'
+    return f'{model} ({torch.get_num_threads()} threads, {units})'
+
+
 def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, steps: int = 3,
               precision: str = 'fp32', channels_last: bool = False, device: str = 'cpu',
               variants: Optional[Sequence[str]] = None, options: Optional[Dict[str, Any]] = None,
-              progress=None) -> Dict[str, Any]:
-    """Measure every variant, each in its own process; the JSON-ready result."""
+              progress=None, teacher_precision: Optional[str] = None) -> Dict[str, Any]:
+    """Measure every variant, each in its own process; the JSON-ready result. ``teacher_precision``: the
+    teacher forward's own precision (default: ``precision``)."""
     names = list(variants or ABLATIONS)
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
@@ -157,7 +167,7 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
     for name in names:
         spec = dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,
                     precision=precision, channels_last=channels_last, device=device, variant=name,
-                    options=options or {})
+                    options=options or {}, teacher_precision=teacher_precision)
         if progress:
             progress(f'measuring {name} ...')
         result = subprocess.run([sys.executable, '-m', 'scalekd.tools.bench', json.dumps(spec)],
@@ -169,9 +179,10 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
         for r in rows:
             r['step_x_kd'] = r['step_s'] / by_name['kd']['step_s']
             r['peak_x_kd'] = r['peak_mb'] / by_name['kd']['peak_mb']
-    device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith('cuda') else 'cpu'
+    device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith('cuda') else cpu_name()
     return dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,
-                precision=rows[0]['precision'] if rows else precision, channels_last=channels_last,
+                precision=rows[0]['precision'] if rows else precision, teacher_precision=teacher_precision,
+                channels_last=channels_last,
                 device=device_name, variants=rows, components=_components(by_name))
 
 
@@ -208,8 +219,10 @@ def _components(rows: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, float]]:
 
 def format_table(report: Dict[str, Any]) -> str:
     """The report shaped like the paper's Table 15(b)."""
+    teacher = f" (teacher {report['teacher_precision']})" if report.get('teacher_precision') else ''
     lines = [f"{report['teacher']} -> {report['student']} at {report['img_size']}, batch {report['batch']}, "
-             f"{report['precision']}{' channels_last' if report['channels_last'] else ''} on {report['device']}",
+             f"{report['precision']}{teacher}{' channels_last' if report['channels_last'] else ''} "
+             f"on {report['device']}",
              f"{'variant':<12} {'step s':>8} {'x KD':>6} {'img/s':>7} {'peak MB':>9} {'x KD':>6} {'distill params':>15}"]
     for r in report['variants']:
         lines.append(f"{r['name']:<12} {r['step_s']:>8.3f} {r.get('step_x_kd', float('nan')):>6.2f} "
@@ -226,7 +239,8 @@ def format_table(report: Dict[str, Any]) -> str:
     if c:
         names = [n for n in ('student', 'teacher', 'proxy', 's4', 'optimizer') if n in c]
         lines.append('scalekd step, parts timed alone: ' + ' + '.join(f'{n} {c[n]:.3f}' for n in names)
-                     + f" = {c['sum']:.3f} s vs full {c['full']:.3f} s ({100 * c['unexplained']:+.1f}% unexplained)")
+                     + f" = {c['sum']:.3f} s vs full {c['full']:.3f} s ({100 * c['unexplained']:+.1f}% unexplained); "
+                     f"teacher share {100 * c['teacher'] / c['full']:.0f}%")
     return '\n'.join(lines)
 
 
