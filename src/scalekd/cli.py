@@ -223,6 +223,7 @@ def _add_bench(sub) -> None:
     p.add_argument('--teacher-precision', choices=('fp32', 'bf16', 'fp16', 'auto'),
                    help="the teacher forward's own precision (train.teacher_precision; default: --precision)")
     p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='compile as train.compile does (teacher and each piece)')
     _add_device(p)
     p.add_argument('--variants', help=f'comma-separated subset of: {", ".join(ABLATIONS)}')
     p.add_argument('--option', action='append', metavar='KEY=VALUE', help='distillation option for every variant')
@@ -413,7 +414,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                        args.channels_last, str(device), args.variants.split(',') if args.variants else None,
                        _key_values(args.option, '--option'),
                        progress=None if args.json else lambda m: print(m, file=sys.stderr),
-                       teacher_precision=args.teacher_precision)
+                       teacher_precision=args.teacher_precision, compile=args.compile)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
 

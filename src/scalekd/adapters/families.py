@@ -42,7 +42,7 @@ class Family:
 
 FAMILIES: Tuple[Family, ...] = (
     Family('resnet', (ResNet,), openmmlab=True, torchvision=True),
-    Family('mobilenet', (EfficientNet,)),  # timm builds MobileNet-V1 with its EfficientNet class
+    Family('efficientnet', (EfficientNet,)),  # timm's EfficientNet class: EfficientNet, MobileNet-V1 / V2, MNASNet, MixNet
     Family('convnext', (ConvNeXt,), openmmlab=True),
     Family('swin', (SwinTransformer,), teacher=True, openmmlab=True),
     Family('mixer', (MlpMixer,), plain=True, openmmlab=True),

@@ -107,11 +107,28 @@ class ScaleKDTeacher(FrozenTeacher):
             self.patch_norm = fc_norm if isinstance(model.norm, nn.Identity) and fc_norm is not None else nn.Identity()
             for i, blk in enumerate(model.blocks[self.stage_start:]):
                 blk.register_forward_pre_hook(partial(self._record_block_inputs, i), with_kwargs=True)
+        zeros = dummy_input(model, img_size, in_chans)
+        probe = torch.randn(zeros.shape, generator=torch.Generator().manual_seed(0)).to(zeros)  # the global RNG untouched
         with probing(model, f'teacher {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
-            feats = self.extract(dummy_input(model, img_size, in_chans))
-        self._stage_kwargs.clear()  # recorded at the build's weights: last_stage waits for a real extract()
+            feats = self.extract(probe)
         self.final_shape: Shape = shape_of(feats.final)
         self.stage_input_shape: Shape = shape_of(feats.stage_input)
+        self._check_replay(feats)
+        self._stage_kwargs.clear()  # recorded at the build's weights: last_stage waits for a real extract()
+
+    def _check_replay(self, feats: TeacherFeatures) -> None:
+        """The adapter proves itself: its last stage, replayed on the stage input the teacher's own forward
+        recorded, must give that forward's final feature, else the model is refused (TPP would train
+        against a wrong last stage)."""
+        with torch.no_grad():
+            replay = self.last_stage(feats.stage_input, feats.prefix)
+        scale = feats.final.abs().max().item()
+        if not torch.allclose(replay, feats.final, rtol=1e-4, atol=1e-5 * max(scale, 1.0)):
+            error = (replay - feats.final).abs().max().item()
+            raise UnsupportedModelError(
+                f'{self.label}: its last stage, replayed on the recorded stage input, does not give the teacher\'s '
+                f'own final feature (largest difference {error:.3g}, values up to {scale:.3g}): the last-stage '
+                f'adapter does not fit this model, so it cannot be a ScaleKD teacher')
 
     def _record_block_inputs(self, i: int, block: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> None:
         """Forward pre-hook of last-stage block ``i``: keep the extra inputs timm gives it (rotary

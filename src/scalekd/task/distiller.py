@@ -300,7 +300,15 @@ class Distiller(TrainingTask):
         """One training forward: ``loss`` (weighted total), ``output`` (student logits) and each term."""
         teacher = self.teacher_features(input)
         last_stage = self.teacher.last_stage if self.teacher is not None else None
-        logits, terms = self.trainable_module(input, teacher, last_stage)
+        try:
+            logits, terms = self.trainable_module(input, teacher, last_stage)
+        except ValueError as e:
+            if 'Expected more than 1 value per channel' not in str(e):
+                raise
+            raise ValueError(f'a BatchNorm layer of the student or its projectors got one value per channel: '
+                             f'{input.shape[0]} image(s) per step and process with a 1x1 map. Train with more '
+                             f'images per process (train.batch_size / processes / accum_steps) or with a larger '
+                             f'map (data.img_size, or a lower student output_stride)') from None
         terms = {'task_loss': self.criterion(logits, target), **terms}
         if self.options.kd:
             terms['kd_loss'] = logit_kd_loss(logits, teacher.logits, self.options.kd_temperature)

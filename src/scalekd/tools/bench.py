@@ -48,6 +48,8 @@ def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
     task = build_distiller(spec['teacher'], spec['student'], img_size=spec['img_size'], device=device,
                            teacher_dtype=teacher_dtype, **options)
     precision = resolve_precision(spec['precision'], device)
+    if spec.get('compile'):
+        task.compile()  # as train.compile: the warm-up step and round compile, the timed ones do not
     params = [p for p in task.trainable_module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     images, targets = synthetic_batch(task, spec['batch'], spec['channels_last'])
@@ -156,9 +158,9 @@ def cpu_name() -> str:
 def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, steps: int = 3,
               precision: str = 'fp32', channels_last: bool = False, device: str = 'cpu',
               variants: Optional[Sequence[str]] = None, options: Optional[Dict[str, Any]] = None,
-              progress=None, teacher_precision: Optional[str] = None) -> Dict[str, Any]:
+              progress=None, teacher_precision: Optional[str] = None, compile: bool = False) -> Dict[str, Any]:
     """Measure every variant, each in its own process; the JSON-ready result. ``teacher_precision``: the
-    teacher forward's own precision (default: ``precision``)."""
+    teacher forward's own precision (default: ``precision``); ``compile``: as ``train.compile``."""
     names = list(variants or ABLATIONS)
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
@@ -167,7 +169,7 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
     for name in names:
         spec = dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,
                     precision=precision, channels_last=channels_last, device=device, variant=name,
-                    options=options or {}, teacher_precision=teacher_precision)
+                    options=options or {}, teacher_precision=teacher_precision, compile=compile)
         if progress:
             progress(f'measuring {name} ...')
         result = subprocess.run([sys.executable, '-m', 'scalekd.tools.bench', json.dumps(spec)],
@@ -182,7 +184,7 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
     device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith('cuda') else cpu_name()
     return dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,
                 precision=rows[0]['precision'] if rows else precision, teacher_precision=teacher_precision,
-                channels_last=channels_last,
+                channels_last=channels_last, compile=compile,
                 device=device_name, variants=rows, components=_components(by_name))
 
 
@@ -221,7 +223,8 @@ def format_table(report: Dict[str, Any]) -> str:
     """The report shaped like the paper's Table 15(b)."""
     teacher = f" (teacher {report['teacher_precision']})" if report.get('teacher_precision') else ''
     lines = [f"{report['teacher']} -> {report['student']} at {report['img_size']}, batch {report['batch']}, "
-             f"{report['precision']}{teacher}{' channels_last' if report['channels_last'] else ''} "
+             f"{report['precision']}{teacher}{' channels_last' if report['channels_last'] else ''}"
+             f"{' compiled' if report.get('compile') else ''} "
              f"on {report['device']}",
              f"{'variant':<12} {'step s':>8} {'x KD':>6} {'img/s':>7} {'peak MB':>9} {'x KD':>6} {'distill params':>15}"]
     for r in report['variants']:
