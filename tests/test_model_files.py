@@ -4,6 +4,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
@@ -160,6 +161,17 @@ def test_weights_beside_foreign_objects_load_and_a_payload_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:300])  # truncated
     with pytest.raises(WeightsError, match='mmcls.pth cannot be loaded safely'):
         read_state_dict(path)
+
+
+def test_a_model_file_with_foreign_metadata_loads_by_name(tmp_path):
+    """load_model (eval, export, the analysis commands) reads torch files as the weight loader does: a
+    timm model's weights saved beside another toolkit's metadata load."""
+    model = timm.create_model('resnet18', layers=[1, 1, 1, 1], num_classes=3)
+    path = tmp_path / 'mmcls.pth'
+    torch.save({'meta': {'hub': _Meta([1.0])}, 'state_dict': model.state_dict()}, path)
+    loaded = load_model(path, name='resnet18', layers=[1, 1, 1, 1], num_classes=3)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
 
 
 def test_non_finite_weights_load_with_a_warning_naming_them(run_files, tmp_path):

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from .checkpoint import is_training_checkpoint, load_error
 
-__all__ = ['WeightsError', 'read_state_dict', 'state_dict_of', 'load_state_dict_checked', 'load_weights']
+__all__ = ['WeightsError', 'read_state_dict', 'read_torch_file', 'state_dict_of', 'load_state_dict_checked',
+           'load_weights']
 
 
 class WeightsError(ValueError):
@@ -32,15 +33,23 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise WeightsError(f'{path} is not a readable safetensors file: {e}') from None
+    return state_dict_of(read_torch_file(path), path)
+
+
+def read_torch_file(path: Union[str, Path]) -> Any:
+    """A torch file's contents, loaded with ``weights_only`` (no code from the file runs); Python objects
+    beyond tensors (an mmengine checkpoint's metadata, ...) load as inert stand-ins."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f'weight file {path} does not exist')
     if path.stat().st_size == 0:
         raise WeightsError(f'weight file {path} is empty (0 bytes)')
     try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:  # Python objects beyond tensors (an mmengine checkpoint's meta, ...)
-        data = _load_with_inert_objects(path)
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        return _load_with_inert_objects(path)
     except Exception as e:  # RuntimeError / EOFError for truncated or foreign files
         raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e)}') from None
-    return state_dict_of(data, path)
 
 
 class _Inert:

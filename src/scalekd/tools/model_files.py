@@ -15,9 +15,9 @@ import torch.nn as nn
 from timm.data import resolve_data_config
 
 from ..adapters.models import create_timm_model, default_img_size, input_normalization
-from ..engine.checkpoint import is_training_checkpoint, load_checkpoint, migrate
+from ..engine.checkpoint import is_training_checkpoint, migrate
 from ..engine.config import RunConfig, config_from_dict
-from ..engine.weights import WeightsError, load_state_dict_checked, read_state_dict, state_dict_of
+from ..engine.weights import WeightsError, load_state_dict_checked, read_state_dict, read_torch_file, state_dict_of
 
 __all__ = ['LoadedModel', 'load_model', 'run_data_config', 'export_folder_of']
 
@@ -111,7 +111,7 @@ def _from_file(path: Path, name: Optional[str], use_ema: bool, **kwargs: Any) ->
     if path.suffix == '.safetensors':
         weights = read_state_dict(path)
     else:
-        data = load_checkpoint(path)
+        data = read_torch_file(path)
         if is_training_checkpoint(data):
             return _from_run(data, path, use_ema)
         weights = state_dict_of(data, path)
