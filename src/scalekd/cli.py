@@ -5,7 +5,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -252,19 +252,27 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_run_demo)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from .engine.allocator import keep_freed_memory
-    from .tools.demo import DemoSettings, format_table, run_demo
-    settings = DemoSettings(output=args.output, seed=args.seed, baselines=args.baselines, data=args.data,
-                            progress=not args.no_progress, distill=_key_values(args.option, '--option'),
-                            device=resolve_device(args.device))
-    if args.quick:
+def _demo_settings(args: argparse.Namespace, overrides: Sequence[str], quick: bool = False, **fields: Any):
+    """The demo settings of the arguments ``demo`` and ``ablate`` share (output, data, progress, device),
+    ``fields``, the ``quick`` budget, then each argument of ``overrides`` that was given."""
+    from .tools.demo import DemoSettings
+    settings = DemoSettings(output=args.output, data=args.data, progress=not args.no_progress,
+                            device=resolve_device(args.device), **fields)
+    if quick:
         settings.quick()
-    if args.students:
-        settings.students = [s for s in args.students.split(',') if s]
-    for name in ('subset', 'epochs', 'batch_size', 'test_sample'):
+    for name in overrides:
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    return settings
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .engine.allocator import keep_freed_memory
+    from .tools.demo import format_table, run_demo
+    settings = _demo_settings(args, ('subset', 'epochs', 'batch_size', 'test_sample'), args.quick, seed=args.seed,
+                              baselines=args.baselines, distill=_key_values(args.option, '--option'))
+    if args.students:
+        settings.students = [s for s in args.students.split(',') if s]
     if args.teacher_weights:
         settings.teacher_weights = args.teacher_weights
     keep_freed_memory()
@@ -293,12 +301,7 @@ def _add_ablate(sub) -> None:
 def _run_ablate(args: argparse.Namespace) -> int:
     from .engine.allocator import keep_freed_memory
     from .tools.ablation import STUDIES, format_study, run_study
-    from .tools.demo import DemoSettings
-    settings = DemoSettings(output=args.output, data=args.data, progress=not args.no_progress,
-                            device=resolve_device(args.device))
-    for name in ('subset', 'epochs'):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+    settings = _demo_settings(args, ('subset', 'epochs'))
     try:
         seeds = [int(s) for s in args.seeds.split(',') if s]
     except ValueError:
