@@ -1,5 +1,6 @@
 """Methods, ablation switches, loss weighting, task state, teacher precision, compilation and errors of the
 distiller."""
+import re
 import shutil
 
 import pytest
@@ -365,3 +366,19 @@ def test_a_teacher_whose_replayed_last_stage_is_wrong_is_refused(teacher, monkey
     with pytest.raises(UnsupportedModelError, match="replayed on the recorded stage input, does not give the teacher's "
                                                     "own final feature"):
         ScaleKDTeacher(make_teacher(teacher, img), (img, img))
+
+
+@pytest.mark.parametrize('teacher_classes, cause', [
+    (0, "the teacher vit_tiny_patch16_224 (VisionTransformer) has no classifier (num_classes 0"),
+    (7, f'the teacher vit_tiny_patch16_224 (VisionTransformer) predicts 7 classes, the student {NUM_CLASSES}')])
+def test_a_teacher_without_the_students_classes_trains_features_only(teacher_classes, cause):
+    """A headless teacher (DINOv2, EVA-02 MIM, a CLIP image tower) or one of other classes: logit KD is
+    refused with the cause and the feature-only option, which then trains every feature term."""
+    import timm
+    name, kwargs = 'vit_tiny_patch16_224', dict(patch_size=8, embed_dim=64, depth=4, num_heads=2)
+    teacher = timm.create_model(name, img_size=IMG, num_classes=teacher_classes, **kwargs)
+    with pytest.raises(ValueError, match=re.escape(f'logit KD cannot be used: {cause}') + r'.*distill\.kd: false'):
+        build_distiller(teacher, make_student('resnet', IMG), img_size=IMG)
+    distiller = build_distiller(teacher, make_student('resnet', IMG), img_size=IMG, kd=False)
+    out = distiller(X, Y)
+    assert set(out) == {'loss', 'output', 'task_loss'} | DFM_TPP and torch.isfinite(out['loss'])

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..adapters import LogitsTeacher, ScaleKDTeacher
+from ..adapters.common import model_label
 from ..adapters.models import create_timm_model, default_img_size
 from ..method.options import DistillOptions
 from .distiller import Distiller
@@ -105,6 +106,13 @@ def build_distiller(
 
 
 def _check_classes(teacher: nn.Module, student: nn.Module, kd: bool) -> None:
+    """Logit KD needs a teacher that predicts the student's classes; the error says why it cannot, and the
+    feature-only way (ScaleKD's feature terms need no classifier)."""
     t, s = getattr(teacher, 'num_classes', None), getattr(student, 'num_classes', None)
-    if kd and t is not None and s is not None and t != s:
-        raise ValueError(f'logit KD needs the same classes: teacher has {t}, student {s} (set num_classes)')
+    if not kd or t is None or s is None or t == s:
+        return
+    cause = (f'the teacher {model_label(teacher)} has no classifier (num_classes 0: a headless, MIM-pretrained or '
+             f'image-tower model)' if t == 0 else
+             f'the teacher {model_label(teacher)} predicts {t} classes, the student {s}')
+    raise ValueError(f'logit KD cannot be used: {cause}. Distil features only (method scalekd with distill.kd: '
+                     f'false), or give the teacher a classifier for these {s} classes (fine-tuned weights)')
