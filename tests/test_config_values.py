@@ -86,3 +86,11 @@ def test_resume_and_force_together_are_refused(tmp_path, data_root, capsys):
     assert main(['train', str(tiny_config(tmp_path, data_root)), '--resume', 'auto', '--force']) == 2
     assert '--resume and --force contradict each other' in capsys.readouterr().err
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_sharded_lookahead_optimizer_is_refused_before_anything_is_built(tmp_path, data_root, capsys):
+    cfg = tiny_config(tmp_path, data_root, train=dict(zero=True), optim=dict(opt='lookahead_sgd'))
+    assert main(['train', str(cfg)]) == 2
+    assert (f"train.zero in {cfg} shards a plain optimizer, and optim.opt 'lookahead_sgd' wraps one in Lookahead"
+            in capsys.readouterr().err)
+    assert not (tmp_path / 'run').exists()

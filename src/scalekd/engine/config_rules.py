@@ -112,8 +112,8 @@ def _get(cfg: Any, key: str) -> Any:
 
 
 def check_values(cfg: Any, where: str, error: Callable[[str], Exception]) -> None:
-    """Raise ``error(message)`` for the first value of ``cfg`` outside its rule, or a warmup that
-    does not end before the run."""
+    """Raise ``error(message)`` for the first value of ``cfg`` outside its rule, a warmup that does not
+    end before the run, or a sharded optimizer (``train.zero``) asked of one that wraps another."""
     for rule in RULES:
         value = _get(cfg, rule.key)
         if not rule.ok(value):
@@ -121,3 +121,6 @@ def check_values(cfg: Any, where: str, error: Callable[[str], Exception]) -> Non
     if cfg.sched.warmup_epochs >= cfg.sched.epochs:
         raise error(f'sched.warmup_epochs in {where} must be less than sched.epochs ({cfg.sched.epochs}), '
                     f'got {cfg.sched.warmup_epochs}')
+    if cfg.train.zero and cfg.optim.opt.lower().startswith('lookahead_'):
+        raise error(f'train.zero in {where} shards a plain optimizer, and optim.opt {cfg.optim.opt!r} wraps one in '
+                    f'Lookahead: set train.zero false or choose an optimizer without lookahead_')

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-from timm.optim import create_optimizer_v2
+from timm.optim import Lookahead, create_optimizer_v2
 
 from .config import OptimConfig
 from .distributed import DistEnv
@@ -31,9 +31,8 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, env: DistEnv, zero: boo
     if not (zero and env.distributed):
         return optimizer
     from torch.distributed.optim import ZeroRedundancyOptimizer
-    if not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__module__.startswith('timm.optim.lookahead'):
-        raise ValueError(f'train.zero shards a plain optimizer; optim.opt {cfg.opt!r} wraps another one: '
-                         f'set train.zero false or choose another optim.opt')
+    if isinstance(optimizer, Lookahead):  # (the config refuses it first)
+        raise ValueError(f'train.zero shards a plain optimizer, not optim.opt {cfg.opt!r} (Lookahead)')
     groups = [dict(g) for g in optimizer.param_groups]  # every hyper-parameter set: the class's defaults are not needed
     return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer))
 
