@@ -52,6 +52,10 @@ class FrozenTeacher(DistillationTeacher):
             self.last_stage = torch.compile(self.last_stage, backend=backend, mode=mode, **compile_kwargs)
         return self
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """A copy or pickle holds the plain methods: a compiled one is bound to this teacher."""
+        return {k: v for k, v in self.__dict__.items() if k not in ('extract', 'last_stage')}
+
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """The normalisation the teacher was trained with, when its pretrained cfg does not say it."""
         p = next(self.model.parameters())
@@ -111,9 +115,9 @@ class ScaleKDTeacher(FrozenTeacher):
         probe = torch.randn(zeros.shape, generator=torch.Generator().manual_seed(0)).to(zeros)  # the global RNG untouched
         with probing(model, f'teacher {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
             feats = self.extract(probe)
-        self.final_shape: Shape = shape_of(feats.final)
-        self.stage_input_shape: Shape = shape_of(feats.stage_input)
-        self._check_replay(feats)
+            self.final_shape: Shape = shape_of(feats.final)
+            self.stage_input_shape: Shape = shape_of(feats.stage_input)
+            self._check_replay(feats)
         self._stage_kwargs.clear()  # recorded at the build's weights: last_stage waits for a real extract()
 
     def _check_replay(self, feats: TeacherFeatures) -> None:

@@ -20,7 +20,7 @@ from timm.optim import Lookahead, create_optimizer_v2
 from .config import OptimConfig
 from .distributed import DistEnv
 
-__all__ = ['build_optimizer', 'gather_optimizer_state', 'optimizer_step', 'is_sharded']
+__all__ = ['build_optimizer', 'gather_optimizer_state', 'load_optimizer_state', 'optimizer_step', 'is_sharded']
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, env: DistEnv, zero: bool = False) -> torch.optim.Optimizer:
@@ -46,9 +46,23 @@ def is_sharded(optimizer: torch.optim.Optimizer) -> bool:
 def gather_optimizer_state(optimizer: torch.optim.Optimizer, env: DistEnv) -> Optional[Dict[str, Any]]:
     """The whole optimizer state on the main process (``None`` on the others); a collective for a
     sharded optimizer: every rank calls it."""
+    if not is_sharded(optimizer):
+        return optimizer.state_dict() if env.is_main else None
+    optimizer.consolidate_state_dict(to=0)
+    if env.device.type == 'cuda':
+        torch.cuda.synchronize(env.device)  # the shards' copies to the host are non-blocking
+    if not env.is_main:
+        return None
+    state = optimizer.state_dict()
+    optimizer._all_state_dicts.clear()  # else the main process keeps every shard until the next checkpoint
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """Load a whole optimizer state (a checkpoint's); a sharded optimizer keeps this rank's shard only."""
+    optimizer.load_state_dict(state)
     if is_sharded(optimizer):
-        optimizer.consolidate_state_dict(to=0)
-    return optimizer.state_dict() if env.is_main else None
+        optimizer.state.clear()  # ZeRO's wrapper also keeps the shard it handed to the local optimizer
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],

@@ -15,6 +15,7 @@ from .checkpoint import FORMAT_VERSION, CheckpointError, rng_state, set_rng_stat
 from .config import RunConfig, config_from_dict, config_to_dict
 from .distributed import DistEnv
 from .errors import RunError
+from .optimizer import load_optimizer_state
 
 __all__ = ['Progress', 'Resumed', 'TrainingState', 'best_state', 'changed_settings', 'gather_rng_states',
            'restore_rng_states']
@@ -142,8 +143,8 @@ class TrainingState:
         try:
             self.task.student.load_state_dict(state['student'])
             self.task.load_task_state(state['task_state'])
-            self.optimizer.load_state_dict(state['optimizer'])
-        except (RuntimeError, ValueError, KeyError) as e:
+            load_optimizer_state(self.optimizer, state['optimizer'])
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
             detail = ' '.join(line.strip() for line in str(e).splitlines())
             raise CheckpointError(f'{path} does not fit this run ({cfg.student.model}, method '
                                   f'{cfg.distill.method}): {detail[:400]}') from None

@@ -54,6 +54,9 @@ def _warn_single_position(taps: StudentAdapter, views, options: DistillOptions) 
                       f'output_stride=16 for ResNets)', UserWarning, stacklevel=4)
 
 
+_PIECES = ('student_pass', 'proxy_views', 's4_views', 'tap_losses')  # what compile_pieces compiles
+
+
 class DistillationModule(nn.Module):
     """The trainable part: the student and the distillation modules (projectors), nothing else.
 
@@ -97,8 +100,12 @@ class DistillationModule(nn.Module):
     def compile_pieces(self, **compile_kwargs) -> None:
         """Compile each piece of :meth:`forward` on its own (``torch.compile`` keyword arguments), so that
         a compiled step and each piece timed alone (``scalekd bench --compile``) run the same code."""
-        for name in ('student_pass', 'proxy_views', 's4_views', 'tap_losses'):
+        for name in _PIECES:
             setattr(self, name, torch.compile(getattr(self, name), **compile_kwargs))
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """A copy or pickle holds the plain pieces: a compiled piece is bound to this module."""
+        return {k: v for k, v in self.__dict__.items() if k not in _PIECES}
 
     def mimicking(self) -> Dict[str, FeatureMimicking]:
         """The feature mimicking at each tap that exists (``proxy`` or ``s3``, and ``s4``)."""

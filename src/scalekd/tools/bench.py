@@ -42,12 +42,12 @@ def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
         keep_freed_memory()
     torch.manual_seed(0)
     options = {**spec.get('options', {}), **ablation(spec['variant'])}
+    precision = resolve_precision(spec['precision'], device, '--precision')
     teacher_precision = spec.get('teacher_precision')
     teacher_dtype = None if teacher_precision is None else \
         autocast_dtype(resolve_precision(teacher_precision, device, '--teacher-precision'))
     task = build_distiller(spec['teacher'], spec['student'], img_size=spec['img_size'], device=device,
                            teacher_dtype=teacher_dtype, **options)
-    precision = resolve_precision(spec['precision'], device)
     if spec.get('compile'):
         task.compile()  # as train.compile: the warm-up step and round compile, the timed ones do not
     params = [p for p in task.trainable_module.parameters() if p.requires_grad]
