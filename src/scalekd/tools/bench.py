@@ -181,10 +181,10 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
         for r in rows:
             r['step_x_kd'] = r['step_s'] / by_name['kd']['step_s']
             r['peak_x_kd'] = r['peak_mb'] / by_name['kd']['peak_mb']
-    device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith('cuda') else cpu_name()
+    device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith('cuda') else 'cpu'
     return dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,
                 precision=rows[0]['precision'] if rows else precision, teacher_precision=teacher_precision,
-                channels_last=channels_last, compile=compile,
+                channels_last=channels_last, compile=compile, cpu=cpu_name(),
                 device=device_name, variants=rows, components=_components(by_name))
 
 
@@ -225,7 +225,7 @@ def format_table(report: Dict[str, Any]) -> str:
     lines = [f"{report['teacher']} -> {report['student']} at {report['img_size']}, batch {report['batch']}, "
              f"{report['precision']}{teacher}{' channels_last' if report['channels_last'] else ''}"
              f"{' compiled' if report.get('compile') else ''} "
-             f"on {report['device']}",
+             f"on {report['device']}{': ' + report['cpu'] if report['device'] == 'cpu' else ''}",
              f"{'variant':<12} {'step s':>8} {'x KD':>6} {'img/s':>7} {'peak MB':>9} {'x KD':>6} {'distill params':>15}"]
     for r in report['variants']:
         lines.append(f"{r['name']:<12} {r['step_s']:>8.3f} {r.get('step_x_kd', float('nan')):>6.2f} "
