@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..engine.config import config_to_dict
+from ..engine.config import RunConfig, config_from_dict, config_to_dict
 from ..engine.distributed import DistEnv
 from ..method.options import ablation
 from .demo import STUDENTS, DemoSettings, run_config, test_loader, train_and_test
@@ -75,11 +75,11 @@ def _run(settings: DemoSettings, study: Study, student: str, label: str, options
     cfg = run_config(dataclasses.replace(settings, seed=seed), student, options.pop('method', 'scalekd'), options,
                      output=str(folder))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=cfg.sched.epochs))  # no curve
-    key = {k: v for k, v in config_to_dict(cfg).items() if k != 'log'}  # what decides the result
+    key = _decisive(cfg)
     done = folder / 'result.json'
     if done.is_file():
         result = json.loads(done.read_text())
-        if result['config'] != key:
+        if _decisive(config_from_dict(result['config'], where=str(done))) != key:  # (keys added since: defaults)
             raise ValueError(f'{folder} holds a run of another config (other settings for the label {label!r}): '
                              f'move it away or use another --output')
         return result
@@ -88,6 +88,11 @@ def _run(settings: DemoSettings, study: Study, student: str, label: str, options
     done.write_text(json.dumps(result))
     say(f'{study.name}: {student} {label} seed {seed}: test top-1 {run["top1"]:.2f} ({run["seconds"]:.0f} s)')
     return result
+
+
+def _decisive(cfg: RunConfig) -> Dict[str, Any]:
+    """What decides a run's result: its config without the logging."""
+    return {k: v for k, v in config_to_dict(cfg).items() if k != 'log'}
 
 
 def _spread(values: Sequence[float]) -> float:
