@@ -110,7 +110,7 @@ def _add_train(sub) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .engine.allocator import keep_freed_memory
     from .engine.config import load_config
-    from .engine.distributed import cleanup, init_distributed
+    from .engine.distributed import barrier, cleanup, init_distributed
     from .engine.trainer import RunInterrupted, Trainer, dry_run
     overrides = list(args.override or [])
     if args.deterministic:
@@ -134,6 +134,7 @@ def _run_train(args: argparse.Namespace) -> int:
         except RunInterrupted as e:
             print(f'scalekd train: {e}', file=sys.stderr)
             return 130
+        barrier(env)  # every rank: none tears its process group down while the main process still writes
         return 0
     finally:
         cleanup(env)
