@@ -1,10 +1,10 @@
 """Mixed precision: which dtype a run uses, and its autocast context."""
 from contextlib import nullcontext
-from typing import ContextManager
+from typing import ContextManager, Optional
 
 import torch
 
-__all__ = ['resolve_precision', 'autocast', 'autocast_dtype', 'cpu_has_fast_bf16']
+__all__ = ['resolve_precision', 'resolve_teacher_dtype', 'autocast', 'autocast_dtype', 'cpu_has_fast_bf16']
 
 PRECISIONS = ('fp32', 'bf16', 'fp16', 'auto')
 
@@ -32,6 +32,12 @@ def resolve_precision(precision: str, device: torch.device, key: str = 'train.pr
 def autocast_dtype(precision: str) -> torch.dtype:
     """The dtype a resolved precision computes in (``torch.float32`` for fp32)."""
     return {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32)
+
+
+def resolve_teacher_dtype(precision: Optional[str], device: torch.device,
+                          key: str = 'train.teacher_precision') -> Optional[torch.dtype]:
+    """The teacher forward's own autocast dtype of a teacher precision; ``None`` (the run's) when unset."""
+    return None if precision is None else autocast_dtype(resolve_precision(precision, device, key))
 
 
 def autocast(precision: str, device: torch.device) -> ContextManager:

@@ -24,7 +24,7 @@ from .epoch_losses import EpochLosses
 from .faults import NormStatistics, StopSignal, judge_non_finite, non_finite_flags
 from .memory import peak_memory_mb, reset_peak_memory
 from .optimizer import build_optimizer, gather_optimizer_state, is_sharded, optimizer_step
-from .precision import autocast, autocast_dtype, cpu_has_fast_bf16, resolve_precision
+from .precision import autocast, autocast_dtype, cpu_has_fast_bf16, resolve_precision, resolve_teacher_dtype
 from .errors import RunError, RunInterrupted
 from .run_folder import check_output_path
 from .run_logger import RunLogger
@@ -61,16 +61,13 @@ def build_task(cfg: RunConfig, device: torch.device, random_weights: bool = Fals
     teacher = _create(cfg.teacher, cfg.data, 'teacher', random_weights) if needs_teacher else None
     student = _create(cfg.student, cfg.data, 'student', random_weights)
     mean, std = input_normalization(cfg)
-    teacher_precision = cfg.train.teacher_precision
-    teacher_dtype = None if teacher_precision is None else \
-        autocast_dtype(resolve_precision(teacher_precision, device, 'train.teacher_precision'))
     soft_targets = cfg.data.mixup > 0 or cfg.data.cutmix > 0
     criterion = create_classification_loss(loss_type='bce' if cfg.data.bce_loss else 'ce',
                                            smoothing=cfg.data.label_smoothing, soft_targets=soft_targets)
     distiller = build_distiller(
         teacher, student, img_size=cfg.data.img_size, in_chans=cfg.data.in_chans, criterion=criterion,
         input_mean=mean, input_std=std, teacher_mean=cfg.teacher.mean, teacher_std=cfg.teacher.std,
-        teacher_dtype=teacher_dtype,
+        teacher_dtype=resolve_teacher_dtype(cfg.train.teacher_precision, device),
         **{k: v for k, v in vars(cfg.distill).items()})
     return distiller.to(device)
 
@@ -128,8 +125,7 @@ class Trainer:
         tcfg = cfg.train
         check_resume_request(resume, force)
         self.precision = resolve_precision(tcfg.precision, env.device)
-        if tcfg.teacher_precision is not None:  # refused now, before the output folder is touched
-            resolve_precision(tcfg.teacher_precision, env.device, 'train.teacher_precision')
+        resolve_teacher_dtype(tcfg.teacher_precision, env.device)  # refused now, before the output folder is touched
         if tcfg.batch_size % (env.world_size * tcfg.accum_steps):
             raise RunError(f'train.batch_size {tcfg.batch_size} does not split over {env.world_size} process(es) '
                            f'x {tcfg.accum_steps} accumulation step(s)')
@@ -236,7 +232,8 @@ class Trainer:
         p = self.progress
         name = checkpoint_name(p.epoch, p.batch // self.cfg.train.accum_steps)
         if self.output is not None:
-            self.output.write(self.training_state.state_dict(p, totals, batches, rngs, optimizer_state), name, p.step, is_best)
+            state = self.training_state.state_dict(p, totals, batches, rngs, optimizer_state)
+            self.output.write(state, name, p.step, is_best)
         return self.out_dir / name
 
     # -- training ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from timm.utils import unwrap_model
 from ..engine.allocator import keep_freed_memory
 from ..engine.errors import USER_ERRORS
 from ..engine.memory import peak_memory_mb, reset_peak_memory
-from ..engine.precision import autocast, autocast_dtype, cpu_has_fast_bf16, resolve_precision
+from ..engine.precision import autocast, cpu_has_fast_bf16, resolve_precision, resolve_teacher_dtype
 from ..engine.synthetic_step import synthetic_batch, training_step
 from ..method.options import ABLATIONS, ablation
 from ..task.builder import build_distiller
@@ -43,9 +43,7 @@ def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
     torch.manual_seed(0)
     options = {**spec.get('options', {}), **ablation(spec['variant'])}
     precision = resolve_precision(spec['precision'], device, '--precision')
-    teacher_precision = spec.get('teacher_precision')
-    teacher_dtype = None if teacher_precision is None else \
-        autocast_dtype(resolve_precision(teacher_precision, device, '--teacher-precision'))
+    teacher_dtype = resolve_teacher_dtype(spec.get('teacher_precision'), device, '--teacher-precision')
     task = build_distiller(spec['teacher'], spec['student'], img_size=spec['img_size'], device=device,
                            teacher_dtype=teacher_dtype, **options)
     if spec.get('compile'):
