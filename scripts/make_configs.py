@@ -65,6 +65,12 @@ TEACHERS = {
                dict(s3_heads=16, s4_heads=24, w_ori=0.08, w_alt=0.06)),
     'beit_l': ('the paper\'s BEiT-L/14 pre-trained by EVA (88.58)', PAPER_PAIRS['beit_l-resnet50'].teacher,
                dict(w_ori=0.016, w_alt=0.008)),
+    # headless (no classifier): feature-only ScaleKD, with BEiT-L/14's loss weights (a ViT-L/14 teacher too);
+    # not in the paper
+    'dinov2_l': ('DINOv2 ViT-L/14 with registers, self-supervised, headless: feature-only (not in the paper)',
+                 'vit_large_patch14_reg4_dinov2.lvd142m', dict(kd=False, w_ori=0.016, w_alt=0.008)),
+    'eva02_l': ('EVA-02-L/14, MIM-pretrained on IN-22K, headless: feature-only (not in the paper)',
+                'eva02_large_patch14_224.mim_in22k', dict(kd=False, w_ori=0.016, w_alt=0.008)),
 }
 
 # ---- students: short name -> (timm name, create_model kwargs, advanced recipe, data overrides) ----------
@@ -131,6 +137,10 @@ for key, pair in PAPER_PAIRS.items():
         dict(method='scalekd', **extra), data=data)
 exp('table4/beit_l-eva02_s14_336', 'Table 4: EVA02-S/14 at 336, BEiT-L/14 teacher, 86.22', 'advanced_vit', 'beit_l',
     dict(model='eva02_small_patch14_336'), dict(method='scalekd', w_ori=0.008, w_alt=0.004), data=dict(img_size=336))
+# ---- feature-only pairs: headless teachers (no logit KD), advanced recipe, 224 px ---------------------
+for teacher in ('dinov2_l', 'eva02_l'):
+    exp(f'feature_only/{teacher}-resnet50', f'{teacher} -> ResNet-50-D, feature-only ScaleKD (no paper number)',
+        'advanced_cnn', teacher, 'resnet50d', dict(method='scalekd'), data=dict(img_size=224))
 row('table7/swin_l-resnet50-600ep', 'Table 7: ResNet-50, 600 epochs, 82.55', ['table3/swin_l-resnet50'],
     sched=dict(epochs=600))
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import scalekd.adapters.common as common
+import scalekd.adapters.last_stage as last_stage
 import scalekd.adapters.student as student_adapter
 import scalekd.adapters.teacher as teacher_adapter
 from scalekd import ScaleKDTeacher, StudentAdapter, UnsupportedModelError, build_distiller
@@ -88,7 +89,7 @@ def test_teacher_last_stage_uses_the_shared_bias_of_weights_loaded_after_build()
     with torch.no_grad():
         bias = model.rel_pos_bias()
         tokens = torch.cat([feats.prefix, map_to_tokens(feats.stage_input)], dim=1)
-        for blk in model.blocks[teacher.stage_start:]:
+        for blk in model.blocks[teacher.stage.stage_start:]:
             tokens = blk(tokens, shared_rel_pos_bias=bias)
         expected = model.fc_norm(tokens[:, 1:]).transpose(1, 2).reshape(feats.final.shape)
         torch.testing.assert_close(teacher.last_stage(feats.stage_input, feats.prefix), expected, rtol=0, atol=1e-6)
@@ -145,7 +146,7 @@ def test_bugs_in_our_own_adapter_code_are_not_relabelled(monkeypatch):
 
 
 def test_deliberate_errors_of_our_own_code_propagate_unchanged(monkeypatch):
-    monkeypatch.setattr(teacher_adapter, 'tokens_to_map',
+    monkeypatch.setattr(last_stage, 'tokens_to_map',
                         lambda tokens, grid: common.tokens_to_map(tokens, (grid[0], grid[1] + 1)))
     with pytest.raises(ValueError, match=r'^16 patch tokens do not fill a 4x5 grid$') as info:
         ScaleKDTeacher(make_teacher('vit', IMG), (IMG, IMG))

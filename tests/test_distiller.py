@@ -150,10 +150,10 @@ def test_task_state_holds_projectors_beside_a_clean_student():
 
 
 def test_unsupported_models_are_named_with_what_is_missing():
-    with pytest.raises(UnsupportedModelError, match=r'Sequential is not a supported ScaleKD student.*resnet \(ResNet\)'):
+    with pytest.raises(UnsupportedModelError, match=r'Sequential is not a supported ScaleKD student: it has no forward_intermediates'):
         build_distiller(make_teacher('vit', IMG), nn.Sequential(nn.Conv2d(3, 8, 3)), img_size=IMG)
-    with pytest.raises(UnsupportedModelError, match=r'resnet18 \(ResNet\) is not a supported ScaleKD teacher.*swin'):
-        build_distiller('resnet18', 'resnet18', img_size=IMG)
+    with pytest.raises(UnsupportedModelError, match=r'Sequential cannot be a ScaleKD teacher: it has no feature_info'):
+        build_distiller(nn.Sequential(nn.Conv2d(3, 8, 3)), 'resnet18', img_size=IMG)
     with pytest.raises(UnknownModelError, match="unknown teacher model 'swin_lage_patch4_window7_224'.*did you mean "
                                                  'swin_large_patch4_window7_224'):
         build_distiller('swin_lage_patch4_window7_224', 'resnet18')
@@ -165,14 +165,14 @@ def test_beit_and_eva_are_plain_families_of_their_own():
     assert len(classes) == len(set(classes))
     for name, family in (('beit', 'beit'), ('eva02', 'eva'), ('eva', 'vit')):  # EVA-L is a timm VisionTransformer
         teacher = ScaleKDTeacher(make_teacher(name, IMG), (IMG, IMG))
-        assert teacher.family == family and teacher.num_prefix_tokens == 1
+        assert teacher.family == family and teacher.stage.num_prefix_tokens == 1
     student = StudentAdapter(make_student('eva02', IMG), (IMG, IMG))
     assert (student.family, student.plain) == ('eva', True)
     assert not any(f.openmmlab or f.torchvision for f in FAMILIES if f.name in ('beit', 'eva'))
 
 
 def test_tap_options_are_checked_against_the_models():
-    with pytest.raises(ValueError, match='student_s3_block applies to plain ViT / Mixer students only'):
+    with pytest.raises(ValueError, match='student_s3_block applies to plain students .* only; .* is hierarchical'):
         _distiller(student_s3_block=3)
     distiller = _distiller(student='vit', student_s3_block=2)
     assert distiller.taps.s3_index == 1
@@ -180,7 +180,7 @@ def test_tap_options_are_checked_against_the_models():
         _distiller(student='vit', student_s3_block=4)
     with pytest.raises(ValueError, match=r'teacher_last_blocks must be in \[1, 3\]'):
         _distiller(teacher_last_blocks=4)
-    assert _distiller(teacher_last_blocks=2).teacher.stage_start == 2
+    assert _distiller(teacher_last_blocks=2).teacher.stage.stage_start == 2
 
 
 def test_kd_needs_matching_classes():
@@ -195,7 +195,7 @@ def test_method_none_needs_no_teacher():
 
 @pytest.mark.parametrize('name', ['mobilenetv3_small_050', 'regnetx_002', 'ghostnet_050'])
 def test_student_alone_and_kd_take_a_classifier_of_any_family(name):
-    """No feature tap is read for method none / kd, so a family without a student adapter trains."""
+    """No feature tap is read for method none / kd; ScaleKD finds the taps from the model's intermediates."""
     teacher = make_teacher('vit', IMG)
     for method in ('none', 'kd'):
         task = build_distiller(teacher, name, method, img_size=IMG, num_classes=NUM_CLASSES)
@@ -208,8 +208,9 @@ def test_student_alone_and_kd_take_a_classifier_of_any_family(name):
         grads = [p.grad for p in task.student.parameters() if p.requires_grad]
         assert all(g is not None for g in grads) and torch.isfinite(out['loss'])
         assert set(out) == {'loss', 'output', 'task_loss'} | ({'kd_loss'} if method == 'kd' else set())
-    with pytest.raises(UnsupportedModelError, match='not a supported ScaleKD student'):
-        build_distiller(teacher, name, 'scalekd', img_size=IMG, num_classes=NUM_CLASSES)
+    task = build_distiller(teacher, name, 'scalekd', img_size=IMG, num_classes=NUM_CLASSES)  # taps from the model
+    out = task(torch.randn(2, 3, IMG, IMG), torch.tensor([1, 7]))
+    assert torch.isfinite(out['loss']) and out['s4_ori'].item() > 0
 
 
 def test_a_1x1_student_map_is_warned_about_where_the_alternative_view_reads_it():
@@ -240,8 +241,6 @@ def test_logit_kd_takes_a_teacher_of_any_family(name):
         soft = -(torch.softmax(expected, -1) * torch.log_softmax(out['output'], -1)).sum(-1).mean()
     assert out['kd_loss'].item() == pytest.approx(soft.item(), rel=1e-5)
     assert not any(p.requires_grad for p in teacher.parameters())
-    with pytest.raises(UnsupportedModelError, match='not a supported ScaleKD teacher'):
-        build_distiller(teacher, make_student('vit', IMG), 'scalekd', img_size=IMG)
 
 
 def test_the_reports_of_a_logit_kd_task_have_no_feature_rows():
@@ -361,7 +360,7 @@ def test_a_teacher_whose_replayed_last_stage_is_wrong_is_refused(teacher, monkey
     replay = ScaleKDTeacher.last_stage
 
     def without_final_norm(self, x, prefix=None):
-        owner, name = (self, 'patch_norm') if isinstance(self.model.norm, nn.Identity) else (self.model, 'norm')
+        owner, name = (self.stage, 'patch_norm') if isinstance(self.model.norm, nn.Identity) else (self.model, 'norm')
         norm = getattr(owner, name)
         setattr(owner, name, nn.Identity())
         try:
@@ -388,3 +387,20 @@ def test_a_teacher_without_the_students_classes_trains_features_only(teacher_cla
     distiller = build_distiller(teacher, make_student('resnet', IMG), img_size=IMG, kd=False)
     out = distiller(X, Y)
     assert set(out) == {'loss', 'output', 'task_loss'} | DFM_TPP and torch.isfinite(out['loss'])
+
+
+def test_a_pretrained_teacher_keeps_its_own_classifier(tmp_path):
+    """Hub or file weights of a headless teacher (DINOv2, EVA-02 MIM) are loaded as they are: no random head
+    is made for the student's classes (logit KD would teach noise), so KD is refused with the cause."""
+    import timm
+    from safetensors.torch import save_file
+    name, kwargs = 'vit_tiny_patch16_224', dict(patch_size=8, embed_dim=64, depth=4, num_heads=2)
+    path = tmp_path / 'headless.safetensors'
+    save_file(timm.create_model(name, img_size=IMG, num_classes=0, **kwargs).state_dict(), str(path))
+    weights = dict(kwargs, pretrained_cfg_overlay=dict(file=str(path), num_classes=0))
+    with pytest.raises(ValueError, match=r'logit KD cannot be used: the teacher .* has no classifier'):
+        build_distiller(name, make_student('resnet', IMG), img_size=IMG, num_classes=NUM_CLASSES,
+                        teacher_pretrained=True, teacher_kwargs=weights)
+    task = build_distiller(name, make_student('resnet', IMG), img_size=IMG, num_classes=NUM_CLASSES, kd=False,
+                           teacher_pretrained=True, teacher_kwargs=weights)
+    assert task.teacher.model.num_classes == 0 and torch.isfinite(task(X, Y)['loss'])

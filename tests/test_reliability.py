@@ -196,7 +196,8 @@ def test_unknown_model_and_unmatched_shapes(tmp_path, data_root, capsys):
     err = _refused(tiny_config(tmp_path, data_root, teacher=dict(model='vit_tiny_patch16_2240')), capsys)
     assert "unknown teacher model 'vit_tiny_patch16_2240'" in err and 'did you mean vit_tiny_patch16_224' in err
     err = _refused(tiny_config(tmp_path, data_root, distill=dict(method='scalekd', s3_heads=5)), capsys)
-    assert 'num_heads=5 does not divide the teacher width 64' in err
+    assert 'distill.s3_heads=5 does not divide the teacher width 64 that its CAP projects to' in err
+    assert 'set distill.s3_heads to a divisor of 64 (e.g. 4)' in err
     with pytest.raises(ValueError, match=r'teacher vit_tiny_patch16_224 \(VisionTransformer\) cannot run at 48x48'):
         build_distiller(make_teacher('vit', IMG), 'resnet18', img_size=48)
 

@@ -83,6 +83,18 @@ def _empty_class(f: Files) -> Sequence[str]:
                                                                       workers=0, crop_pct=1.0)))]
 
 
+def _headless_hub_teacher(f: Files) -> Sequence[str]:
+    """A pretrained teacher without a classifier (weights as the hub gives DINOv2): logit KD is refused."""
+    import timm
+    from safetensors.torch import save_file
+    kwargs = dict(patch_size=8, embed_dim=64, depth=4, num_heads=2)
+    save_file(timm.create_model('vit_tiny_patch16_224', img_size=32, num_classes=0, **kwargs).state_dict(),
+              str(f.tmp / 'headless.safetensors'))
+    overlay = dict(file=str(f.tmp / 'headless.safetensors'), num_classes=0)
+    teacher = dict(model='vit_tiny_patch16_224', pretrained=True, kwargs=dict(kwargs, pretrained_cfg_overlay=overlay))
+    return ['train', str(tiny_config(f.tmp, f.data, teacher=teacher))]
+
+
 def _unreadable_image(f: Files) -> Path:
     data = f.data_copy()
     (data / 'val' / 'red' / '0.png').write_bytes(b'\x89PNG\r\n\x1a\n not an image')
@@ -173,6 +185,8 @@ CASES += [
          'gone.pth does not exist'),
     # -- train: data
     Case('train missing data root', _train('data.root=/nowhere/data'), 'data folder /nowhere/data/train does not exist'),
+    Case('train headless hub teacher with logit KD', _headless_hub_teacher,
+         'logit KD cannot be used: the teacher vit_tiny_patch16_224 (VisionTransformer) has no classifier'),
     Case('train one class for two', _one_class, 'has 1 classes but data.num_classes is 2'),
     Case('train empty class folder', _empty_class, 'blue holds no images'),
     Case('train unreadable image', lambda f: ['train', str(tiny_config(f.tmp, _unreadable_image(f), data=dict(

@@ -1,8 +1,11 @@
-"""The model families ScaleKD knows: which timm classes each covers and what each consumer does with it.
+"""The model families that need more than the general adapters: which timm classes each covers.
 
-Consumers: the student adapter (``student``; ``plain`` token models tap s3 at a block, the others at
-their second-to-last stage), the teacher adapter (``teacher``), and the weight exports of
-:mod:`scalekd.tools.transfer` (``openmmlab``: OpenMMLab key rules; ``torchvision``: a torchvision model).
+Any timm model is a student, and a teacher where its last stage replays (see
+:mod:`scalekd.adapters.student` / :mod:`scalekd.adapters.teacher`). Families are the overrides:
+``plain`` token models (ViT, DeiT, BEiT, EVA, Mixer) read s4 from their normed final tokens and, as
+teachers, replay their last blocks with the prefix tokens; ConvNeXt's final norm sits in its head.
+The weight exports of :mod:`scalekd.tools.transfer` use ``openmmlab`` (OpenMMLab key rules) and
+``torchvision`` (a torchvision model).
 
 BEiT and EVA (timm's ``Beit`` / ``Eva`` classes, e.g. EVA-02) are families of their own: the adapters
 treat them like a plain ViT (same blocks / norms / prefix-token API), but their weights are laid out
@@ -23,9 +26,7 @@ from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from .common import UnsupportedModelError, model_label
-
-__all__ = ['Family', 'FAMILIES', 'family_of', 'find_family', 'describe']
+__all__ = ['Family', 'FAMILIES', 'family_of', 'describe']
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,6 @@ class Family:
     """One model family and what each consumer supports for it."""
     name: str
     classes: Tuple[Type[nn.Module], ...]
-    student: bool = True
-    teacher: bool = False
     plain: bool = False          # tokens without spatial stages (ViT, Mixer)
     openmmlab: bool = False
     torchvision: bool = False
@@ -44,11 +43,11 @@ FAMILIES: Tuple[Family, ...] = (
     Family('resnet', (ResNet,), openmmlab=True, torchvision=True),
     Family('efficientnet', (EfficientNet,)),  # timm's EfficientNet class: EfficientNet, MobileNet-V1 / V2, MNASNet, MixNet
     Family('convnext', (ConvNeXt,), openmmlab=True),
-    Family('swin', (SwinTransformer,), teacher=True, openmmlab=True),
+    Family('swin', (SwinTransformer,), openmmlab=True),
     Family('mixer', (MlpMixer,), plain=True, openmmlab=True),
-    Family('vit', (VisionTransformer,), teacher=True, plain=True, openmmlab=True, torchvision=True),
-    Family('beit', (Beit,), teacher=True, plain=True),
-    Family('eva', (Eva,), teacher=True, plain=True),
+    Family('vit', (VisionTransformer,), plain=True, openmmlab=True, torchvision=True),
+    Family('beit', (Beit,), plain=True),
+    Family('eva', (Eva,), plain=True),
 )
 
 
@@ -60,17 +59,3 @@ def family_of(model: nn.Module) -> Optional[Family]:
 def describe(role: str) -> str:
     """``name (Class), ...`` of the families with ``role`` (a :class:`Family` flag) set."""
     return ', '.join(f'{f.name} ({"/".join(c.__name__ for c in f.classes)})' for f in FAMILIES if getattr(f, role))
-
-
-def find_family(model: nn.Module, role: str) -> Family:
-    """``model``'s family for ``role`` (``student`` or ``teacher``), or an error naming what is supported."""
-    family = family_of(model)
-    if family is None or not getattr(family, role):
-        raise UnsupportedModelError(
-            f'{model_label(model)} is not a supported ScaleKD {role}: its family has no {role} adapter. '
-            f'Supported {role} families: {describe(role)}.')
-    if not hasattr(model, 'forward_intermediates'):
-        raise UnsupportedModelError(
-            f'{model_label(model)} cannot be a ScaleKD {role}: it has no forward_intermediates() '
-            f'(update timm to >= 1.0.23)')
-    return family

@@ -1,20 +1,29 @@
 """Student adapter: the s3 / s4 taps and the logits of a timm student, from one forward.
 
-s3 is the second-to-last stage output (hierarchical students, from ``feature_info``) or the
-block output three quarters deep (plain ViT / Mixer students, configurable). s4 is the
-student's final feature map: the output of ``forward_features`` read as a map, with the final
-norm that timm keeps in the head (ConvNeXt) applied.
+Any timm model with ``forward_intermediates`` is a student. The taps are found from the model's own
+intermediates (one probe at build time), not from a family table:
+
+- s4 is the student's final feature map: the output of ``forward_features`` read as a map (NCHW or
+  NHWC), or the last intermediate where the final feature is not a map (tokens).
+- s3 is the previous stage's output: the last intermediate whose shape differs from the last one's
+  (hierarchical students). A plain student (ViT, Mixer: a long run of same-shaped blocks at the end)
+  taps the block three quarters deep instead (configurable, ``student_s3_block``).
+
+Small overrides of the general rule: ConvNeXt keeps its final norm in the head (applied to s4), and
+the plain token families (ViT, DeiT, BEiT, EVA, Mixer) read s4 from their normed final tokens.
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .common import Shape, dummy_input, model_label, probing, shape_of, tokens_to_map
-from .families import find_family
+from .common import Shape, UnsupportedModelError, dummy_input, model_label, probing, shape_of, tokens_to_map
+from .families import family_of
 
-__all__ = ['StudentAdapter', 'LogitsOnly']
+__all__ = ['StudentAdapter', 'LogitsOnly', 'StudentTaps']
+
+_MIN_PLAIN_RUN = 4  # trailing same-shaped intermediates that make a student plain (blocks, not stages)
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,14 @@ class StudentTaps:
     """Per-sample shapes (C, H, W) of the two taps."""
     s3: Shape
     s4: Shape
+
+
+def _trailing_run(shapes: List[Shape]) -> int:
+    """How many intermediates at the end share the last one's shape."""
+    run = 1
+    while run < len(shapes) and shapes[-run - 1] == shapes[-1]:
+        run += 1
+    return run
 
 
 class StudentAdapter:
@@ -36,47 +53,81 @@ class StudentAdapter:
     """
 
     def __init__(self, model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3, s3_block: Optional[int] = None):
-        family = find_family(model, 'student')
-        self.family, self.plain = family.name, family.plain
         self.label = model_label(model)
-        if self.plain:
-            depth = len(model.blocks)
-            s3_block = s3_block if s3_block is not None else max(1, min(round(depth * 3 / 4), depth - 1))
-            if not 1 <= s3_block < depth:
-                raise ValueError(f'student_s3_block must be in [1, {depth - 1}] for {self.label}, got {s3_block}')
-            self.s3_index = s3_block - 1
-        else:
-            if s3_block is not None:
-                raise ValueError(
-                    f'student_s3_block applies to plain ViT / Mixer students only; {self.label} '
-                    f'is hierarchical and uses its second-to-last stage')
-            self.s3_index = len(model.feature_info) - 2
+        if not hasattr(model, 'forward_intermediates'):
+            raise UnsupportedModelError(
+                f'{self.label} is not a supported ScaleKD student: it has no forward_intermediates(), which the '
+                f'feature taps read (timm models have it from timm 1.0.23; method none or kd need no taps)')
+        family = family_of(model)
+        self.family = family.name if family else type(model).__name__
+        self.token_family = bool(family and family.plain)
+        x = dummy_input(model, img_size, in_chans)
+        with probing(model, f'student {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
+            inters = model.forward_intermediates(x, indices=None, norm=False, output_fmt='NCHW',
+                                                 intermediates_only=True)
+        shapes = [tuple(int(s) for s in t.shape[1:]) for t in inters]
+        if len(shapes) < 2 or any(len(s) != 3 for s in shapes):
+            raise UnsupportedModelError(
+                f'{self.label} is not a supported ScaleKD student: its intermediates are not at least two '
+                f'(C, H, W) maps (got {shapes})')
+        self.s3_index, self.plain = self._s3_index(shapes, s3_block)
+        self.s4_index = len(shapes) - 1
         self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0)
         # avg-pool ViTs (EVA, BEiT) keep their final norm in the head as fc_norm
         self.uses_fc_norm = isinstance(getattr(model, 'norm', None), nn.Identity) and \
             not isinstance(getattr(model, 'fc_norm', nn.Identity()), nn.Identity)
+        self.head_norm = self.family == 'convnext'
         self.projector_norm = 'ln' if self.family == 'convnext' else 'bn'
         with probing(model, f'student {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
-            _, s3, s4 = self(model, dummy_input(model, img_size, in_chans))
+            final, (_, last) = model.forward_intermediates(
+                x, indices=[self.s3_index, self.s4_index], norm=False, output_fmt='NCHW', intermediates_only=False)
+            self.s4_layout = self._s4_layout(final, last)
+            _, s3, s4 = self(model, x)
         self.taps = StudentTaps(shape_of(s3), shape_of(s4))
 
-    def final_map(self, model: nn.Module, final: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-        """``forward_features`` output -> the s4 map (N, C, H, W)."""
-        if self.plain:
+    def _s3_index(self, shapes: List[Shape], s3_block: Optional[int]) -> Tuple[int, bool]:
+        """(index of the s3 intermediate, whether the student is plain)."""
+        run = _trailing_run(shapes)
+        if run >= min(_MIN_PLAIN_RUN, len(shapes)) and run * 2 > len(shapes):
+            depth, first = run, len(shapes) - run
+            s3_block = s3_block if s3_block is not None else max(1, min(round(depth * 3 / 4), depth - 1))
+            if not 1 <= s3_block < depth:
+                raise ValueError(f'student_s3_block must be in [1, {depth - 1}] for {self.label}, got {s3_block}')
+            return first + s3_block - 1, True
+        if s3_block is not None:
+            raise ValueError(f'student_s3_block applies to plain students (ViT, Mixer: blocks of one shape) only; '
+                             f'{self.label} is hierarchical and uses its previous stage')
+        return len(shapes) - run - 1, False
+
+    def _s4_layout(self, final: torch.Tensor, last: torch.Tensor) -> str:
+        """How s4 is read: ``tokens`` (plain token families), ``NCHW`` / ``NHWC`` (the final feature is a
+        map at the last intermediate's resolution) or ``last`` (the last intermediate itself)."""
+        if self.token_family:
+            return 'tokens'
+        grid = tuple(last.shape[-2:])
+        if not isinstance(final, torch.Tensor):  # CoaT: the final features of each serial block
+            return 'last'
+        if final.ndim == 4 and tuple(final.shape[-2:]) == grid:
+            return 'NCHW'
+        if final.ndim == 4 and tuple(final.shape[1:3]) == grid:
+            return 'NHWC'
+        return 'last'
+
+    def final_map(self, model: nn.Module, final: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """``forward_features`` output and the last intermediate -> the s4 map (N, C, H, W)."""
+        if self.s4_layout == 'tokens':
             tokens = model.fc_norm(final[:, self.num_prefix_tokens:]) if self.uses_fc_norm else final
-            return tokens_to_map(tokens, grid, 0 if self.uses_fc_norm else self.num_prefix_tokens)
-        if self.family == 'swin':
-            return final.permute(0, 3, 1, 2)
-        if self.family == 'convnext':
-            return model.head.norm(final)
-        return final
+            return tokens_to_map(tokens, tuple(last.shape[-2:]), 0 if self.uses_fc_norm else self.num_prefix_tokens)
+        if self.s4_layout == 'last':
+            return last
+        s4 = final.permute(0, 3, 1, 2) if self.s4_layout == 'NHWC' else final
+        return model.head.norm(s4) if self.head_norm else s4
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One student forward: (logits, s3 map, s4 map)."""
-        final, (s3,) = model.forward_intermediates(
-            x, indices=[self.s3_index], norm=False, output_fmt='NCHW', intermediates_only=False)
-        s4 = self.final_map(model, final, tuple(s3.shape[-2:]))
-        return model.forward_head(final), s3, s4
+        final, (s3, last) = model.forward_intermediates(
+            x, indices=[self.s3_index, self.s4_index], norm=False, output_fmt='NCHW', intermediates_only=False)
+        return model.forward_head(final), s3, self.final_map(model, final, last)
 
 
 class LogitsOnly:

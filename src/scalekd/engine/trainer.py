@@ -46,9 +46,13 @@ def input_normalization(cfg: RunConfig) -> Tuple[Tuple[float, ...], Tuple[float,
 def _create(model_cfg, data_cfg, role: str, random_weights: bool) -> nn.Module:
     if not model_cfg.model:
         raise RunError(f'{role}.model is not set')
+    # a hub teacher keeps its own classifier (none for DINOv2 / EVA-02 MIM; 1000 classes for an ImageNet one):
+    # a head made for the dataset's classes would be random, and logit KD would silently teach noise
+    own_head = role == 'teacher' and model_cfg.pretrained
+    classes = {} if own_head or 'num_classes' in model_cfg.kwargs else dict(num_classes=data_cfg.num_classes)
     model = create_timm_model(model_cfg.model, (data_cfg.img_size, data_cfg.img_size), role=role,
                               pretrained=model_cfg.pretrained and not random_weights,
-                              num_classes=data_cfg.num_classes, in_chans=data_cfg.in_chans, **model_cfg.kwargs)
+                              in_chans=data_cfg.in_chans, **classes, **model_cfg.kwargs)
     if model_cfg.checkpoint and not random_weights:
         load_weights(model, model_cfg.checkpoint, what=f'{role} {model_cfg.model}')
     return model

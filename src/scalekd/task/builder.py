@@ -69,7 +69,8 @@ def build_distiller(
         student: timm name or module, trained from scratch.
         method: ``none``, ``kd``, ``fd`` or ``scalekd``.
         img_size: training resolution (default: the teacher's pretrained input size).
-        num_classes, in_chans: passed to both models when created by name.
+        num_classes, in_chans: passed to both models when created by name (``num_classes`` not to a
+            pretrained teacher, which keeps its own classifier).
         teacher_kwargs, student_kwargs: extra ``timm.create_model`` kwargs.
         teacher_pretrained: load the teacher's hub weights (needs network).
         criterion: task loss (default cross entropy).
@@ -87,8 +88,10 @@ def build_distiller(
     if opts.kd or opts.uses_features:
         if teacher is None:
             raise ValueError(f'method {method!r} needs a teacher')
-        teacher_model = _model(teacher, size, 'teacher', teacher_kwargs, num_classes=num_classes,
-                               in_chans=in_chans, pretrained=teacher_pretrained)
+        # a pretrained teacher keeps its own classifier (none for DINOv2 / EVA-02 MIM): a head made for the
+        # student's classes would be random, and logit KD would silently teach noise
+        teacher_model = _model(teacher, size, 'teacher', teacher_kwargs, in_chans=in_chans,
+                               num_classes=None if teacher_pretrained else num_classes, pretrained=teacher_pretrained)
         if device is not None:
             teacher_model.to(device)
         teacher_adapter = ScaleKDTeacher(teacher_model, size, in_chans, opts.teacher_last_blocks) \

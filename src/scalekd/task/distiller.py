@@ -81,16 +81,21 @@ class DistillationModule(nn.Module):
         views = build_views(options.views, options.original_view)
         _warn_single_position(taps, views, options)
 
-        def projector_factory(src: Shape, dst: Shape, heads: int, query_chs: Optional[int] = None):
+        def projector_factory(src: Shape, dst: Shape, option: str, query_chs: Optional[int] = None):
+            heads = getattr(options, option)
+            if options.projector == 'cap' and dst[0] % heads:
+                fits = max(h for h in range(1, heads + 1) if dst[0] % h == 0)
+                raise ValueError(f'distill.{option}={heads} does not divide the teacher width {dst[0]} that its CAP '
+                                 f'projects to: set distill.{option} to a divisor of {dst[0]} (e.g. {fits})')
             cap_kwargs = dict(num_heads=heads, softmax_scale=options.softmax_scale,
                               student_norm=taps.projector_norm, query_chs=query_chs, student_conv=options.cap_conv)
             kwargs = cap_kwargs if options.projector == 'cap' else {}
             return lambda: build_projector(options.projector, src[0], dst[0], src[1:], dst[1:], **kwargs)
 
-        s3_factory = projector_factory(taps.taps.s3, teacher.stage_input_shape, options.s3_heads)
+        s3_factory = projector_factory(taps.taps.s3, teacher.stage_input_shape, 's3_heads')
         query_chs = teacher.final_shape[0] if options.adaptive_queries else None
         ckpt = options.activation_checkpointing
-        self.s4 = FeatureMimicking(views, projector_factory(taps.taps.s4, teacher.final_shape, options.s4_heads, query_chs),
+        self.s4 = FeatureMimicking(views, projector_factory(taps.taps.s4, teacher.final_shape, 's4_heads', query_chs),
                                    ckpt)
         if options.tpp:
             self.proxy = ProxyPath(FeatureMimicking(views, s3_factory, ckpt))

@@ -1,0 +1,104 @@
+"""Any timm model as a student or a teacher: the general adapters, on a fixed sample of the model matrix."""
+import pytest
+import timm
+import torch
+
+from scalekd import ScaleKDTeacher, StudentAdapter, UnsupportedModelError, build_distiller
+from scalekd.tools.matrix import CI_SAMPLE, REPRESENTATIVES, format_matrix, run_matrix
+
+IMG = 64
+
+
+def _model(name: str, **kwargs):
+    return timm.create_model(name, num_classes=10, **kwargs)
+
+
+@pytest.mark.parametrize('role, module', [(role, m) for role, modules in CI_SAMPLE.items() for m in modules])
+def test_matrix_sample_trains(role, module):
+    """One representative per module: as a student, a finite training step with the ViT and the Swin teacher;
+    as a teacher, with a ResNet student; the loss reaching the student's first weight."""
+    (row,) = run_matrix((role,), [module])
+    assert (row.module, row.model, row.role) == (module, REPRESENTATIVES[module], role)
+    assert row.works and row.img == 64, row.results
+    assert [p for p, _ in row.results] == (['vit', 'swin'] if role == 'student' else ['resnet'])
+    table = format_matrix([row])
+    assert f'### As a {role} (1 of 1 modules work)' in table and f'| {module} | {REPRESENTATIVES[module]} | 64 |' in table
+
+
+def test_a_refused_model_is_a_row_with_its_reason():
+    (row,) = run_matrix(('teacher',), ['mvitv2'])
+    assert not row.works
+    assert row.results == (('resnet', "mvitv2_tiny (MultiScaleVit): its feature_info names 'block.3' as the last "
+                                      "stage, which is not one of its modules"),)
+    with pytest.raises(ValueError, match="unknown timm model module\\(s\\) resnett"):
+        run_matrix(('student',), ['resnett'])
+
+
+@pytest.mark.parametrize('name, s3, s4', [
+    ('resnet18', (256, 4, 4), (512, 2, 2)),                    # previous stage; forward_features is s4
+    ('efficientnet_b0', (112, 4, 4), (1280, 2, 2)),            # s4 after conv_head, s3 the stride-16 stage
+    ('swinv2_cr_tiny_ns_224', (384, 4, 4), (768, 2, 2)),       # NHWC final feature read as a map
+    ('gmlp_ti16_224', (128, 4, 4), (128, 4, 4)),               # plain: s3 three quarters deep
+])
+def test_student_taps_come_from_the_models_own_intermediates(name, s3, s4):
+    kwargs = dict(img_size=IMG) if timm.models.get_pretrained_cfg_value(name, 'fixed_input_size') else {}
+    model = _model(name, **kwargs)
+    taps = StudentAdapter(model, (IMG, IMG))
+    assert (taps.taps.s3, taps.taps.s4) == (s3, s4)
+    x = torch.randn(2, 3, IMG, IMG)
+    model.eval()
+    logits, s3_map, s4_map = taps(model, x)
+    torch.testing.assert_close(logits, model(x))  # the taps come from the classifier's own forward
+    if taps.s4_layout in ('NCHW', 'NHWC'):
+        final = model.forward_features(x)
+        torch.testing.assert_close(s4_map, final.permute(0, 3, 1, 2) if taps.s4_layout == 'NHWC' else final)
+
+
+def test_plain_students_take_the_s3_block_option_and_hierarchical_ones_refuse_it():
+    model = _model('gmlp_ti16_224', img_size=IMG)
+    assert StudentAdapter(model, (IMG, IMG), s3_block=2).s3_index == 1
+    with pytest.raises(ValueError, match=r'student_s3_block applies to plain students .* regnetx_002'):
+        StudentAdapter(_model('regnetx_002'), (IMG, IMG), s3_block=2)
+
+
+@pytest.mark.parametrize('name, tail', [('swinv2_tiny_window8_256', ['norm']), ('efficientnet_b0', ['conv_head', 'bn2']),
+                                        ('maxvit_rmlp_pico_rw_256', ['norm']), ('convnext_atto', ['norm_pre'])])
+def test_a_teacher_whose_replayed_last_stage_is_wrong_is_refused(name, tail):
+    """The general rule (last feature_info module + what forward_features runs after it) replays each
+    teacher's final feature; with the modules after the last stage left out it is refused."""
+    kwargs = dict(img_size=IMG) if timm.models.get_pretrained_cfg_value(name, 'fixed_input_size') else {}
+    teacher = ScaleKDTeacher(_model(name, **kwargs), (IMG, IMG))
+    assert teacher.stage.tail == tail
+    feats = teacher.extract(torch.randn(2, 3, IMG, IMG))
+    torch.testing.assert_close(teacher.last_stage(feats.stage_input), feats.final, rtol=1e-5, atol=1e-5)
+    if name.startswith(('convnext', 'swinv2')):
+        return  # an identity norm_pre; a final norm of a map that its last (post-norm) block normalised already
+    original = ScaleKDTeacher.__init__
+
+    def without_tail(self, *args, **kw):
+        from scalekd.adapters import last_stage
+        trace = last_stage.ModuleStage._trace
+        last_stage.ModuleStage._trace = lambda stage, model, x: (trace(stage, model, x)[0], [])
+        try:
+            original(self, *args, **kw)
+        finally:
+            last_stage.ModuleStage._trace = trace
+    ScaleKDTeacher.__init__ = without_tail
+    try:
+        with pytest.raises(UnsupportedModelError, match="replayed on the recorded stage input, does not give"):
+            ScaleKDTeacher(_model(name, **kwargs), (IMG, IMG))
+    finally:
+        ScaleKDTeacher.__init__ = original
+
+
+@pytest.mark.parametrize('teacher, student', [('swinv2_tiny_window8_256', 'mobilenetv3_small_050'),
+                                              ('convnext_atto', 'regnetx_002')])
+def test_s4_losses_reach_the_proxy_projectors_and_the_stem_for_new_pairs(teacher, student):
+    kwargs = dict(img_size=IMG) if timm.models.get_pretrained_cfg_value(teacher, 'fixed_input_size') else {}
+    task = build_distiller(_model(teacher, **kwargs), _model(student), img_size=IMG)
+    out = task(torch.randn(2, 3, IMG, IMG), torch.tensor([0, 1]))
+    (out['s4_ori'] + out['s4_alt']).backward()
+    proxy = task.trainable_module.proxy.mimicking
+    assert sum(p.grad.abs().sum().item() for p in proxy.parameters() if p.grad is not None) > 0
+    stem = next(task.student.parameters())
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
