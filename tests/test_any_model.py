@@ -102,3 +102,29 @@ def test_s4_losses_reach_the_proxy_projectors_and_the_stem_for_new_pairs(teacher
     assert sum(p.grad.abs().sum().item() for p in proxy.parameters() if p.grad is not None) > 0
     stem = next(task.student.parameters())
     assert stem.grad is not None and stem.grad.abs().sum() > 0
+
+
+def test_matrix_command_prints_and_writes_the_table(tmp_path, capsys):
+    from scalekd.cli import main
+    out = tmp_path / 'matrix.md'
+    assert main(['matrix', '--role', 'teacher', '--modules', 'regnet', '--output', str(out)]) == 0
+    printed = capsys.readouterr()
+    assert out.read_text() in printed.out and '| regnet | regnetx_002 | 64 | works |' in out.read_text()
+    assert 'teacher regnet (regnetx_002, 64 px' in printed.err
+    assert main(['matrix', '--modules', 'regnett']) == 2
+    assert 'unknown timm model module(s) regnett' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name', ['vit_small_patch14_reg4_dinov2', 'vit_base_patch16_clip_224',
+                                  'vit_base_patch16_siglip_224', 'eva02_tiny_patch14_224'])
+def test_headless_vit_teachers_train_feature_only(name):
+    """DINOv2 (4 registers: 5 prefix tokens), CLIP, SigLIP (attention-pool head) and EVA-02 (rotary)
+    towers without a classifier: feature-only ScaleKD takes a finite step; logit KD is refused."""
+    teacher = _model(name, img_size=IMG, patch_size=8, embed_dim=64, depth=4, num_heads=2)
+    teacher.reset_classifier(0)
+    with pytest.raises(ValueError, match='has no classifier'):
+        build_distiller(teacher, _model('resnet18'), img_size=IMG)
+    task = build_distiller(teacher, _model('resnet18'), img_size=IMG, kd=False)
+    out = task(torch.randn(2, 3, IMG, IMG), torch.tensor([0, 1]))
+    assert 'kd_loss' not in out and torch.isfinite(out['loss']) and out['proxy_alt'] > 0
+    assert task.teacher.stage.num_prefix_tokens == getattr(teacher, 'num_prefix_tokens')

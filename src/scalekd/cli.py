@@ -314,6 +314,35 @@ def _run_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_matrix(sub) -> None:
+    p = sub.add_parser('matrix', help="one model of every timm model module as a ScaleKD student (ViT and Swin "
+                                      'teachers) and as a teacher (ResNet student): random weights, one training '
+                                      'step each; prints a markdown table of what works and why the rest is refused')
+    p.add_argument('--role', choices=('student', 'teacher', 'both'), default='both', help='which role (default both)')
+    p.add_argument('--modules', help='comma-separated timm model modules (default: all 98)')
+    p.add_argument('--output', help='also write the table to this markdown file')
+    p.set_defaults(func=_run_matrix)
+
+
+def _run_matrix(args: argparse.Namespace) -> int:
+    import warnings
+    from .engine.run_logger import write_text_atomic
+    from .tools.matrix import format_matrix, run_matrix
+    roles = ('student', 'teacher') if args.role == 'both' else (args.role,)
+    modules = [m for m in args.modules.split(',') if m] if args.modules else None
+
+    def progress(row) -> None:
+        state = 'works' if row.works else '; '.join(f'{p}: {r}' for p, r in row.results if r != 'works')
+        print(f'{row.role} {row.module} ({row.model}, {row.img} px, {row.seconds:.1f} s): {state}', file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # models' own deprecation / size warnings; refusals are in the table
+        table = format_matrix(run_matrix(roles, modules, progress))
+    if args.output:
+        write_text_atomic(Path(args.output), table)
+    print(table)
+    return 0
+
+
 def _add_model_args(p) -> None:
     p.add_argument('--model', help='timm name (hub weights unless --checkpoint is a plain weight file)')
     p.add_argument('--checkpoint', help='scalekd checkpoint (.pth), export folder, or a weight file for --model')
@@ -435,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_demo(sub)
     _add_ablate(sub)
+    _add_matrix(sub)
     _add_spectrum(sub)
     _add_linear_probe(sub)
     _add_feature_distance(sub)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .config import LogConfig
 
-__all__ = ['RunLogger']
+__all__ = ['RunLogger', 'rewind_metrics', 'write_text_atomic']
 
 
 def rewind_metrics(path: Path, step: int) -> None:
@@ -30,8 +30,13 @@ def rewind_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get('step', 0) <= step:
             kept.append(line + '\n')
+    write_text_atomic(path, ''.join(kept))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file beside it: a killed write leaves the old file or none."""
     tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(''.join(kept))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
