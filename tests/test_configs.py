@@ -10,8 +10,9 @@ from scalekd.engine.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 PARTIALS = ('recipes', 'teachers')
+FEATURE_ONLY = 'feature_only'  # ViT-L teachers of no paper row: dry-run with a shallow teacher of the same kind
 EXPERIMENTS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob('*.yaml')
-                     if p.relative_to(CONFIGS).parts[0] not in PARTIALS)
+                     if p.relative_to(CONFIGS).parts[0] not in PARTIALS + (FEATURE_ONLY,))
 
 
 def test_every_paper_experiment_has_a_config():
@@ -50,3 +51,21 @@ def test_config_dry_runs(name, shared_teachers, monkeypatch):
     options = cfg.distill_options()
     assert ('kd_loss' in report['losses']) == options.kd
     assert report['params']['distill'] > 0 or not options.uses_features
+
+
+@pytest.mark.parametrize('name', sorted(p.name for p in (CONFIGS / FEATURE_ONLY).glob('*.yaml')))
+def test_feature_only_configs_dry_run_with_their_headless_teachers(name):
+    """DINOv2 / EVA-02 MIM -> ResNet-50-D: the hub teacher keeps its own (absent) classifier, so the run is
+    feature-only; built shallow (2 blocks of width 64) at 112 px to keep the test fast, everything else as
+    configured."""
+    assert load_config(CONFIGS / FEATURE_ONLY / name).data.img_size == 224
+    shallow = ['teacher.kwargs.depth=2', 'teacher.kwargs.embed_dim=64', 'teacher.kwargs.num_heads=2',
+               'data.img_size=112']
+    cfg = load_config(CONFIGS / FEATURE_ONLY / name, shallow)
+    assert cfg.teacher.pretrained and not cfg.distill_options().kd
+    report = engine.dry_run(cfg, torch.device('cpu'), batch=1)
+    assert report['finite'], report['losses']
+    assert 'kd_loss' not in report['losses'] and {'proxy_alt', 's4_alt'} <= set(report['losses'])
+    with pytest.raises(ValueError, match='logit KD cannot be used: the teacher .* has no classifier'):
+        engine.dry_run(load_config(CONFIGS / FEATURE_ONLY / name, shallow + ['distill.kd=true']),
+                       torch.device('cpu'), batch=1)

@@ -30,7 +30,7 @@ class TokenStage:
     def __init__(self, model: nn.Module, last_blocks: Optional[int] = None):
         self.label = model_label(model)
         depth = len(model.blocks)
-        last_blocks = last_blocks if last_blocks is not None else depth // 4
+        last_blocks = last_blocks if last_blocks is not None else max(1, depth // 4)
         if not 1 <= last_blocks < depth:
             raise ValueError(f'teacher_last_blocks must be in [1, {depth - 1}] for {self.label}, got {last_blocks}')
         self.stage_start = depth - last_blocks
