@@ -41,7 +41,7 @@ def shape_of(x: torch.Tensor) -> Shape:
     return tuple(int(s) for s in x.shape[1:])
 
 
-def _raised_in_scalekd(error: BaseException) -> bool:
+def raised_in_scalekd(error: BaseException) -> bool:
     """Whether the innermost frame of ``error``'s traceback is scalekd's own code."""
     tb = error.__traceback__
     while tb.tb_next is not None:
@@ -63,7 +63,7 @@ def probing(model: nn.Module, what: str) -> Iterator[None]:
         with torch.no_grad():
             yield
     except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
-        if _raised_in_scalekd(e):
+        if raised_in_scalekd(e):
             raise
         raise UnsupportedModelError(f'{what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
     finally:

@@ -63,8 +63,9 @@ class TokenStage:
     def features(self, model: nn.Module, x: torch.Tensor) -> StageFeatures:
         """One forward: (final feature, final map, last-stage input map, prefix tokens)."""
         p = self.num_prefix_tokens
+        prefix_kwargs = dict(return_prefix_tokens=True) if p else {}  # Mixer / gMLP take no such argument
         final, (inter,) = model.forward_intermediates(
-            x, indices=[self.stage_start - 1], return_prefix_tokens=p > 0, norm=False, output_fmt='NCHW')
+            x, indices=[self.stage_start - 1], norm=False, output_fmt='NCHW', **prefix_kwargs)
         stage_input, prefix = inter if p > 0 else (inter, None)
         final_map = tokens_to_map(self.patch_norm(final[:, p:]), tuple(stage_input.shape[-2:]))
         return final, final_map, stage_input, prefix
