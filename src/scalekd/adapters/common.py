@@ -37,11 +37,26 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def map_layout(t: Any, grid: Tuple[int, int]) -> Optional[str]:
+    """``'NCHW'`` or ``'NHWC'``: where the (H, W) ``grid`` sits in ``t``; ``None`` when ``t`` is not a 4-d
+    tensor at that resolution (tokens, a list of features)."""
+    if not isinstance(t, torch.Tensor) or t.ndim != 4:
+        return None
+    if tuple(t.shape[-2:]) == grid:
+        return 'NCHW'
+    return 'NHWC' if tuple(t.shape[1:3]) == grid else None
+
+
+def to_nchw(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A map in ``layout`` (``'NCHW'`` or ``'NHWC'``) as (N, C, H, W)."""
+    return t.permute(0, 3, 1, 2) if layout == 'NHWC' else t
+
+
 def shape_of(x: torch.Tensor) -> Shape:
     return tuple(int(s) for s in x.shape[1:])
 
 
-def raised_in_scalekd(error: BaseException) -> bool:
+def _raised_in_scalekd(error: BaseException) -> bool:
     """Whether the innermost frame of ``error``'s traceback is scalekd's own code."""
     tb = error.__traceback__
     while tb.tb_next is not None:
@@ -63,7 +78,7 @@ def probing(model: nn.Module, what: str) -> Iterator[None]:
         with torch.no_grad():
             yield
     except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
-        if raised_in_scalekd(e):
+        if _raised_in_scalekd(e):
             raise
         raise UnsupportedModelError(f'{what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
     finally:

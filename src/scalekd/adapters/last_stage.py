@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .common import UnsupportedModelError, map_to_tokens, model_label, tokens_to_map
+from .common import UnsupportedModelError, map_layout, map_to_tokens, model_label, to_nchw, tokens_to_map
 
 __all__ = ['TokenStage', 'ModuleStage', 'StageFeatures']
 
@@ -85,22 +85,18 @@ class TokenStage:
         return tokens.transpose(1, 2).reshape(x.shape[0], -1, *x.shape[-2:])
 
 
-def _to_nchw(t: torch.Tensor, layout: str) -> torch.Tensor:
-    return t.permute(0, 3, 1, 2) if layout == 'NHWC' else t
-
-
 def _from_nchw(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.permute(0, 2, 3, 1) if layout == 'NHWC' else t
 
 
 def _layout(t: torch.Tensor, grid: Tuple[int, int], what: str, label: str) -> str:
-    """``NCHW`` or ``NHWC``: where the (H, W) grid sits in the 4-d ``t``."""
-    if t.ndim == 4 and tuple(t.shape[-2:]) == grid:
-        return 'NCHW'
-    if t.ndim == 4 and tuple(t.shape[1:3]) == grid:
-        return 'NHWC'
-    raise UnsupportedModelError(f'{label}: its {what} is not a map at the last stage\'s {grid[0]}x{grid[1]} '
-                                f'resolution (shape {tuple(t.shape[1:])}), so the last-stage adapter cannot read it')
+    """:func:`~scalekd.adapters.common.map_layout` of ``t``, or an error naming ``what`` is not a map."""
+    layout = map_layout(t, grid)
+    if layout is None:
+        raise UnsupportedModelError(f'{label}: its {what} is not a map at the last stage\'s {grid[0]}x{grid[1]} '
+                                    f'resolution (shape {tuple(t.shape[1:])}), so the last-stage adapter cannot '
+                                    f'read it')
+    return layout
 
 
 class ModuleStage:
@@ -178,11 +174,11 @@ class ModuleStage:
         """One forward: (final feature, final map, last-stage input map, None)."""
         final = self._recorded_forward(model, x)
         stage_input, self._recorded = self._recorded, None
-        return final, _to_nchw(final, self.final_layout), _to_nchw(stage_input, self.stage_layout), None
+        return final, to_nchw(final, self.final_layout), to_nchw(stage_input, self.stage_layout), None
 
     def replay(self, model: nn.Module, x: torch.Tensor, prefix: Optional[torch.Tensor]) -> torch.Tensor:
         """The last stage and the modules after it on an (N, C, H, W) map (``prefix`` unused)."""
         y = model.get_submodule(self.stage_name)(_from_nchw(x, self.stage_layout))
         for name in self.tail:
             y = model.get_submodule(name)(y)
-        return _to_nchw(y, self.final_layout)
+        return to_nchw(y, self.final_layout)

@@ -1,6 +1,6 @@
 """Creating timm models by name, with errors that say what is wrong."""
 import difflib
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
 import torch.nn as nn
@@ -9,7 +9,7 @@ from timm.models import get_pretrained_cfg_value, split_model_name_tag
 
 from .common import input_normalization as normalization_of
 
-__all__ = ['create_timm_model', 'default_img_size', 'input_normalization', 'UnknownModelError']
+__all__ = ['create_timm_model', 'default_img_size', 'input_normalization', 'classes_kwargs', 'UnknownModelError']
 
 
 class UnknownModelError(ValueError):
@@ -62,6 +62,15 @@ def create_timm_model(
                          f'command)') from None
     _check_patches(model, name, role, tuple(img_size))
     return model
+
+
+def classes_kwargs(role: str, pretrained: bool, num_classes: Optional[int]) -> Dict[str, int]:
+    """The ``num_classes`` kwarg a model is created with. A pretrained teacher gets none: it keeps its own
+    classifier (none for DINOv2 / EVA-02 MIM, 1000 classes for an ImageNet one), since a head made for the
+    dataset's classes would be random and logit KD would silently teach noise."""
+    if num_classes is None or (role == 'teacher' and pretrained):
+        return {}
+    return dict(num_classes=num_classes)
 
 
 def _check_patches(model: nn.Module, name: str, role: str, img_size: Tuple[int, int]) -> None:

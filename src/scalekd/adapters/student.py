@@ -18,7 +18,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .common import Shape, UnsupportedModelError, dummy_input, model_label, probing, shape_of, tokens_to_map
+from .common import (Shape, UnsupportedModelError, dummy_input, map_layout, model_label, probing, shape_of, to_nchw,
+                     tokens_to_map)
 from .families import family_of
 
 __all__ = ['StudentAdapter', 'LogitsOnly', 'StudentTaps']
@@ -63,9 +64,8 @@ class StudentAdapter:
         self.token_family = bool(family and family.plain)
         x = dummy_input(model, img_size, in_chans)
         with probing(model, f'student {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
-            inters = model.forward_intermediates(x, indices=None, norm=False, output_fmt='NCHW',
-                                                 intermediates_only=True)
-        shapes = [tuple(int(s) for s in t.shape[1:]) for t in inters]
+            final, inters = model.forward_intermediates(x, indices=None, norm=False, output_fmt='NCHW')
+        shapes = [shape_of(t) for t in inters]
         if len(shapes) < 2 or any(len(s) != 3 for s in shapes):
             raise UnsupportedModelError(
                 f'{self.label} is not a supported ScaleKD student: its intermediates are not at least two '
@@ -78,10 +78,9 @@ class StudentAdapter:
             not isinstance(getattr(model, 'fc_norm', nn.Identity()), nn.Identity)
         self.head_norm = self.family == 'convnext'
         self.projector_norm = 'ln' if self.family == 'convnext' else 'bn'
+        self.s4_layout = 'tokens' if self.token_family else \
+            map_layout(final, tuple(inters[-1].shape[-2:])) or 'last'
         with probing(model, f'student {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
-            final, (_, last) = model.forward_intermediates(
-                x, indices=[self.s3_index, self.s4_index], norm=False, output_fmt='NCHW', intermediates_only=False)
-            self.s4_layout = self._s4_layout(final, last)
             _, s3, s4 = self(model, x)
         self.taps = StudentTaps(shape_of(s3), shape_of(s4))
 
@@ -99,20 +98,6 @@ class StudentAdapter:
                              f'{self.label} is hierarchical and uses its previous stage')
         return len(shapes) - run - 1, False
 
-    def _s4_layout(self, final: torch.Tensor, last: torch.Tensor) -> str:
-        """How s4 is read: ``tokens`` (plain token families), ``NCHW`` / ``NHWC`` (the final feature is a
-        map at the last intermediate's resolution) or ``last`` (the last intermediate itself)."""
-        if self.token_family:
-            return 'tokens'
-        grid = tuple(last.shape[-2:])
-        if not isinstance(final, torch.Tensor):  # CoaT: the final features of each serial block
-            return 'last'
-        if final.ndim == 4 and tuple(final.shape[-2:]) == grid:
-            return 'NCHW'
-        if final.ndim == 4 and tuple(final.shape[1:3]) == grid:
-            return 'NHWC'
-        return 'last'
-
     def final_map(self, model: nn.Module, final: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """``forward_features`` output and the last intermediate -> the s4 map (N, C, H, W)."""
         if self.s4_layout == 'tokens':
@@ -120,7 +105,7 @@ class StudentAdapter:
             return tokens_to_map(tokens, tuple(last.shape[-2:]), 0 if self.uses_fc_norm else self.num_prefix_tokens)
         if self.s4_layout == 'last':
             return last
-        s4 = final.permute(0, 3, 1, 2) if self.s4_layout == 'NHWC' else final
+        s4 = to_nchw(final, self.s4_layout)
         return model.head.norm(s4) if self.head_norm else s4
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 from timm.task import DistillationTeacher
 
-from .common import (Shape, UnsupportedModelError, channel_stats, dummy_input, model_label, probing, raised_in_scalekd,
-                     shape_of)
+from .common import Shape, UnsupportedModelError, channel_stats, dummy_input, model_label, probing, shape_of
 from .families import family_of
 from .last_stage import ModuleStage, TokenStage
 
@@ -110,16 +109,9 @@ class ScaleKDTeacher(FrozenTeacher):
         """The adapter proves itself: its last stage, replayed on the stage input the teacher's own forward
         recorded, must give that forward's final feature, else the model is refused (TPP would train
         against a wrong last stage)."""
-        try:
-            with torch.no_grad():
-                replay = self.last_stage(feats.stage_input, feats.prefix)
-        except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
-            if raised_in_scalekd(e):
-                raise
-            raise UnsupportedModelError(
-                f'{self.label}: its last stage fails when replayed on the recorded stage input '
-                f'({str(e).splitlines()[0] if str(e) else type(e).__name__}): the last-stage adapter does not fit '
-                f'this model, so it cannot be a ScaleKD teacher') from None
+        with probing(self.model, f'{self.label}: its last stage fails when replayed on the recorded stage input, '
+                                 f'so the last-stage adapter does not fit it and it cannot be a ScaleKD teacher'):
+            replay = self.last_stage(feats.stage_input, feats.prefix)
         scale = feats.final.abs().max().item()
         if replay.shape != feats.final.shape:
             how = f'shape {tuple(replay.shape[1:])} instead of {tuple(feats.final.shape[1:])}'

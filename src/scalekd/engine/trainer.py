@@ -12,7 +12,7 @@ from timm.loss import create_classification_loss
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, random_seed
 
-from ..adapters.models import create_timm_model, input_normalization as model_normalization
+from ..adapters.models import classes_kwargs, create_timm_model, input_normalization as model_normalization
 from ..task.builder import build_distiller
 from ..task.distiller import Distiller
 from ..task.report import param_counts, tap_rows
@@ -46,10 +46,8 @@ def input_normalization(cfg: RunConfig) -> Tuple[Tuple[float, ...], Tuple[float,
 def _create(model_cfg, data_cfg, role: str, random_weights: bool) -> nn.Module:
     if not model_cfg.model:
         raise RunError(f'{role}.model is not set')
-    # a hub teacher keeps its own classifier (none for DINOv2 / EVA-02 MIM; 1000 classes for an ImageNet one):
-    # a head made for the dataset's classes would be random, and logit KD would silently teach noise
-    own_head = role == 'teacher' and model_cfg.pretrained
-    classes = {} if own_head or 'num_classes' in model_cfg.kwargs else dict(num_classes=data_cfg.num_classes)
+    classes = {} if 'num_classes' in model_cfg.kwargs else \
+        classes_kwargs(role, model_cfg.pretrained, data_cfg.num_classes)
     model = create_timm_model(model_cfg.model, (data_cfg.img_size, data_cfg.img_size), role=role,
                               pretrained=model_cfg.pretrained and not random_weights,
                               in_chans=data_cfg.in_chans, **classes, **model_cfg.kwargs)

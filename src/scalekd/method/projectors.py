@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, Mlp, trunc_normal_
 
-__all__ = ['CrossAttentionProjector', 'LinearProjector', 'ConvProjector', 'build_projector', 'PROJECTORS']
+__all__ = ['CrossAttentionProjector', 'LinearProjector', 'ConvProjector', 'build_projector', 'PROJECTORS',
+           'fitting_heads']
 
 Grid = Tuple[int, int]
 
@@ -25,6 +26,11 @@ def _resize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(grid):
         return x
     return F.interpolate(x, size=grid, mode='bilinear', align_corners=False)
+
+
+def fitting_heads(width: int, heads: int) -> int:
+    """The most CAP heads, at most ``heads``, that divide the teacher ``width`` (heads split its channels)."""
+    return max(h for h in range(1, heads + 1) if width % h == 0)
 
 
 class CrossAttentionProjector(nn.Module):

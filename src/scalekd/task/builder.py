@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from ..adapters import LogitsTeacher, ScaleKDTeacher
 from ..adapters.common import model_label
-from ..adapters.models import create_timm_model, default_img_size
+from ..adapters.models import classes_kwargs, create_timm_model, default_img_size
 from ..method.options import DistillOptions
 from .distiller import Distiller
 from .kernels import use_cpu_kernels
@@ -88,10 +88,8 @@ def build_distiller(
     if opts.kd or opts.uses_features:
         if teacher is None:
             raise ValueError(f'method {method!r} needs a teacher')
-        # a pretrained teacher keeps its own classifier (none for DINOv2 / EVA-02 MIM): a head made for the
-        # student's classes would be random, and logit KD would silently teach noise
         teacher_model = _model(teacher, size, 'teacher', teacher_kwargs, in_chans=in_chans,
-                               num_classes=None if teacher_pretrained else num_classes, pretrained=teacher_pretrained)
+                               pretrained=teacher_pretrained, **classes_kwargs('teacher', teacher_pretrained, num_classes))
         if device is not None:
             teacher_model.to(device)
         teacher_adapter = ScaleKDTeacher(teacher_model, size, in_chans, opts.teacher_last_blocks) \

@@ -26,7 +26,7 @@ from ..adapters.common import Shape, input_normalization
 from ..method.losses import logit_kd_loss
 from ..method.mimicking import FeatureMimicking
 from ..method.options import DistillOptions
-from ..method.projectors import build_projector
+from ..method.projectors import build_projector, fitting_heads
 from ..method.proxy import LastStage, ProxyPath
 from ..method.views import build_views
 
@@ -84,9 +84,9 @@ class DistillationModule(nn.Module):
         def projector_factory(src: Shape, dst: Shape, option: str, query_chs: Optional[int] = None):
             heads = getattr(options, option)
             if options.projector == 'cap' and dst[0] % heads:
-                fits = max(h for h in range(1, heads + 1) if dst[0] % h == 0)
                 raise ValueError(f'distill.{option}={heads} does not divide the teacher width {dst[0]} that its CAP '
-                                 f'projects to: set distill.{option} to a divisor of {dst[0]} (e.g. {fits})')
+                                 f'projects to: set distill.{option} to a divisor of {dst[0]} '
+                                 f'(e.g. {fitting_heads(dst[0], heads)})')
             cap_kwargs = dict(num_heads=heads, softmax_scale=options.softmax_scale,
                               student_norm=taps.projector_norm, query_chs=query_chs, student_conv=options.cap_conv)
             kwargs = cap_kwargs if options.projector == 'cap' else {}

@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..adapters import ScaleKDTeacher
 from ..adapters.common import UnsupportedModelError
 from ..adapters.models import create_timm_model, default_img_size
+from ..method.projectors import fitting_heads
 from ..task.builder import build_distiller
 
 __all__ = ['REPRESENTATIVES', 'CI_SAMPLE', 'MatrixRow', 'smallest_models', 'run_matrix', 'format_matrix']
@@ -107,17 +108,12 @@ def _model(name: str, kwargs: dict, img: int) -> nn.Module:
     return create_timm_model(name, (img, img), num_classes=NUM_CLASSES, **kwargs)
 
 
-def _heads(width: int, default: int = 8) -> int:
-    """The CAP heads for a teacher width: the default (8) or its largest divisor below it."""
-    return max(h for h in range(1, default + 1) if width % h == 0)
-
-
 def _one_step(teacher: nn.Module, student: nn.Module, img: int) -> None:
     """Build the ScaleKD task and take one SGD step; raises with the reason when it does not work. The CAP
     heads divide the teacher's widths (``s3_heads`` / ``s4_heads``, as a user would set them)."""
     torch.manual_seed(0)
     probe = ScaleKDTeacher(teacher, (img, img))
-    heads = dict(s3_heads=_heads(probe.stage_input_shape[0]), s4_heads=_heads(probe.final_shape[0]))
+    heads = dict(s3_heads=fitting_heads(probe.stage_input_shape[0], 8), s4_heads=fitting_heads(probe.final_shape[0], 8))
     task = build_distiller(teacher, student, 'scalekd', img_size=img, **heads)
     params = [p for p in task.trainable_module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01)
