@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from scalekd.cli import main
+from scalekd.cli import console
 from scalekd.engine.data import SeededSamples
 from scalekd.task.distiller import Distiller
 
@@ -53,4 +53,4 @@ if __name__ == '__main__':
         trace_samples(Path(os.environ['SCALEKD_TEST_TRACE']))
     if os.environ.get('SCALEKD_TEST_NAN'):
         poison_forward(*map(int, os.environ['SCALEKD_TEST_NAN'].split(':')))
-    sys.exit(main(sys.argv[1:]))
+    console()

@@ -5,7 +5,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 import torch
 
@@ -498,5 +498,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
+def console() -> NoReturn:
+    """The installed ``scalekd`` command: :func:`main`, then its exit status through
+    :func:`~scalekd.engine.distributed.exit_process` (safe after a process group); an unexpected error
+    prints its traceback and exits with 1."""
+    from .engine.distributed import exit_process
+    try:
+        code = main()
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    console()
