@@ -15,7 +15,7 @@ from run_tools import (computed, epoch_lines, finish, kill_group, samples_per_st
 from scalekd.engine.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
 from scalekd.cli import main
 from scalekd.engine.config import OptimConfig
-from scalekd.engine.distributed import DistEnv
+from scalekd.engine.distributed import DistEnv, cleanup, exit_process, init_distributed
 from scalekd.engine.optimizer import build_optimizer
 from traced_train import trace_samples
 
@@ -213,22 +213,48 @@ def test_a_plain_checkpoint_resumes_under_zero_and_ends_where_plain_ddp_ends(str
                                   load_checkpoint(tmp_path / 'run' / 'checkpoint-0002.pth'))
 
 
+def _join(rank: int, port: int) -> DistEnv:
+    """This spawned process as rank ``rank`` of 2 in a gloo group, as under torchrun."""
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE='2')
+    return init_distributed('cpu', timeout_s=60)
+
+
 def _optimizer_shard(rank: int, port: int, out: Path) -> None:
     """One of 2 processes: an AdamW step of a 4-layer MLP under train.zero; writes the elements of the
     parameters this rank keeps optimizer state for, and of all parameters."""
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    torch.distributed.init_process_group('gloo', rank=rank, world_size=2)
+    env = _join(rank, port)
     torch.manual_seed(0)
     module = torch.nn.Sequential(*(torch.nn.Linear(32, 32) for _ in range(4)))
-    optimizer = build_optimizer(module, OptimConfig(opt='adamw', lr=1e-3), DistEnv(rank, 2), zero=True)
+    optimizer = build_optimizer(module, OptimConfig(opt='adamw', lr=1e-3), env, zero=True)
     module(torch.randn(2, 32)).sum().backward()
     optimizer.step()
     held = sum(s['exp_avg'].numel() for s in optimizer.optim.state.values())
     (out / f'rank{rank}').write_text(f'{held} {sum(p.numel() for p in module.parameters())}')
-    torch.distributed.destroy_process_group()
+    cleanup(env)
+    exit_process(0)
 
 
 def test_zero_keeps_about_half_the_optimizer_state_on_each_of_two_ranks(tmp_path):
     torch.multiprocessing.spawn(_optimizer_shard, args=(29565, tmp_path), nprocs=2)
     (held0, total), (held1, _) = [map(int, (tmp_path / f'rank{r}').read_text().split()) for r in (0, 1)]
     assert held0 + held1 == total and max(held0, held1) <= 0.55 * total
+
+
+def _leave_with_collectives_in_flight(rank: int, port: int) -> None:
+    """Rank ``rank`` of 2 starts 200 all-reduces and exits with 3 without waiting for them: gloo's
+    workers then release finished collectives while the process ends."""
+    _join(rank, port)
+    for _ in range(200):
+        torch.distributed.all_reduce(torch.ones(1000), async_op=True)
+    exit_process(3)
+
+
+def test_a_rank_leaving_while_gloo_finishes_collectives_exits_with_its_code_not_an_abort():
+    """Interpreter finalization with gloo workers still releasing tensors aborts the process (SIGABRT,
+    "terminate called without an active exception"), every time in this case; exit_process does not."""
+    processes = torch.multiprocessing.spawn(_leave_with_collectives_in_flight, args=(29567,), nprocs=2,
+                                            join=False).processes
+    for p in processes:
+        p.join(120)
+    assert [p.exitcode for p in processes] == [3, 3]
