@@ -26,9 +26,9 @@ def test_matrix_sample_trains(role, module):
 
 
 def test_a_refused_model_is_a_row_with_its_reason():
-    (row,) = run_matrix(('teacher',), ['mvitv2'])
+    (row,) = run_matrix(('teacher',), ['twins'])
     assert not row.works
-    assert row.results == (('resnet', "mvitv2_tiny (MultiScaleVit): its feature_info names 'block.3' as the last "
+    assert row.results == (('resnet', "twins_svt_small (Twins): its feature_info names 'block.3' as the last "
                                       "stage, which is not one of its modules"),)
     with pytest.raises(ValueError, match="unknown timm model module\\(s\\) resnett"):
         run_matrix(('student',), ['resnett'])
@@ -128,3 +128,47 @@ def test_headless_vit_teachers_train_feature_only(name):
     out = task(torch.randn(2, 3, IMG, IMG), torch.tensor([0, 1]))
     assert 'kd_loss' not in out and torch.isfinite(out['loss']) and out['proxy_alt'] > 0
     assert task.teacher.stage.num_prefix_tokens == getattr(teacher, 'num_prefix_tokens')
+
+
+def _teacher_at(name: str) -> ScaleKDTeacher:
+    return ScaleKDTeacher(_model(name, img_size=IMG), (IMG, IMG))
+
+
+@pytest.mark.parametrize('name, family, grid', [('hiera_tiny_224', 'hiera', 4), ('mvitv2_tiny', 'mvitv2', 4),
+                                                ('mvitv2_small_cls', 'mvitv2', 4)])
+def test_hiera_and_mvitv2_teachers_replay_their_last_stage(name, family, grid):
+    """Hiera (unrolled tokens) and MViTv2 (stages called with the grid size; a class token in the _cls
+    variant) replay their final feature from the stage input, differentiably."""
+    teacher = _teacher_at(name)
+    assert teacher.family == family and teacher.stage_input_shape == (384, grid, grid)
+    feats = teacher.extract(torch.randn(2, 3, IMG, IMG))
+    assert feats.final.shape == (2, 768, grid // 2, grid // 2) and (feats.prefix is not None) == name.endswith('_cls')
+    stage_input = feats.stage_input.clone().requires_grad_()
+    replay = teacher.last_stage(stage_input, feats.prefix)
+    torch.testing.assert_close(replay, feats.final, rtol=1e-5, atol=1e-5)
+    replay.square().sum().backward()
+    assert stage_input.grad.abs().sum() > 0
+
+
+def test_hiera_fed_raster_order_tokens_and_mvitv2_without_its_final_norm_are_refused(monkeypatch):
+    """The replay check catches a wrong token order (Hiera's tokens taken in raster order) and a missing
+    module after the last stage (MViTv2's final norm)."""
+    from scalekd.adapters.token_stages import SizedStage, UnrolledStage
+    build = UnrolledStage.__init__
+
+    def raster_order(self, *args):
+        build(self, *args)
+        self.unrolled = torch.arange(len(self.unrolled))
+    monkeypatch.setattr(UnrolledStage, '__init__', raster_order)
+    replay = SizedStage.replay
+
+    def without_final_norm(self, model, x, prefix):
+        norm, model.norm = model.norm, torch.nn.Identity()
+        try:
+            return replay(self, model, x, prefix)
+        finally:
+            model.norm = norm
+    monkeypatch.setattr(SizedStage, 'replay', without_final_norm)
+    for name in ('hiera_tiny_224', 'mvitv2_tiny'):
+        with pytest.raises(UnsupportedModelError, match="replayed on the recorded stage input, does not give"):
+            _teacher_at(name)

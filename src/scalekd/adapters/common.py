@@ -37,6 +37,17 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def attach_prefix(tokens: torch.Tensor, prefix: Optional[torch.Tensor], num_prefix: int, label: str) -> torch.Tensor:
+    """``tokens`` with the images' ``num_prefix`` prefix tokens in front; ``prefix`` is repeated for a batch
+    that stacks several projections of the same images."""
+    if not num_prefix:
+        return tokens
+    if prefix is None:
+        raise ValueError(f'{label} last stage needs the prefix tokens of the images')
+    prefix = prefix.repeat(tokens.shape[0] // prefix.shape[0], 1, 1).to(tokens.dtype)
+    return torch.cat([prefix, tokens], dim=1)
+
+
 def map_layout(t: Any, grid: Tuple[int, int]) -> Optional[str]:
     """``'NCHW'`` or ``'NHWC'``: where the (H, W) ``grid`` sits in ``t``; ``None`` when ``t`` is not a 4-d
     tensor at that resolution (tokens, a list of features)."""

@@ -3,7 +3,9 @@
 Any timm model is a student, and a teacher where its last stage replays (see
 :mod:`scalekd.adapters.student` / :mod:`scalekd.adapters.teacher`). Families are the overrides:
 ``plain`` token models (ViT, DeiT, BEiT, EVA, Mixer) read s4 from their normed final tokens and, as
-teachers, replay their last blocks with the prefix tokens; ConvNeXt's final norm sits in its head.
+teachers, replay their last blocks with the prefix tokens; ConvNeXt's final norm sits in its head;
+Hiera (unrolled token order) and MViTv2 (stages called with the grid size) replay their last stage by
+a rule of their own.
 The weight exports of :mod:`scalekd.tools.transfer` use ``openmmlab`` (OpenMMLab key rules) and
 ``torchvision`` (a torchvision model).
 
@@ -21,10 +23,14 @@ from timm.models.beit import Beit
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
 from timm.models.eva import Eva
+from timm.models.hiera import Hiera
 from timm.models.mlp_mixer import MlpMixer
+from timm.models.mvitv2 import MultiScaleVit
 from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
+
+from .token_stages import SizedStage, UnrolledStage
 
 __all__ = ['Family', 'FAMILIES', 'family_of', 'describe']
 
@@ -35,6 +41,7 @@ class Family:
     name: str
     classes: Tuple[Type[nn.Module], ...]
     plain: bool = False          # tokens without spatial stages (ViT, Mixer)
+    teacher_stage: Optional[type] = None  # a last-stage rule of its own (scalekd.adapters.token_stages)
     openmmlab: bool = False
     torchvision: bool = False
 
@@ -48,6 +55,8 @@ FAMILIES: Tuple[Family, ...] = (
     Family('vit', (VisionTransformer,), plain=True, openmmlab=True, torchvision=True),
     Family('beit', (Beit,), plain=True),
     Family('eva', (Eva,), plain=True),
+    Family('hiera', (Hiera,), teacher_stage=UnrolledStage),
+    Family('mvitv2', (MultiScaleVit,), teacher_stage=SizedStage),
 )
 
 

@@ -11,17 +11,51 @@ Neither rule is trusted: the teacher replays its last stage on the recorded inpu
 refuses a model whose replay differs from its own final feature.
 """
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
 
-from .common import UnsupportedModelError, map_layout, map_to_tokens, model_label, to_nchw, tokens_to_map
+from .common import (UnsupportedModelError, attach_prefix, map_layout, map_to_tokens, model_label, to_nchw,
+                     tokens_to_map)
 
-__all__ = ['TokenStage', 'ModuleStage', 'StageFeatures']
+T = TypeVar('T')
+
+__all__ = ['TokenStage', 'ModuleStage', 'StageFeatures', 'Recorder']
 
 # (final feature the head takes, final map (N, C, H, W), last stage input map, prefix tokens or None)
 StageFeatures = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
+
+
+class Recorder:
+    """The positional inputs and the output of one module during :meth:`run` (its hooks stay silent
+    otherwise)."""
+
+    def __init__(self, module: nn.Module):
+        self.args: Optional[tuple] = None
+        self.output: Any = None
+        self._on = False
+        module.register_forward_pre_hook(self._keep_args)
+        module.register_forward_hook(self._keep_output)
+
+    def _keep_args(self, module: nn.Module, args: tuple) -> None:
+        if self._on:
+            self.args = args
+
+    def _keep_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._on:
+            self.output = output
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, recording the module's inputs and output."""
+        self._on = True
+        try:
+            return fn(*args)
+        finally:
+            self._on = False
+
+    def forget(self) -> None:
+        self.args = self.output = None
 
 
 class TokenStage:
@@ -72,13 +106,8 @@ class TokenStage:
 
     def replay(self, model: nn.Module, x: torch.Tensor, prefix: Optional[torch.Tensor]) -> torch.Tensor:
         """The last blocks and norms on an (N, C, H, W) map, with ``prefix`` re-attached."""
-        tokens = map_to_tokens(x)
         p = self.num_prefix_tokens
-        if p:
-            if prefix is None:
-                raise ValueError(f'{self.label} last stage needs the prefix tokens of the images')
-            prefix = prefix.repeat(x.shape[0] // prefix.shape[0], 1, 1).to(tokens.dtype)
-            tokens = torch.cat([prefix, tokens], dim=1)
+        tokens = attach_prefix(map_to_tokens(x), prefix, p, self.label)
         for i, blk in enumerate(model.blocks[self.stage_start:]):
             tokens = blk(tokens, **self._block_kwargs(i))
         tokens = self.patch_norm(model.norm(tokens)[:, p:])
@@ -114,35 +143,27 @@ class ModuleStage:
         except AttributeError:
             raise UnsupportedModelError(f'{self.label}: its feature_info names {self.stage_name!r} as the last stage, '
                                         f'which is not one of its modules') from None
-        self._recording, self._recorded = False, None
-        stage.register_forward_pre_hook(self._record_input)
+        self.recorder = Recorder(stage)
         (last_map,) = model.forward_intermediates(x, indices=1, norm=False, output_fmt='NCHW',
                                                   intermediates_only=True)
         grid = tuple(last_map.shape[-2:])
         final, self.tail = self._trace(model, x)
-        out = stage(self._recorded)
+        self._stage_input()
+        out = self.recorder.output
         if not isinstance(out, torch.Tensor):
             raise UnsupportedModelError(f'{self.label}: its last stage ({self.stage_name}) returns '
                                         f'{type(out).__name__}, not a feature map')
         self.stage_layout = _layout(out, grid, f'last stage ({self.stage_name}) output', self.label)
         self.final_layout = _layout(final, grid, 'final feature', self.label)
-        self._recorded = None
+        self.recorder.forget()
 
-    def _record_input(self, module: nn.Module, args: tuple) -> None:
-        """Forward pre-hook of the last stage: keep its input while :meth:`features` runs."""
-        if not self._recording:
-            return
+    def _stage_input(self) -> torch.Tensor:
+        """The last stage's input in the latest recorded forward."""
+        args = self.recorder.args
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise UnsupportedModelError(f'{self.label}: its last stage ({self.stage_name}) takes extra positional '
                                         f'inputs, which the last-stage adapter cannot replay')
-        self._recorded = args[0]
-
-    def _recorded_forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        self._recording = True
-        try:
-            return model.forward_features(x)
-        finally:
-            self._recording = False
+        return args[0]
 
     def _trace(self, model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, List[str]]:
         """One recorded ``forward_features``: its output, and the modules it runs after the last stage, in
@@ -156,11 +177,11 @@ class ModuleStage:
         watched = [(name, module) for name, module in watched if name not in ancestors]
         handles = [module.register_forward_hook(lambda *_, name=name: order.append(name)) for name, module in watched]
         try:
-            final = self._recorded_forward(model, x)
+            final = self.recorder.run(model.forward_features, x)
         finally:
             for h in handles:
                 h.remove()
-        if self._recorded is None or self.stage_name not in order:
+        if self.recorder.args is None or self.stage_name not in order:
             raise UnsupportedModelError(f'{self.label}: forward_features does not run its last stage '
                                         f'({self.stage_name})')
         last = len(order) - 1 - order[::-1].index(self.stage_name)
@@ -168,12 +189,13 @@ class ModuleStage:
 
     def forget(self) -> None:
         """Drop the recorded stage input."""
-        self._recorded = None
+        self.recorder.forget()
 
     def features(self, model: nn.Module, x: torch.Tensor) -> StageFeatures:
         """One forward: (final feature, final map, last-stage input map, None)."""
-        final = self._recorded_forward(model, x)
-        stage_input, self._recorded = self._recorded, None
+        final = self.recorder.run(model.forward_features, x)
+        stage_input = self._stage_input()
+        self.recorder.forget()
         return final, to_nchw(final, self.final_layout), to_nchw(stage_input, self.stage_layout), None
 
     def replay(self, model: nn.Module, x: torch.Tensor, prefix: Optional[torch.Tensor]) -> torch.Tensor:

@@ -3,8 +3,9 @@
 Built on timm's :class:`~timm.task.DistillationTeacher` (eval mode, normalisation buffers). The last
 stage follows one of two rules (:mod:`scalekd.adapters.last_stage`): the last blocks of a plain ViT /
 DeiT / BEiT / EVA, or the last ``feature_info`` module of any other timm model (Swin, SwinV2, ConvNeXt,
-MaxViT, EfficientNet, ResNet, ...) with what ``forward_features`` runs after it. Every teacher proves its
-rule at build time by replaying its last stage on a recorded input.
+MaxViT, EfficientNet, ResNet, ...) with what ``forward_features`` runs after it; Hiera and MViTv2 have
+rules of their own (:mod:`scalekd.adapters.token_stages`). Every teacher proves its rule at build time
+by replaying its last stage on a recorded input.
 """
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -16,6 +17,7 @@ from timm.task import DistillationTeacher
 from .common import Shape, UnsupportedModelError, channel_stats, dummy_input, model_label, probing, shape_of
 from .families import family_of
 from .last_stage import ModuleStage, TokenStage
+from .token_stages import SizedStage, UnrolledStage
 
 __all__ = ['FrozenTeacher', 'LogitsTeacher', 'ScaleKDTeacher', 'TeacherFeatures']
 
@@ -94,11 +96,11 @@ class ScaleKDTeacher(FrozenTeacher):
         probe = torch.randn(zeros.shape, generator=torch.Generator().manual_seed(0)).to(zeros)  # the global RNG untouched
         with probing(model, f'teacher {self.label} cannot run at {img_size[0]}x{img_size[1]}'):
             if family is not None and family.plain:
-                self.stage: Union[TokenStage, ModuleStage] = TokenStage(model, last_blocks)
+                self.stage: Union[TokenStage, ModuleStage, UnrolledStage, SizedStage] = TokenStage(model, last_blocks)
             elif last_blocks is not None:
                 raise ValueError(f'teacher_last_blocks applies to plain ViT teachers only, not {self.label}')
             else:
-                self.stage = ModuleStage(model, probe)
+                self.stage = (family.teacher_stage if family and family.teacher_stage else ModuleStage)(model, probe)
             feats = self.extract(probe)
             self.final_shape: Shape = shape_of(feats.final)
             self.stage_input_shape: Shape = shape_of(feats.stage_input)

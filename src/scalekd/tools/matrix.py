@@ -59,7 +59,7 @@ REPRESENTATIVES: Dict[str, str] = {
 # the fixed sample CI runs (fast): students beyond the paper's families, and the hierarchical teachers
 CI_SAMPLE: Dict[str, Tuple[str, ...]] = {
     'student': ('mobilenetv3', 'regnet', 'fastvit', 'swin_transformer_v2'),
-    'teacher': ('swin_transformer_v2', 'convnext', 'efficientnet', 'maxxvit', 'ghostnet'),
+    'teacher': ('swin_transformer_v2', 'convnext', 'efficientnet', 'maxxvit', 'ghostnet', 'hiera'),
 }
 
 SIZES = (64, 128, 224)
