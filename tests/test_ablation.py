@@ -1,4 +1,5 @@
 """``scalekd ablate``: every study's rows train with their own options, on a tiny budget."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -80,3 +81,30 @@ def test_a_rerun_reuses_finished_runs_and_refuses_another_config_under_a_label(t
     assert main(['ablate', 'views', '--seeds', '0', '--students', 'cnn', '--output', tiny.output, '--epochs', '3',
                  '--subset', '16', '--data', tiny.data, '--no-progress']) == 2
     assert 'holds a run of another config' in capsys.readouterr().err
+
+
+def test_runs_trained_in_parallel_processes_equal_runs_one_at_a_time(tiny, tmp_path):
+    """--jobs 2: each run in a process of its own with one thread gives the result of the same run
+    trained in this process with one thread; every run keeps its folder and a whole result.json."""
+    study = STUDIES['pilot']
+    parallel = run_study(study, dataclasses.replace(tiny, output=str(tmp_path / 'parallel')), seeds=(0,),
+                         students=('cnn',), say=lambda line: None, jobs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = run_study(study, dataclasses.replace(tiny, output=str(tmp_path / 'alone')), seeds=(0,),
+                          students=('cnn',), say=lambda line: None, jobs=1)
+    finally:
+        torch.set_num_threads(threads)
+    rows = parallel['students']['cnn']['rows']
+    assert list(rows) == [label for label, _, _ in study.rows]
+    assert {k: r['top1'] for k, r in rows.items()} == {k: r['top1'] for k, r in alone['students']['cnn']['rows'].items()}
+    for label in rows:
+        folder = tmp_path / 'parallel' / 'runs' / 'cnn' / label / 'seed0'
+        assert sorted(p.name for p in folder.glob('*.json')) == ['result.json', 'scalekd-run.json']
+        assert _terms(folder) == TERMS[label]
+
+
+def test_ablate_refuses_a_jobs_count_below_one(capsys):
+    assert main(['ablate', 'pilot', '--jobs', '0']) == 2
+    assert '--jobs takes a positive number of runs, got 0' in capsys.readouterr().err

@@ -294,6 +294,8 @@ def _add_ablate(sub) -> None:
     p.add_argument('--epochs', type=int, help='epochs per run (default: the demo\'s 15)')
     p.add_argument('--data', help='folder with the Fashion-MNIST IDX files (default as for demo)')
     p.add_argument('--output', default='runs/ablate', help='output folder (default runs/ablate; finished runs are reused)')
+    p.add_argument('--jobs', type=int, help='runs trained at once, each in its own process with cores / jobs threads '
+                                            '(default: one per core, at most 8, on a CPU; 1 on a GPU)')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
     _add_device(p)
     p.set_defaults(func=_run_ablate)
@@ -308,9 +310,12 @@ def _run_ablate(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f'--seeds takes comma-separated integers, got {args.seeds!r}') from None
     students = [s for s in args.students.split(',') if s] if args.students else None
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f'--jobs takes a positive number of runs, got {args.jobs}')
+    jobs = args.jobs or (min(torch.get_num_threads(), 8) if settings.device.type == 'cpu' else 1)
     keep_freed_memory()
     study = STUDIES[args.study]
-    print(format_study(study, run_study(study, settings, seeds, students)))
+    print(format_study(study, run_study(study, settings, seeds, students, jobs=jobs)))
     return 0
 
 

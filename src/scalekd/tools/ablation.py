@@ -5,19 +5,26 @@ student alone and logit KD) for each student and seed, with the demo's recipe, s
 teacher. Runs that share a seed see the same batches, so each row's difference to a reference is
 paired per seed: the table gives its mean and spread, beside the mean top-1 and its spread, and the
 paper's number where it has one. The paper's order of the rows is printed beside ours, with the pairs
-that disagree. Runs evaluate once, after their last epoch (the demo also draws a per-epoch curve). Every run keeps its folder (``config.yaml``, ``metrics.jsonl``); a finished run is not
-trained again when a study is rerun.
+that disagree. Runs evaluate once, after their last epoch (the demo also draws a per-epoch curve).
+Every run keeps its folder (``config.yaml``, ``metrics.jsonl``, ``result.json``); a finished run is not
+trained again when a study is rerun. ``jobs`` runs train at once, each in a process of its own.
 """
 import dataclasses
 import json
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+
+from ..engine.allocator import keep_freed_memory
 from ..engine.config import RunConfig, config_from_dict, config_to_dict
 from ..engine.distributed import DistEnv
+from ..engine.run_logger import write_text_atomic
 from ..method.options import ablation
 from .demo import STUDENTS, DemoSettings, run_config, test_loader, train_and_test
 from .plots import pyplot, save_figure
@@ -66,28 +73,83 @@ STUDIES: Dict[str, Study] = {s.name: s for s in (
 )}
 
 
-def _run(settings: DemoSettings, study: Study, student: str, label: str, options: Dict[str, Any], seed: int,
-         test, env: DistEnv, say: Callable[[str], None]) -> Dict[str, Any]:
-    """One row's run for one student and seed, or its result from a finished earlier run of the same
-    config (rows of the same label share their runs across studies)."""
+Run = Tuple[str, str, int]  # (student, row label, seed)
+
+
+def _run_config(settings: DemoSettings, student: str, label: str, options: Dict[str, Any], seed: int) -> RunConfig:
+    """The config of one row's run for one student and seed (evaluated once, after the last epoch)."""
     folder = Path(settings.output) / 'runs' / student / label / f'seed{seed}'
     options = dict(options)
     cfg = run_config(dataclasses.replace(settings, seed=seed), student, options.pop('method', 'scalekd'), options,
                      output=str(folder))
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=cfg.sched.epochs))  # no curve
-    key = _decisive(cfg)
-    done = folder / 'result.json'
-    if done.is_file():
-        result = json.loads(done.read_text())
-        if _decisive(config_from_dict(result['config'], where=str(done))) != key:  # (keys added since: defaults)
-            raise ValueError(f'{folder} holds a run of another config (other settings for the label {label!r}): '
-                             f'move it away or use another --output')
-        return result
-    run = train_and_test(cfg, test, env)
-    result = dict(top1=run['top1'], seconds=run['seconds'], config=key)
-    done.write_text(json.dumps(result))
-    say(f'{study.name}: {student} {label} seed {seed}: test top-1 {run["top1"]:.2f} ({run["seconds"]:.0f} s)')
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=cfg.sched.epochs))  # no curve
+
+
+def _finished(cfg: RunConfig, label: str) -> Optional[Dict[str, Any]]:
+    """The result of a finished earlier run of ``cfg`` (rows of the same label share their runs across
+    studies); ``None`` when there is none; an error when the folder holds another config's run."""
+    done = Path(cfg.output) / 'result.json'
+    if not done.is_file():
+        return None
+    result = json.loads(done.read_text())
+    if _decisive(config_from_dict(result['config'], where=str(done))) != _decisive(cfg):  # (keys added since: defaults)
+        raise ValueError(f'{cfg.output} holds a run of another config (other settings for the label {label!r}): '
+                         f'move it away or use another --output')
     return result
+
+
+def _train(cfg: RunConfig, test, env: DistEnv) -> Dict[str, Any]:
+    """Train and test one run; its ``result.json`` is written whole or not at all."""
+    run = train_and_test(cfg, test, env)
+    result = dict(top1=run['top1'], seconds=run['seconds'], config=_decisive(cfg))
+    write_text_atomic(Path(cfg.output) / 'result.json', json.dumps(result))
+    return result
+
+
+_worker: Dict[str, Any] = {}  # a pool process's environment and test loader (set by _start_worker)
+
+
+def _start_worker(threads: int, test_cfg: RunConfig, device: str) -> None:
+    torch.set_num_threads(threads)
+    keep_freed_memory()
+    _worker.update(env=DistEnv(device=torch.device(device)), test=test_loader(test_cfg))
+
+
+def _train_in_worker(cfg: RunConfig) -> Dict[str, Any]:
+    return _train(cfg, _worker['test'], _worker['env'])
+
+
+def _train_runs(settings: DemoSettings, study: Study, runs: Sequence[Run], jobs: int,
+                say: Callable[[str], None]) -> Dict[Run, Dict[str, Any]]:
+    """Every run's result: finished ones read back, the others trained, ``jobs`` at a time (each in a
+    process of its own with ``cores // jobs`` threads; several one-thread runs use a small CPU better than
+    one run on every core)."""
+    options = {label: opts for label, opts, _ in study.rows}
+    configs = {run: _run_config(settings, run[0], run[1], options[run[1]], run[2]) for run in runs}
+    results = {run: _finished(cfg, run[1]) for run, cfg in configs.items()}
+    pending = [run for run, result in results.items() if result is None]
+
+    def record(run: Run, result: Dict[str, Any]) -> None:
+        results[run] = result
+        say(f'{study.name}: {run[0]} {run[1]} seed {run[2]}: test top-1 {result["top1"]:.2f} ({result["seconds"]:.0f} s)')
+    if jobs <= 1 or len(pending) <= 1:
+        env = DistEnv(device=settings.device)
+        test = test_loader(configs[pending[0]]) if pending else None
+        for run in pending:
+            record(run, _train(configs[run], test, env))
+        return results
+    threads = max(1, torch.get_num_threads() // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_worker,
+                             initargs=(threads, configs[pending[0]], str(settings.device))) as pool:
+        futures = {pool.submit(_train_in_worker, dataclasses.replace(
+            configs[run], log=dataclasses.replace(configs[run].log, progress=False))): run for run in pending}
+        try:
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return results
 
 
 def _decisive(cfg: RunConfig) -> Dict[str, Any]:
@@ -110,22 +172,22 @@ def _disagreements(order: Sequence[str], means: Dict[str, float]) -> List[Tuple[
 
 
 def run_study(study: Study, settings: DemoSettings, seeds: Sequence[int] = (0, 1, 2),
-              students: Optional[Sequence[str]] = None, say: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Train (or reuse) every run of ``study``; write ``<study>.json``, ``<study>.md`` and ``<study>.png``
-    under ``settings.output`` and return the summary."""
+              students: Optional[Sequence[str]] = None, say: Callable[[str], None] = print,
+              jobs: int = 1) -> Dict[str, Any]:
+    """Train (or reuse) every run of ``study``, ``jobs`` at a time; write ``<study>.json``, ``<study>.md``
+    and ``<study>.png`` under ``settings.output`` and return the summary."""
     start = time.perf_counter()
     students = tuple(students or study.students)
     unknown = [s for s in students if s not in STUDENTS]
     if unknown:
         raise ValueError(f'unknown demo student(s) {", ".join(unknown)}; choose from {", ".join(STUDENTS)}')
-    env = DistEnv(device=settings.device)
-    test = test_loader(run_config(settings, students[0], 'none'))
     summary: Dict[str, Any] = dict(study=study.name, paper=study.paper, seeds=list(seeds), students={},
                                    settings=dict(subset=settings.subset, epochs=settings.epochs, lr=settings.lr,
-                                                 batch_size=settings.batch_size, device=str(env.device)))
+                                                 batch_size=settings.batch_size, device=str(settings.device)))
+    results = _train_runs(settings, study, [(student, label, seed) for student in students
+                                            for label, _, _ in study.rows for seed in seeds], jobs, say)
     for student in students:
-        top1 = {label: [_run(settings, study, student, label, options, seed, test, env, say)['top1'] for seed in seeds]
-                for label, options, _ in study.rows}
+        top1 = {label: [results[student, label, seed]['top1'] for seed in seeds] for label, _, _ in study.rows}
         rows = {}
         for label, _, paper in study.rows:
             row = dict(mean=statistics.mean(top1[label]), spread=_spread(top1[label]), top1=top1[label], paper=paper)
