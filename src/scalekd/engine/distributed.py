@@ -136,6 +136,9 @@ def exit_process(code: int) -> NoReturn:
         sys.exit(code)
     gc.collect()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or file: nothing more can reach it
+            pass
     os._exit(code)
