@@ -111,7 +111,7 @@ def test_text_report_and_errors_exit_non_zero(capsys):
     assert bad.returncode == 2
     assert "unknown teacher model 'swin_lage_patch4_window7_224'" in bad.stderr and 'did you mean' in bad.stderr
     assert 'Traceback' not in bad.stderr
-    assert main(['inspect', '--teacher', 'mvitv2_tiny', '--student', 'resnet18', '--img-size', '64', '--no-step']) == 2
-    assert "mvitv2_tiny (MultiScaleVit): its feature_info names 'block.3' as the last stage" in capsys.readouterr().err
+    assert main(['inspect', '--teacher', 'twins_svt_small', '--student', 'resnet18', '--img-size', '64', '--no-step']) == 2
+    assert "twins_svt_small (Twins): its feature_info names 'block.3' as the last stage" in capsys.readouterr().err
     assert main(['inspect', '--pair', 'swin_l-resnet50', '--option', 'betta=0.5', '--no-step']) == 2
     assert 'unknown distillation option(s) betta' in capsys.readouterr().err
