@@ -1,8 +1,11 @@
 import os
 import sys
 
-import pytest
-import torch
+# no network here: a hub lookup fails at once instead of retrying (set before huggingface_hub is imported)
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
