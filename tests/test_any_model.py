@@ -154,12 +154,12 @@ def test_hiera_fed_raster_order_tokens_and_mvitv2_without_its_final_norm_are_ref
     """The replay check catches a wrong token order (Hiera's tokens taken in raster order) and a missing
     module after the last stage (MViTv2's final norm)."""
     from scalekd.adapters.token_stages import SizedStage, UnrolledStage
-    build = UnrolledStage.__init__
+    order = UnrolledStage._order
 
     def raster_order(self, *args):
-        build(self, *args)
-        self.unrolled = torch.arange(len(self.unrolled))
-    monkeypatch.setattr(UnrolledStage, '__init__', raster_order)
+        grid, to_raster, _ = order(self, *args)
+        return grid, to_raster, torch.arange(len(to_raster))
+    monkeypatch.setattr(UnrolledStage, '_order', raster_order)
     replay = SizedStage.replay
 
     def without_final_norm(self, model, x, prefix):
@@ -172,3 +172,15 @@ def test_hiera_fed_raster_order_tokens_and_mvitv2_without_its_final_norm_are_ref
     for name in ('hiera_tiny_224', 'mvitv2_tiny'):
         with pytest.raises(UnsupportedModelError, match="replayed on the recorded stage input, does not give"):
             _teacher_at(name)
+
+
+@pytest.mark.parametrize('name, stage', [('hiera_tiny_224', 'blocks.10'), ('mvitv2_tiny', 'stages.3'),
+                                         ('resnet18', 'layer4')])
+def test_a_teacher_whose_forward_features_skips_its_last_stage_is_refused_naming_it(name, stage):
+    """Each rule (Hiera's, MViTv2's and the general one) names the stage that forward_features never ran."""
+    kwargs = dict(img_size=IMG) if not name.startswith('resnet') else {}
+    model = _model(name, **kwargs)
+    stem = model.patch_embed if hasattr(model, 'patch_embed') else model.conv1
+    model.forward_features = lambda x: stem(x)  # stops after the stem: the last stage never runs
+    with pytest.raises(UnsupportedModelError, match=rf'forward_features does not run its last stage \({stage}\)'):
+        ScaleKDTeacher(model, (IMG, IMG))

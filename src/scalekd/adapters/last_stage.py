@@ -21,10 +21,15 @@ from .common import (UnsupportedModelError, attach_prefix, map_layout, map_to_to
 
 T = TypeVar('T')
 
-__all__ = ['TokenStage', 'ModuleStage', 'StageFeatures', 'Recorder']
+__all__ = ['TokenStage', 'ModuleStage', 'StageFeatures', 'Recorder', 'stage_not_run']
 
 # (final feature the head takes, final map (N, C, H, W), last stage input map, prefix tokens or None)
 StageFeatures = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
+
+
+def stage_not_run(label: str, stage: str) -> UnsupportedModelError:
+    """The refusal of a model whose ``forward_features`` never runs the module taken as its last stage."""
+    return UnsupportedModelError(f'{label}: forward_features does not run its last stage ({stage})')
 
 
 class Recorder:
@@ -182,8 +187,7 @@ class ModuleStage:
             for h in handles:
                 h.remove()
         if self.recorder.args is None or self.stage_name not in order:
-            raise UnsupportedModelError(f'{self.label}: forward_features does not run its last stage '
-                                        f'({self.stage_name})')
+            raise stage_not_run(self.label, self.stage_name)
         last = len(order) - 1 - order[::-1].index(self.stage_name)
         return final, order[last + 1:]
 

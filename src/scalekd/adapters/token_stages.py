@@ -8,20 +8,22 @@
   goes in and comes out without a hand-written permutation.
 - :class:`SizedStage` (MViTv2): the last ``stages`` module, which takes and returns
   ``(tokens, feat_size)`` with the class token (if any) in front, then the final norm.
+
+Neither runs a forward of its own when built: the teacher's first :meth:`features` (its build probe)
+refuses a model that does not run the stage.
 """
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .common import UnsupportedModelError, attach_prefix, map_to_tokens, model_label, tokens_to_map
-from .last_stage import Recorder, StageFeatures
+from .last_stage import Recorder, StageFeatures, stage_not_run
 
 __all__ = ['UnrolledStage', 'SizedStage']
 
-
-def _no_input(label: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f'{label}: forward_features does not run its last stage')
+# token grid, unrolled index of each raster position, raster index of each unrolled token
+TokenOrder = Tuple[Tuple[int, int], torch.Tensor, torch.Tensor]
 
 
 class UnrolledStage:
@@ -34,18 +36,17 @@ class UnrolledStage:
             raise UnsupportedModelError(f'{self.label} has one stage: there is no last stage to feed')
         self.first, self.last = ends[-2] + 1, ends[-1]
         self.recorder = Recorder(model.blocks[self.first])
-        self.recorder.run(model.forward_features, x)
-        if self.recorder.args is None:
-            raise _no_input(self.label)
-        n = self.recorder.args[0].shape[1]
-        # which unrolled token sits at each raster position of the last stage's input grid
-        raster = model.reroll(torch.arange(n, dtype=torch.float64).view(1, n, 1), ends[-2])
-        if raster.ndim != 4:
-            raise UnsupportedModelError(f'{self.label}: its tokens do not reroll to a 2-d map')
-        self.grid = tuple(raster.shape[1:3])
-        self.order = raster.flatten().long().to(x.device)
-        self.unrolled = torch.argsort(self.order)  # raster index of each unrolled token
-        self.recorder.forget()
+        self._orders: Dict[Tuple[int, torch.device], TokenOrder] = {}
+
+    def _order(self, model: nn.Module, n: int, device: torch.device) -> TokenOrder:
+        """The order of ``n`` tokens at the last stage's input, read once by rerolling the indices themselves."""
+        if (n, device) not in self._orders:
+            raster = model.reroll(torch.arange(n, dtype=torch.float64).view(1, n, 1), self.first - 1)
+            if raster.ndim != 4:
+                raise UnsupportedModelError(f'{self.label}: its tokens do not reroll to a 2-d map')
+            order = raster.flatten().long().to(device)
+            self._orders[n, device] = tuple(raster.shape[1:3]), order, torch.argsort(order)
+        return self._orders[n, device]
 
     def forget(self) -> None:
         self.recorder.forget()
@@ -56,13 +57,17 @@ class UnrolledStage:
     def features(self, model: nn.Module, x: torch.Tensor) -> StageFeatures:
         """One forward: (final tokens, final map, last-stage input map, None)."""
         final = self.recorder.run(model.forward_features, x)
+        if self.recorder.args is None:
+            raise stage_not_run(self.label, f'blocks.{self.first}')
         (tokens,) = self.recorder.args
         self.recorder.forget()
-        return final, self._final_map(model, final), tokens_to_map(tokens[:, self.order], self.grid), None
+        grid, order, _ = self._order(model, tokens.shape[1], tokens.device)
+        return final, self._final_map(model, final), tokens_to_map(tokens[:, order], grid), None
 
     def replay(self, model: nn.Module, x: torch.Tensor, prefix: Optional[torch.Tensor]) -> torch.Tensor:
         """The last stage's blocks on an (N, C, H, W) map put in Hiera's token order (``prefix`` unused)."""
-        tokens = map_to_tokens(x)[:, self.unrolled]
+        tokens = map_to_tokens(x)
+        tokens = tokens[:, self._order(model, tokens.shape[1], tokens.device)[2]]
         for blk in model.blocks[self.first:self.last + 1]:
             tokens = blk(tokens)
         return self._final_map(model, tokens)
@@ -74,11 +79,8 @@ class SizedStage:
     def __init__(self, model: nn.Module, x: torch.Tensor):
         self.label = model_label(model)
         self.num_prefix_tokens = model.num_prefix_tokens
+        self.stage_name = f'stages.{len(model.stages) - 1}'
         self.recorder = Recorder(model.stages[-1])
-        self.recorder.run(model.forward_features, x)
-        if self.recorder.args is None:
-            raise _no_input(self.label)
-        self.recorder.forget()
 
     def forget(self) -> None:
         self.recorder.forget()
@@ -86,6 +88,8 @@ class SizedStage:
     def features(self, model: nn.Module, x: torch.Tensor) -> StageFeatures:
         """One forward: (final tokens, final map, last-stage input map, class token at the stage input)."""
         final = self.recorder.run(model.forward_features, x)
+        if self.recorder.args is None:
+            raise stage_not_run(self.label, self.stage_name)
         (tokens, size), (_, final_size) = self.recorder.args, self.recorder.output
         self.recorder.forget()
         p = self.num_prefix_tokens
