@@ -1,6 +1,7 @@
 """``scalekd ablate``: every study's rows train with their own options, on a tiny budget."""
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from engine_fixtures import make_fashion_mnist
 from scalekd.cli import main
 from scalekd.engine.config import load_config
+from scalekd.engine.run_folder import RunFolder, RunFolderError
 from scalekd.tools.ablation import STUDIES, format_study, run_study
 from scalekd.tools.demo import DemoSettings
 
@@ -108,3 +110,22 @@ def test_runs_trained_in_parallel_processes_equal_runs_one_at_a_time(tiny, tmp_p
 def test_ablate_refuses_a_jobs_count_below_one(capsys):
     assert main(['ablate', 'pilot', '--jobs', '0']) == 2
     assert '--jobs takes a positive number of runs, got 0' in capsys.readouterr().err
+
+
+def test_a_second_study_on_the_output_of_a_live_one_is_refused_and_a_failed_one_leaves_nothing(tiny, tmp_path):
+    """Studies share runs (the references, rows of the same label): a second command on a live output is
+    refused at once, naming the holder, instead of meeting the first in a run folder; a study that fails
+    before writing leaves no folder or lock behind."""
+    settings = dataclasses.replace(tiny, output=str(tmp_path / 'out'))
+    live = RunFolder(settings.output)
+    live.acquire()  # as a live `scalekd ablate` does
+    try:
+        with pytest.raises(RunFolderError, match=rf'out is in use by another scalekd run \(pid {os.getpid()} on '):
+            run_study(STUDIES['pilot'], settings, seeds=(0,), students=('cnn',), say=lambda line: None)
+    finally:
+        live.release()
+    assert [p.name for p in (tmp_path / 'out').iterdir()] == ['.scalekd.lock']
+    broken = dataclasses.replace(tiny, output=str(tmp_path / 'new' / 'out'), data=str(tmp_path / 'no-data'))
+    with pytest.raises(Exception, match='no-data'):
+        run_study(STUDIES['pilot'], broken, seeds=(0,), students=('cnn',), say=lambda line: None)
+    assert not (tmp_path / 'new').exists()

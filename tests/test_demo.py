@@ -1,5 +1,6 @@
 """``scalekd demo`` end to end at a toy size, and the shipped teacher."""
 import json
+import os
 import re
 
 import pytest
@@ -10,6 +11,7 @@ from engine_fixtures import make_fashion_mnist
 from scalekd.adapters.models import create_timm_model
 from scalekd.cli import main
 from scalekd.engine.checkpoint import load_checkpoint
+from scalekd.engine.run_folder import RunFolder
 from scalekd.tools.demo import STUDENTS, TEACHER_WEIGHTS, DemoSettings, format_table, load_teacher, run_demo
 
 REFERENCE = json.loads(ref.FIXTURE.read_text())  # written by tests/teacher_reference.py
@@ -113,3 +115,16 @@ def test_demo_refuses_unknown_students_before_training(tmp_path, fashion_dir, ca
     assert main(['demo', '--students', 'cnn,resnet', '--data', str(fashion_dir), '--output', str(tmp_path / 'x')]) == 2
     assert 'unknown demo student(s) resnet; choose from cnn, mlp, vit' in capsys.readouterr().err
     assert not (tmp_path / 'x').exists()
+
+
+def test_a_second_demo_on_the_output_of_a_live_one_is_refused_before_training(tmp_path, fashion_dir, capsys):
+    """The demo holds its output's lock: a second command there is refused naming the holder, and trains nothing."""
+    live = RunFolder(str(tmp_path / 'out'))
+    live.acquire()  # as a live `scalekd demo` or `scalekd ablate` does (an flock: another open file conflicts)
+    try:
+        assert main(['demo', '--students', 'cnn', '--data', str(fashion_dir), '--output', str(tmp_path / 'out'),
+                     '--quick', '--no-progress']) == 2
+    finally:
+        live.release()
+    assert f'is in use by another scalekd run (pid {os.getpid()} on ' in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / 'out').iterdir()] == ['.scalekd.lock']

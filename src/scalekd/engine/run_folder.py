@@ -5,6 +5,9 @@ deleting nothing else.
   refused with the holder's pid, host and start time; the kernel releases it when a run dies.
 - ``scalekd-run.json`` marks the folder as a run and lists the checkpoints the run's series wrote
   (file and step); retention deletes only those, never a file it did not write.
+- A command that writes many runs under one folder (``scalekd demo``, ``scalekd ablate``) holds that
+  folder's lock too (:func:`holding`), so a second such command there is refused at once instead of
+  meeting the first in a run folder half-way through.
 - ``--force`` deletes only the artefacts a run writes (:data:`ARTEFACTS`, the checkpoints and the
   temporary files of killed writes), never other files; a folder with files named like them that
   is not a run is refused.
@@ -17,12 +20,13 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Iterator, List, Sequence
 
 from .checkpoint import checkpoints_by_age
 
-__all__ = ['RunFolder', 'RunFolderError', 'MARKER', 'ARTEFACTS']
+__all__ = ['RunFolder', 'RunFolderError', 'MARKER', 'ARTEFACTS', 'holding']
 
 MARKER = 'scalekd-run.json'
 LOCK = '.scalekd.lock'
@@ -192,3 +196,17 @@ class RunFolder:
         for p in paths:
             os.replace(p, aside / p.name)
         return aside
+
+
+@contextmanager
+def holding(output: str) -> Iterator[RunFolder]:
+    """Hold ``output``'s lock for the block (the root of a command's runs), or refuse naming its holder;
+    a block that fails leaves no folder or lock file it created."""
+    folder = RunFolder(output)
+    folder.acquire()
+    try:
+        yield folder
+    except BaseException:
+        folder.release(failed=True)
+        raise
+    folder.release()

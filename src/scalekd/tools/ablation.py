@@ -24,6 +24,7 @@ import torch
 from ..engine.allocator import keep_freed_memory
 from ..engine.config import RunConfig, config_from_dict, config_to_dict
 from ..engine.distributed import DistEnv
+from ..engine.run_folder import holding
 from ..engine.run_logger import write_text_atomic
 from ..method.options import ablation
 from .demo import STUDENTS, DemoSettings, run_config, test_loader, train_and_test
@@ -181,6 +182,12 @@ def run_study(study: Study, settings: DemoSettings, seeds: Sequence[int] = (0, 1
     unknown = [s for s in students if s not in STUDENTS]
     if unknown:
         raise ValueError(f'unknown demo student(s) {", ".join(unknown)}; choose from {", ".join(STUDENTS)}')
+    with holding(settings.output):  # a second command on this output is refused, not met in a run folder
+        return _run_study(study, settings, seeds, students, say, jobs, start)
+
+
+def _run_study(study: Study, settings: DemoSettings, seeds: Sequence[int], students: Sequence[str],
+               say: Callable[[str], None], jobs: int, start: float) -> Dict[str, Any]:
     summary: Dict[str, Any] = dict(study=study.name, paper=study.paper, seeds=list(seeds), students={},
                                    settings=dict(subset=settings.subset, epochs=settings.epochs, lr=settings.lr,
                                                  batch_size=settings.batch_size, device=str(settings.device)))
@@ -201,7 +208,6 @@ def run_study(study: Study, settings: DemoSettings, seeds: Sequence[int] = (0, 1
             disagree=_disagreements(study.paper_order, means))
     summary['seconds'] = time.perf_counter() - start
     out = Path(settings.output)
-    out.mkdir(parents=True, exist_ok=True)
     (out / f'{study.name}.json').write_text(json.dumps(summary, indent=2))
     (out / f'{study.name}.md').write_text(format_study(study, summary) + '\n')
     plot_study(summary, out / f'{study.name}.png')

@@ -22,6 +22,7 @@ from ..engine.config import RunConfig, config_from_dict, validate_config
 from ..engine.data import build_datasets
 from ..engine.devices import resolve_device
 from ..engine.distributed import DistEnv
+from ..engine.run_folder import holding
 from ..engine.trainer import Trainer, evaluate
 from ..engine.weights import load_weights
 from .plots import plot_curves
@@ -120,6 +121,11 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Dict
     unknown = [s for s in settings.students if s not in STUDENTS]
     if unknown:
         raise ValueError(f'unknown demo student(s) {", ".join(unknown)}; choose from {", ".join(STUDENTS)}')
+    with holding(settings.output):  # a second command on this output is refused, not met in a run folder
+        return _train_demo(settings, say)
+
+
+def _train_demo(settings: DemoSettings, say: Callable[[str], None]) -> Dict[str, Any]:
     start = time.perf_counter()
     out = Path(settings.output)
     env = DistEnv(device=settings.device)
@@ -142,7 +148,6 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Dict
         row['gain'] = row['scalekd_top1'] - row['alone_top1']
         results['students'][name] = row
     results['seconds'] = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
     plot_curves(results, out / 'accuracy.png')
     tmp = out / 'results.json.tmp'
     tmp.write_text(json.dumps(results, indent=2))
