@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from scalekd.engine.precision import autocast, resolve_precision
 from scalekd.method.projectors import CrossAttentionProjector
 from scalekd.task.kernels import use_cpu_kernels
-from scalekd.tools.bench import _interleaved, cpu_name
+from scalekd.tools.bench import cpu_name, time_interleaved
 
 # (tap, student channels, student grid, teacher channels, teacher grid): Swin-S -> ResNet-50 at 224
 TAPS = (('s3 (proxy path)', 1024, 14, 768, 7), ('s4', 2048, 7, 768, 7))
@@ -98,7 +98,7 @@ def main() -> None:
             reference = torch.cat(variants['their convolutions'](), 1)
             for name in ('shared unfold', 'one GEMM'):
                 torch.testing.assert_close(torch.cat(variants[name](), 1), reference, rtol=1e-4, atol=1e-4)
-        t = _interleaved({name: forward_backward(f, caps, x, precision) for name, f in variants.items()},
+        t = time_interleaved({name: forward_backward(f, caps, x, precision) for name, f in variants.items()},
                          args.rounds, device)
         convs = t['their convolutions']
         print(f'| {tap} | {t["both CAPs"]:.3f} | {convs:.3f} | {t["shared unfold"]:.3f} | {t["one GEMM"]:.3f} | '

@@ -27,7 +27,7 @@ from ..method.options import ABLATIONS, ablation
 from ..task.builder import build_distiller
 from ..task.report import param_counts
 
-__all__ = ['measure_variant', 'run_bench', 'format_table']
+__all__ = ['measure_variant', 'run_bench', 'format_table', 'time_interleaved', 'cpu_name']
 
 
 def _sync(device: torch.device) -> None:
@@ -57,7 +57,7 @@ def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
         return training_step(task, optimizer, images, targets, precision)
 
     losses = step()  # warm-up
-    step_s = _interleaved(dict(step=step), spec['steps'], device, warmup=False)['step']
+    step_s = time_interleaved(dict(step=step), spec['steps'], device, warmup=False)['step']
     peak_mb = peak_memory_mb(device)  # of the training steps, before the diagnostics below add their own
     components = _isolated_components(task, optimizer, images, targets, precision, spec['steps'], step) \
         if spec['variant'] == 'scalekd' else None
@@ -67,7 +67,7 @@ def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
                 losses=losses, components=components)
 
 
-def _interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, device: torch.device,
+def time_interleaved(fns: Dict[str, Callable[[], Any]], rounds: int, device: torch.device,
                  warmup: bool = True) -> Dict[str, float]:
     """Median time of each function, run in turn within every round (after a warm-up round), so
     that a machine whose speed drifts over minutes biases none of them."""
@@ -139,7 +139,7 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
     for name, path in (('proxy', module.proxy), ('s4', module.s4)):  # switched off by --option
         if path is None:
             del parts[name]
-    return _interleaved(parts, steps, device)
+    return time_interleaved(parts, steps, device)
 
 
 def cpu_name() -> str:
