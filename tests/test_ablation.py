@@ -2,6 +2,10 @@
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +133,72 @@ def test_a_second_study_on_the_output_of_a_live_one_is_refused_and_a_failed_one_
     with pytest.raises(Exception, match='no-data'):
         run_study(STUDIES['pilot'], broken, seeds=(0,), students=('cnn',), say=lambda line: None)
     assert not (tmp_path / 'new').exists()
+
+
+def _pool_processes(pid: int):
+    """The study's run processes (its spawned children; not the resource tracker)."""
+    try:
+        children = Path(f'/proc/{pid}/task/{pid}/children').read_text().split()
+    except OSError:
+        return []
+    return [int(c) for c in children if b'spawn_main' in Path(f'/proc/{c}/cmdline').read_bytes()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().split()[2] != 'Z'
+    except OSError:
+        return False
+
+
+def _wait_until(condition, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f'timed out waiting for {what}'
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not Path('/proc/self/task').is_dir(), reason='reads the process tree from /proc')
+@pytest.mark.parametrize('stop', ['sigterm to the study', 'a run process killed', 'the study killed'])
+def test_a_study_stopped_while_runs_train_in_processes_leaves_no_process_and_keeps_finished_runs(tmp_path, stop):
+    """``ablate --jobs 2`` stopped mid-way: SIGTERM (exit 143) or a run's process killed (the out-of-memory
+    killer; exit 1) end with one line that says how to go on; a killed study takes its run processes
+    with it. No run process outlives the study, a finished run's result.json is whole and the output is
+    free for the rerun."""
+    data = make_fashion_mnist(tmp_path / 'fm', n_train=40, n_test=2000)
+    out = tmp_path / 'out'
+    study = subprocess.Popen(
+        [sys.executable, '-m', 'scalekd.cli', 'ablate', 'pilot', '--students', 'cnn', '--seeds', '0', '--subset',
+         '32', '--epochs', '30', '--data', str(data), '--output', str(out), '--no-progress', '--jobs', '2'],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / 'stderr').open('w'))  # (not a pipe a stray process holds)
+    workers = []
+    try:
+        _wait_until(lambda: len(_pool_processes(study.pid)) == 2 and any(
+            p.stat().st_size for p in out.glob('runs/cnn/*/seed0/metrics.jsonl')), 120, 'two runs training')
+        workers = _pool_processes(study.pid)
+        if stop == 'sigterm to the study':
+            study.send_signal(signal.SIGTERM)
+        elif stop == 'a run process killed':
+            os.kill(workers[0], signal.SIGKILL)
+        else:
+            study.kill()
+        code = study.wait(60)
+        _wait_until(lambda: not any(_alive(w) for w in workers), 30, 'the run processes to end')
+    finally:
+        for pid in [study.pid, *workers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        study.wait()
+    err = (tmp_path / 'stderr').read_text()
+    if stop == 'the study killed':
+        assert code == -signal.SIGKILL
+    else:
+        expected = {'sigterm to the study': (143, 'stopped by SIGTERM'),
+                    'a run process killed': (1, "a run's process ended abruptly")}[stop]
+        assert code == expected[0] and f'scalekd ablate: {expected[1]}' in err and 'Traceback' not in err, err
+        assert err.rstrip().endswith('the same command trains the rest'), err
+    for done in out.glob('runs/cnn/*/seed0/result.json'):
+        assert 0 <= json.loads(done.read_text())['top1'] <= 100
+    free = RunFolder(str(out))
+    free.acquire()  # no process holds the output
+    free.release()

@@ -303,7 +303,7 @@ def _add_ablate(sub) -> None:
 
 def _run_ablate(args: argparse.Namespace) -> int:
     from .engine.allocator import keep_freed_memory
-    from .tools.ablation import STUDIES, format_study, run_study
+    from .tools.ablation import STUDIES, StudyStopped, format_study, run_study
     settings = _demo_settings(args, ('subset', 'epochs'))
     try:
         seeds = [int(s) for s in args.seeds.split(',') if s]
@@ -315,7 +315,12 @@ def _run_ablate(args: argparse.Namespace) -> int:
     jobs = args.jobs or (min(torch.get_num_threads(), 8) if settings.device.type == 'cpu' else 1)
     keep_freed_memory()
     study = STUDIES[args.study]
-    print(format_study(study, run_study(study, settings, seeds, students, jobs=jobs)))
+    try:
+        summary = run_study(study, settings, seeds, students, jobs=jobs)
+    except StudyStopped as e:
+        print(f'scalekd ablate: {e}', file=sys.stderr)
+        return e.exit_code
+    print(format_study(study, summary))
     return 0
 
 

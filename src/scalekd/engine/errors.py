@@ -1,6 +1,8 @@
 """How runs and commands end on purpose: a run that cannot start as asked, a run a signal stopped,
 and which exceptions are a user's mistake (one line and exit code 2 wherever a command reports them)."""
 
+from typing import Optional
+
 __all__ = ['RunError', 'RunInterrupted', 'USER_ERRORS']
 
 
@@ -9,7 +11,15 @@ class RunError(ValueError):
 
 
 class RunInterrupted(RuntimeError):
-    """SIGTERM / SIGINT stopped the run after saving a checkpoint."""
+    """SIGTERM / SIGINT stopped the run after saving a checkpoint (``signum``: None when the signal came
+    to another rank)."""
+
+    def __init__(self, message: str, signum: Optional[int] = None):
+        super().__init__(message)
+        self.signum = signum
+
+    def __reduce__(self):
+        return type(self), (str(self), self.signum)  # the signal survives a trip between processes
 
 
 # a bad option, config, file or data (ConfigError, DataError, WeightsError, RunError, ... are ValueErrors) or

@@ -108,4 +108,4 @@ class StopSignal:
     def interrupted(self, step: int, saved: Path) -> RunInterrupted:
         """The stop after saving ``saved`` at ``step`` (on every rank; the signal may have come to another)."""
         return RunInterrupted(f'stopped by signal {self.signum or "on another rank"} at step {step}; checkpoint '
-                              f'{saved}; continue with --resume auto')
+                              f'{saved}; continue with --resume auto', self.signum)

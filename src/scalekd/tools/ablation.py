@@ -9,28 +9,36 @@ that disagree. Runs evaluate once, after their last epoch (the demo also draws a
 Every run keeps its folder (``config.yaml``, ``metrics.jsonl``, ``result.json``); a finished run is not
 trained again when a study is rerun. ``jobs`` runs train at once, each in a process of its own.
 """
+import ctypes
 import dataclasses
 import json
 import multiprocessing
+import os
+import signal
 import statistics
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..engine.allocator import keep_freed_memory
 from ..engine.config import RunConfig, config_from_dict, config_to_dict
 from ..engine.distributed import DistEnv
+from ..engine.errors import RunInterrupted
 from ..engine.run_folder import holding
 from ..engine.run_logger import write_text_atomic
 from ..method.options import ablation
 from .demo import STUDENTS, DemoSettings, run_config, test_loader, train_and_test
 from .plots import pyplot, save_figure
 
-__all__ = ['Study', 'STUDIES', 'REFERENCES', 'run_study', 'format_study']
+__all__ = ['Study', 'STUDIES', 'REFERENCES', 'StudyStopped', 'run_study', 'format_study']
 
 REFERENCES = ('student', 'kd')  # every row is compared with these, seed by seed
 
@@ -107,49 +115,132 @@ def _train(cfg: RunConfig, test, env: DistEnv) -> Dict[str, Any]:
     return result
 
 
+class StudyStopped(RuntimeError):
+    """A study stopped before its end (a signal, a run's process that died); its finished runs are kept."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 _worker: Dict[str, Any] = {}  # a pool process's environment and test loader (set by _start_worker)
 
 
-def _start_worker(threads: int, test_cfg: RunConfig, device: str) -> None:
+def _start_worker(study: int, threads: int, test_cfg: RunConfig, device: str) -> None:
+    _worker['study'] = study
+    if sys.platform == 'linux':  # SIGTERM when the study's process dies, however it dies: no orphan trains on
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    _exit_if_orphaned()  # the study died before the line above
     torch.set_num_threads(threads)
     keep_freed_memory()
     _worker.update(env=DistEnv(device=torch.device(device)), test=test_loader(test_cfg))
 
 
+def _exit_if_orphaned() -> None:
+    """End this pool process when the study's process is gone."""
+    if os.getppid() != _worker['study']:
+        os._exit(1)
+
+
 def _train_in_worker(cfg: RunConfig) -> Dict[str, Any]:
-    return _train(cfg, _worker['test'], _worker['env'])
+    """One run in a pool process, unless the study is gone; once it ends (done, or stopped by a signal),
+    a process whose study is gone ends too: the parent-death signal may have come while the run's trainer
+    held the signal handlers (caught, with no later step to act on it), and the process would otherwise
+    wait for another run forever."""
+    _exit_if_orphaned()
+    try:
+        return _train(cfg, _worker['test'], _worker['env'])
+    finally:
+        _exit_if_orphaned()
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the study's process (raised there by the handler :func:`_train_runs` installs)."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise _Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Inside the block (main thread only) SIGTERM raises :class:`_Terminated`, as SIGINT raises
+    ``KeyboardInterrupt``, so the study stops its runs' processes before it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(error: BaseException, unfinished: int, total: int, output: str) -> StudyStopped:
+    """What stopped the study, what it lost, and how to go on."""
+    if isinstance(error, BrokenProcessPool):
+        cause, code = ("a run's process ended abruptly (killed; by the out-of-memory killer if memory ran short: "
+                       'then use fewer --jobs)'), 1
+    else:
+        signum = signal.SIGTERM if isinstance(error, _Terminated) else getattr(error, 'signum', None) or signal.SIGINT
+        cause, code = f'stopped by {signal.Signals(signum).name}', 128 + signum
+    return StudyStopped(f'{cause}; {unfinished} of {total} runs not finished. The finished ones are kept under '
+                        f'{output}: the same command trains the rest', code)
+
+
+def _train_here(settings: DemoSettings, pending: Sequence[Tuple[Run, RunConfig]],
+                record: Callable[[Run, Dict[str, Any]], None]) -> None:
+    """Train the pending runs one after the other in this process."""
+    env = DistEnv(device=settings.device)
+    test = test_loader(pending[0][1]) if pending else None
+    for run, cfg in pending:
+        record(run, _train(cfg, test, env))
+
+
+def _train_in_pool(settings: DemoSettings, pending: Sequence[Tuple[Run, RunConfig]], jobs: int,
+                   record: Callable[[Run, Dict[str, Any]], None]) -> None:
+    """Train the pending runs ``jobs`` at a time, each in a process of its own with ``cores // jobs``
+    threads. A run's error lets the runs under way finish and starts no other; a stop (a signal, a
+    process that died) ends every run's process before it is raised."""
+    threads = max(1, torch.get_num_threads() // jobs)
+    before = set(multiprocessing.active_children())
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_worker,
+                             initargs=(os.getpid(), threads, pending[0][1], str(settings.device))) as pool:
+        futures = {pool.submit(_train_in_worker, dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))):
+                   run for run, cfg in pending}
+        try:
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+        except BaseException as e:
+            pool.shutdown(wait=False, cancel_futures=True)
+            if isinstance(e, (KeyboardInterrupt, _Terminated, RunInterrupted, BrokenProcessPool)):
+                for worker in set(multiprocessing.active_children()) - before:
+                    worker.terminate()  # a run saves its step and stops; its process ends
+            raise
 
 
 def _train_runs(settings: DemoSettings, study: Study, runs: Sequence[Run], jobs: int,
                 say: Callable[[str], None]) -> Dict[Run, Dict[str, Any]]:
-    """Every run's result: finished ones read back, the others trained, ``jobs`` at a time (each in a
-    process of its own with ``cores // jobs`` threads; several one-thread runs use a small CPU better than
-    one run on every core)."""
+    """Every run's result: finished ones read back, the others trained, ``jobs`` at a time (several
+    one-thread runs use a small CPU better than one run on every core). A signal or a run's process that
+    died stops the study with :class:`StudyStopped`; the finished runs' results stay on disk."""
     options = {label: opts for label, opts, _ in study.rows}
     configs = {run: _run_config(settings, run[0], run[1], options[run[1]], run[2]) for run in runs}
     results = {run: _finished(cfg, run[1]) for run, cfg in configs.items()}
-    pending = [run for run, result in results.items() if result is None]
 
     def record(run: Run, result: Dict[str, Any]) -> None:
         results[run] = result
         say(f'{study.name}: {run[0]} {run[1]} seed {run[2]}: test top-1 {result["top1"]:.2f} ({result["seconds"]:.0f} s)')
-    if jobs <= 1 or len(pending) <= 1:
-        env = DistEnv(device=settings.device)
-        test = test_loader(configs[pending[0]]) if pending else None
-        for run in pending:
-            record(run, _train(configs[run], test, env))
-        return results
-    threads = max(1, torch.get_num_threads() // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_worker,
-                             initargs=(threads, configs[pending[0]], str(settings.device))) as pool:
-        futures = {pool.submit(_train_in_worker, dataclasses.replace(
-            configs[run], log=dataclasses.replace(configs[run].log, progress=False))): run for run in pending}
+    work = [(run, configs[run]) for run in results if results[run] is None]
+    with _sigterm_raises():
         try:
-            for future in as_completed(futures):
-                record(futures[future], future.result())
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+            if jobs <= 1 or len(work) <= 1:
+                _train_here(settings, work, record)
+            else:
+                _train_in_pool(settings, work, jobs, record)
+        except (KeyboardInterrupt, _Terminated, RunInterrupted, BrokenProcessPool) as e:
+            unfinished = sum(result is None for result in results.values())
+            raise _stopped(e, unfinished, len(results), settings.output) from None
     return results
 
 
