@@ -1,6 +1,7 @@
 """One device policy (``--device auto|cpu|cuda|cuda:N``) and one error policy for every ``scalekd`` command."""
 import json
 import re
+import signal
 import subprocess
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import scalekd.tools.bench as bench
+import scalekd.tools.demo as demo
 import scalekd.cli as cli
 from engine_fixtures import make_fashion_mnist, make_image_folder, tiny_config
 from scalekd.tools.analysis.inputs import feature_maps
@@ -17,6 +19,7 @@ from scalekd.cli import build_parser, main
 from scalekd.engine.config import ConfigError
 from scalekd.engine.devices import model_device, resolve_device
 from scalekd.engine.distributed import init_distributed
+from scalekd.engine.errors import RunInterrupted
 from scalekd.tools.export import export_student
 from scalekd.tools.inspection import _train_step
 from scalekd.adapters.models import create_timm_model
@@ -276,3 +279,15 @@ def test_a_bench_child_reports_a_user_error_with_exit_2():
     lines = child.stderr.splitlines()
     assert child.returncode == 2 and len(lines) == 1
     assert lines[0].startswith("UnknownModelError: unknown student model 'resnet5O'")
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_demo_stopped_by_a_signal_is_one_line_and_exits_128_plus_the_signal(monkeypatch, capsys, signum):
+    """A demo run a signal stopped (its trainer saved and raised) is reported in one line, not a traceback,
+    and does not point at a resume the demo does not do."""
+    def stopped(settings):
+        raise RunInterrupted('stopped by signal; checkpoint x.pth; continue with --resume auto', signum)
+    monkeypatch.setattr(demo, 'run_demo', stopped)
+    assert main(['demo', '--quick', '--output', 'never-written']) == 128 + signum
+    assert capsys.readouterr().err.splitlines() == [
+        f'scalekd demo: stopped by {signum.name}; the demo trains its runs afresh when run again']

@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -269,6 +270,7 @@ def _demo_settings(args: argparse.Namespace, overrides: Sequence[str], quick: bo
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .engine.allocator import keep_freed_memory
+    from .engine.errors import RunInterrupted
     from .tools.demo import format_table, run_demo
     settings = _demo_settings(args, ('subset', 'epochs', 'batch_size', 'test_sample'), args.quick, seed=args.seed,
                               baselines=args.baselines, distill=_key_values(args.option, '--option'))
@@ -277,7 +279,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.teacher_weights:
         settings.teacher_weights = args.teacher_weights
     keep_freed_memory()
-    results = run_demo(settings)
+    try:
+        results = run_demo(settings)
+    except RunInterrupted as e:
+        signum = e.signum or signal.SIGINT
+        print(f'scalekd demo: stopped by {signal.Signals(signum).name}; the demo trains its runs afresh when run '
+              f'again', file=sys.stderr)
+        return 128 + signum
     print(format_table(results))
     print(f'results: {Path(args.output) / "results.json"}, plot: {Path(args.output) / "accuracy.png"}')
     return 0
