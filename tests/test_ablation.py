@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,25 +159,29 @@ def _wait_until(condition, timeout: float, what: str):
         time.sleep(0.2)
 
 
-@pytest.mark.skipif(not Path('/proc/self/task').is_dir(), reason='reads the process tree from /proc')
-@pytest.mark.parametrize('stop', ['sigterm to the study', 'a run process killed', 'the study killed'])
+@pytest.mark.skipif(not Path(f'/proc/{os.getpid()}/task/{os.getpid()}/children').exists(),
+                    reason='reads the process tree from /proc (CONFIG_PROC_CHILDREN)')
+@pytest.mark.parametrize('stop', ['ctrl-c', 'sigterm to the study', 'a run process killed', 'the study killed'])
 def test_a_study_stopped_while_runs_train_in_processes_leaves_no_process_and_keeps_finished_runs(tmp_path, stop):
-    """``ablate --jobs 2`` stopped mid-way: SIGTERM (exit 143) or a run's process killed (the out-of-memory
-    killer; exit 1) end with one line that says how to go on; a killed study takes its run processes
-    with it. No run process outlives the study, a finished run's result.json is whole and the output is
-    free for the rerun."""
+    """``ablate --jobs 2`` stopped mid-way: Ctrl-C (exit 130), SIGTERM (143) or a run's process killed (the
+    out-of-memory killer; 1) end with one line that says how to go on, and no run starts after it; a
+    killed study takes its run processes with it. No run process outlives the study, a finished run's
+    result.json is whole and the output is free for the rerun."""
     data = make_fashion_mnist(tmp_path / 'fm', n_train=40, n_test=2000)
     out = tmp_path / 'out'
     study = subprocess.Popen(
         [sys.executable, '-m', 'scalekd.cli', 'ablate', 'pilot', '--students', 'cnn', '--seeds', '0', '--subset',
          '32', '--epochs', '30', '--data', str(data), '--output', str(out), '--no-progress', '--jobs', '2'],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / 'stderr').open('w'))  # (not a pipe a stray process holds)
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / 'stderr').open('w'),  # (not a pipe a stray process holds)
+        start_new_session=True)  # its own process group, as a terminal gives it
     workers = []
     try:
         _wait_until(lambda: len(_pool_processes(study.pid)) == 2 and any(
             p.stat().st_size for p in out.glob('runs/cnn/*/seed0/metrics.jsonl')), 120, 'two runs training')
         workers = _pool_processes(study.pid)
-        if stop == 'sigterm to the study':
+        if stop == 'ctrl-c':
+            os.killpg(study.pid, signal.SIGINT)  # the terminal sends it to every process of the group
+        elif stop == 'sigterm to the study':
             study.send_signal(signal.SIGTERM)
         elif stop == 'a run process killed':
             os.kill(workers[0], signal.SIGKILL)
@@ -193,12 +198,24 @@ def test_a_study_stopped_while_runs_train_in_processes_leaves_no_process_and_kee
     if stop == 'the study killed':
         assert code == -signal.SIGKILL
     else:
-        expected = {'sigterm to the study': (143, 'stopped by SIGTERM'),
+        expected = {'ctrl-c': (130, 'stopped by SIGINT'), 'sigterm to the study': (143, 'stopped by SIGTERM'),
                     'a run process killed': (1, "a run's process ended abruptly")}[stop]
         assert code == expected[0] and f'scalekd ablate: {expected[1]}' in err and 'Traceback' not in err, err
         assert err.rstrip().endswith('the same command trains the rest'), err
+        unfinished, total = map(int, re.search(r'; (\d+) of (\d+) runs not finished', err).groups())
+        assert len(list(out.glob('runs/cnn/*/seed0/result.json'))) == total - unfinished  # none trained after
     for done in out.glob('runs/cnn/*/seed0/result.json'):
         assert 0 <= json.loads(done.read_text())['top1'] <= 100
     free = RunFolder(str(out))
     free.acquire()  # no process holds the output
     free.release()
+
+
+def test_data_that_cannot_be_read_is_the_runs_error_with_jobs_too(tiny, tmp_path, capsys):
+    """The run processes' test loader fails: the study reports the data error in one line (exit 2), as
+    in one process, not a process that died, and writes nothing."""
+    assert main(['ablate', 'pilot', '--students', 'cnn', '--seeds', '0', '--data', str(tmp_path / 'missing'),
+                 '--output', str(tmp_path / 'out'), '--jobs', '2', '--no-progress']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('scalekd ablate: error: Fashion-MNIST was not found') and 'Traceback' not in err
+    assert not (tmp_path / 'out').exists()

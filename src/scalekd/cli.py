@@ -281,8 +281,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     keep_freed_memory()
     try:
         results = run_demo(settings)
-    except RunInterrupted as e:
-        signum = e.signum or signal.SIGINT
+    except (RunInterrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, 'signum', None) or signal.SIGINT
         print(f'scalekd demo: stopped by {signal.Signals(signum).name}; the demo trains its runs afresh when run '
               f'again', file=sys.stderr)
         return 128 + signum

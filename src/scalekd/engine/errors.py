@@ -18,9 +18,6 @@ class RunInterrupted(RuntimeError):
         super().__init__(message)
         self.signum = signum
 
-    def __reduce__(self):
-        return type(self), (str(self), self.signum)  # the signal survives a trip between processes
-
 
 # a bad option, config, file or data (ConfigError, DataError, WeightsError, RunError, ... are ValueErrors) or
 # the non-finite-loss stop; anything else is a defect and keeps its traceback

@@ -126,14 +126,18 @@ class StudyStopped(RuntimeError):
 _worker: Dict[str, Any] = {}  # a pool process's environment and test loader (set by _start_worker)
 
 
-def _start_worker(study: int, threads: int, test_cfg: RunConfig, device: str) -> None:
-    _worker['study'] = study
+def _start_worker(study: int, stop, threads: int, test_cfg: RunConfig, device: str) -> None:
+    _worker.update(study=study, stop=stop)
     if sys.platform == 'linux':  # SIGTERM when the study's process dies, however it dies: no orphan trains on
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     _exit_if_orphaned()  # the study died before the line above
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the study's to act on (a run's trainer still takes it)
     torch.set_num_threads(threads)
     keep_freed_memory()
-    _worker.update(env=DistEnv(device=torch.device(device)), test=test_loader(test_cfg))
+    try:
+        _worker.update(env=DistEnv(device=torch.device(device)), test=test_loader(test_cfg))
+    except Exception as e:  # (data that cannot be read): the first run's error, not a process that died
+        _worker['error'] = e
 
 
 def _exit_if_orphaned() -> None:
@@ -142,16 +146,33 @@ def _exit_if_orphaned() -> None:
         os._exit(1)
 
 
-def _train_in_worker(cfg: RunConfig) -> Dict[str, Any]:
-    """One run in a pool process, unless the study is gone; once it ends (done, or stopped by a signal),
-    a process whose study is gone ends too: the parent-death signal may have come while the run's trainer
-    held the signal handlers (caught, with no later step to act on it), and the process would otherwise
-    wait for another run forever."""
+def _train_in_worker(cfg: RunConfig) -> Optional[Dict[str, Any]]:
+    """One run in a pool process; ``None`` when the study stopped before it started. A run a signal
+    stopped ends the process (the study asked, or is gone); so does a run that ends after its study
+    died (the parent-death signal may have come while the run's trainer held the signal handlers)."""
     _exit_if_orphaned()
+    if _worker['stop'].is_set():
+        return None
+    if 'error' in _worker:
+        raise _worker['error']
     try:
         return _train(cfg, _worker['test'], _worker['env'])
+    except RunInterrupted:
+        os._exit(1)
     finally:
         _exit_if_orphaned()
+
+
+def _end_processes(processes: Sequence[multiprocessing.process.BaseProcess], grace_s: float = 60) -> None:
+    """SIGTERM to each (a run under way saves its step and stops), then SIGKILL to any left after ``grace_s``."""
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 class _Terminated(Exception):
@@ -200,22 +221,24 @@ def _train_here(settings: DemoSettings, pending: Sequence[Tuple[Run, RunConfig]]
 def _train_in_pool(settings: DemoSettings, pending: Sequence[Tuple[Run, RunConfig]], jobs: int,
                    record: Callable[[Run, Dict[str, Any]], None]) -> None:
     """Train the pending runs ``jobs`` at a time, each in a process of its own with ``cores // jobs``
-    threads. A run's error lets the runs under way finish and starts no other; a stop (a signal, a
-    process that died) ends every run's process before it is raised."""
+    threads. Any error or stop (a run's error, a signal, a process that died) ends every run's process
+    before it is raised: the runs the pool had queued start no training, and a run under way stops
+    (the rerun trains it afresh)."""
     threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context('spawn')
+    stop = context.Event()
     before = set(multiprocessing.active_children())
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn'), initializer=_start_worker,
-                             initargs=(os.getpid(), threads, pending[0][1], str(settings.device))) as pool:
-        futures = {pool.submit(_train_in_worker, dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))):
-                   run for run, cfg in pending}
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                             initargs=(os.getpid(), stop, threads, pending[0][1], str(settings.device))) as pool:
         try:
+            futures = {pool.submit(_train_in_worker, dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))):
+                       run for run, cfg in pending}
             for future in as_completed(futures):
                 record(futures[future], future.result())
-        except BaseException as e:
+        except BaseException:
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
-            if isinstance(e, (KeyboardInterrupt, _Terminated, RunInterrupted, BrokenProcessPool)):
-                for worker in set(multiprocessing.active_children()) - before:
-                    worker.terminate()  # a run saves its step and stops; its process ends
+            _end_processes(list(set(multiprocessing.active_children()) - before))
             raise
 
 
@@ -299,8 +322,8 @@ def _run_study(study: Study, settings: DemoSettings, seeds: Sequence[int], stude
             disagree=_disagreements(study.paper_order, means))
     summary['seconds'] = time.perf_counter() - start
     out = Path(settings.output)
-    (out / f'{study.name}.json').write_text(json.dumps(summary, indent=2))
-    (out / f'{study.name}.md').write_text(format_study(study, summary) + '\n')
+    write_text_atomic(out / f'{study.name}.json', json.dumps(summary, indent=2))
+    write_text_atomic(out / f'{study.name}.md', format_study(study, summary) + '\n')
     plot_study(summary, out / f'{study.name}.png')
     return summary
 
