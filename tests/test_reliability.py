@@ -124,14 +124,19 @@ def test_sigkill_after_every_step_then_resume_gives_the_same_run(straight, data_
     assert not [f for f in os.listdir(run) if f.endswith('.tmp')]  # killed writes cleaned up
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(data_root, tmp_path):
-    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=3))
+@pytest.mark.parametrize('signum, workers', [(signal.SIGTERM, 0), (signal.SIGTERM, 2), (signal.SIGHUP, 2)])
+def test_a_stop_signal_to_the_job_saves_a_checkpoint_and_exits(data_root, tmp_path, signum, workers):
+    """SIGTERM (a scheduler's scancel / pre-emption) or SIGHUP (a closed terminal) sent to the run's whole
+    process group, its data-loader workers too: the run finishes its step, saves and exits 130 (a worker
+    killed under it crashed the run before it saved), and resumes to the end."""
+    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=3), data=dict(workers=workers))
     proc = _run(cfg)
     wait_for(tmp_path / 'run' / 'metrics.jsonl', proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signum)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
-    assert 'stopped by signal 15' in err and 'continue with --resume auto' in err
+    assert f'stopped by signal {int(signum)}' in err and 'continue with --resume auto' in err and 'Traceback' not in err
+    assert f'stopped by signal {int(signum)}' in (tmp_path / 'run' / 'train.log').read_text()
     saved, state, _ = latest_checkpoint(tmp_path / 'run')
     assert saved is not None
     assert state['progress']['step'] >= 1

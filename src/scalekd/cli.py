@@ -133,7 +133,8 @@ def _run_train(args: argparse.Namespace) -> int:
         try:
             Trainer(cfg, env, resume=args.resume, force=args.force).fit()
         except RunInterrupted as e:
-            print(f'scalekd train: {e}', file=sys.stderr)
+            if env.is_main:  # every rank stopped at the same step: one line
+                print(f'scalekd train: {e}', file=sys.stderr)
             return 130
         barrier(env)  # every rank: none tears its process group down while the main process still writes
         return 0

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from .config import DataConfig
 from .config_rules import DATASETS
 from .distributed import DistEnv
+from .faults import ignore_stop_signals
 
 __all__ = ['DataError', 'Datasets', 'CheckedImageDataset', 'build_datasets', 'build_loaders', 'build_mixup', 'seed_epoch', 'seeded_subset',
            'ShardSampler', 'EpochSampler', 'SeededSamples', 'epoch_seed']
@@ -217,7 +218,7 @@ def build_loaders(data: Datasets, cfg: DataConfig, batch_per_rank: int, env: Dis
     """Train loader (shuffled by seed and epoch, each sample augmented from its own seed: see
     :class:`EpochSampler`) and eval loader (this rank's shard, in order)."""
     sampler = EpochSampler(data.train, batch_per_rank, env, seed)
-    common = dict(num_workers=cfg.workers, pin_memory=env.device.type == 'cuda')
+    common = dict(num_workers=cfg.workers, pin_memory=env.device.type == 'cuda', worker_init_fn=ignore_stop_signals)
     train = DataLoader(SeededSamples(data.train), batch_size=batch_per_rank, sampler=sampler, drop_last=True,
                        generator=torch.Generator(), **common)
     val = DataLoader(data.val, batch_size=cfg.val_batch_size or batch_per_rank,

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .errors import RunInterrupted
 
-__all__ = ['NormStatistics', 'NonFiniteLoss', 'judge_non_finite', 'non_finite_flags', 'StopSignal']
+__all__ = ['NormStatistics', 'NonFiniteLoss', 'judge_non_finite', 'non_finite_flags', 'StopSignal', 'STOP_SIGNALS', 'ignore_stop_signals']
 
 
 class NormStatistics:
@@ -77,11 +77,23 @@ def judge_non_finite(names: Sequence[str], flags: Sequence[bool], skips_used: in
                          skips_used=skips_used + skip, max_skips=max_skips)
 
 
-class StopSignal:
-    """SIGTERM / SIGINT while training: recorded by the handler, acted on by every rank at the next
-    step (:meth:`flag` is reduced over ranks with the non-finite flag)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # a scheduler, Ctrl-C, a closed terminal
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A data-loader worker's ``worker_init_fn``: the stop signals are ignored there. A scheduler signals
+    the job's whole process group; a worker killed by it would crash the trainer before it saves, while
+    the trainer's process finishes the step, saves and stops (its workers end with the loader, or once
+    the trainer's process is gone)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+class StopSignal:
+    """SIGTERM / SIGINT / SIGHUP while training: recorded by the handler, acted on by every rank at the
+    next step (:meth:`flag` is reduced over ranks with the non-finite flag)."""
+
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.signum: Optional[int] = None

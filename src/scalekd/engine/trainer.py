@@ -327,7 +327,9 @@ class Trainer:
                 if stop or (every and p.step % every == 0 and p.batch < total):
                     path = self._save()  # every rank: mid-epoch checkpoint, or the one before stopping
                     if stop:
-                        raise self.stop.interrupted(p.step, path)
+                        stopped = self.stop.interrupted(p.step, path)
+                        self.logger.info(str(stopped))  # in train.log too (main process)
+                        raise stopped
         totals, batches = self.losses.global_sums(env)  # every rank
         means = {k: v / max(batches, 1) for k, v in totals.items()}
         means['img_per_s'] = seen * env.world_size / max(time.perf_counter() - start, 1e-9)
