@@ -312,7 +312,8 @@ def _add_ablate(sub) -> None:
 
 def _run_ablate(args: argparse.Namespace) -> int:
     from .engine.allocator import keep_freed_memory
-    from .tools.ablation import STUDIES, StudyStopped, format_study, run_study
+    from .tools.ablation import STUDIES, format_study, run_study
+    from .tools.run_pool import StudyStopped
     settings = _demo_settings(args, ('subset', 'epochs'))
     try:
         seeds = [int(s) for s in args.seeds.split(',') if s]

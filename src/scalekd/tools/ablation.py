@@ -9,36 +9,24 @@ that disagree. Runs evaluate once, after their last epoch (the demo also draws a
 Every run keeps its folder (``config.yaml``, ``metrics.jsonl``, ``result.json``); a finished run is not
 trained again when a study is rerun. ``jobs`` runs train at once, each in a process of its own.
 """
-import ctypes
 import dataclasses
 import json
-import multiprocessing
-import os
-import signal
 import statistics
-import sys
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
-
-from ..engine.allocator import keep_freed_memory
 from ..engine.config import RunConfig, config_from_dict, config_to_dict
 from ..engine.distributed import DistEnv
-from ..engine.errors import RunInterrupted
 from ..engine.run_folder import holding
 from ..engine.run_logger import write_text_atomic
 from ..method.options import ablation
 from .demo import STUDENTS, DemoSettings, run_config, test_loader, train_and_test
 from .plots import pyplot, save_figure
+from .run_pool import train_runs
 
-__all__ = ['Study', 'STUDIES', 'REFERENCES', 'StudyStopped', 'run_study', 'format_study']
+__all__ = ['Study', 'STUDIES', 'REFERENCES', 'run_study', 'format_study']
 
 REFERENCES = ('student', 'kd')  # every row is compared with these, seed by seed
 
@@ -115,138 +103,11 @@ def _train(cfg: RunConfig, test, env: DistEnv) -> Dict[str, Any]:
     return result
 
 
-class StudyStopped(RuntimeError):
-    """A study stopped before its end (a signal, a run's process that died); its finished runs are kept."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-_worker: Dict[str, Any] = {}  # a pool process's environment and test loader (set by _start_worker)
-
-
-def _start_worker(study: int, stop, threads: int, test_cfg: RunConfig, device: str) -> None:
-    _worker.update(study=study, stop=stop)
-    if sys.platform == 'linux':  # SIGTERM when the study's process dies, however it dies: no orphan trains on
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    _exit_if_orphaned()  # the study died before the line above
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the study's to act on (a run's trainer still takes it)
-    torch.set_num_threads(threads)
-    keep_freed_memory()
-    try:
-        _worker.update(env=DistEnv(device=torch.device(device)), test=test_loader(test_cfg))
-    except Exception as e:  # (data that cannot be read): the first run's error, not a process that died
-        _worker['error'] = e
-
-
-def _exit_if_orphaned() -> None:
-    """End this pool process when the study's process is gone."""
-    if os.getppid() != _worker['study']:
-        os._exit(1)
-
-
-def _train_in_worker(cfg: RunConfig) -> Optional[Dict[str, Any]]:
-    """One run in a pool process; ``None`` when the study stopped before it started. A run a signal
-    stopped ends the process (the study asked, or is gone); so does a run that ends after its study
-    died (the parent-death signal may have come while the run's trainer held the signal handlers)."""
-    _exit_if_orphaned()
-    if _worker['stop'].is_set():
-        return None
-    if 'error' in _worker:
-        raise _worker['error']
-    try:
-        return _train(cfg, _worker['test'], _worker['env'])
-    except RunInterrupted:
-        os._exit(1)
-    finally:
-        _exit_if_orphaned()
-
-
-def _end_processes(processes: Sequence[multiprocessing.process.BaseProcess], grace_s: float = 60) -> None:
-    """SIGTERM to each (a run under way saves its step and stops), then SIGKILL to any left after ``grace_s``."""
-    for process in processes:
-        process.terminate()
-    deadline = time.monotonic() + grace_s
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-        if process.is_alive():
-            process.kill()
-            process.join()
-
-
-class _Terminated(Exception):
-    """SIGTERM reached the study's process (raised there by the handler :func:`_train_runs` installs)."""
-
-
-def _raise_terminated(signum: int, frame) -> None:
-    raise _Terminated()
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Inside the block (main thread only) SIGTERM raises :class:`_Terminated`, as SIGINT raises
-    ``KeyboardInterrupt``, so the study stops its runs' processes before it ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _stopped(error: BaseException, unfinished: int, total: int, output: str) -> StudyStopped:
-    """What stopped the study, what it lost, and how to go on."""
-    if isinstance(error, BrokenProcessPool):
-        cause, code = ("a run's process ended abruptly (killed; by the out-of-memory killer if memory ran short: "
-                       'then use fewer --jobs)'), 1
-    else:
-        signum = signal.SIGTERM if isinstance(error, _Terminated) else getattr(error, 'signum', None) or signal.SIGINT
-        cause, code = f'stopped by {signal.Signals(signum).name}', 128 + signum
-    return StudyStopped(f'{cause}; {unfinished} of {total} runs not finished. The finished ones are kept under '
-                        f'{output}: the same command trains the rest', code)
-
-
-def _train_here(settings: DemoSettings, pending: Sequence[Tuple[Run, RunConfig]],
-                record: Callable[[Run, Dict[str, Any]], None]) -> None:
-    """Train the pending runs one after the other in this process."""
-    env = DistEnv(device=settings.device)
-    test = test_loader(pending[0][1]) if pending else None
-    for run, cfg in pending:
-        record(run, _train(cfg, test, env))
-
-
-def _train_in_pool(settings: DemoSettings, pending: Sequence[Tuple[Run, RunConfig]], jobs: int,
-                   record: Callable[[Run, Dict[str, Any]], None]) -> None:
-    """Train the pending runs ``jobs`` at a time, each in a process of its own with ``cores // jobs``
-    threads. Any error or stop (a run's error, a signal, a process that died) ends every run's process
-    before it is raised: the runs the pool had queued start no training, and a run under way stops
-    (the rerun trains it afresh)."""
-    threads = max(1, torch.get_num_threads() // jobs)
-    context = multiprocessing.get_context('spawn')
-    stop = context.Event()
-    before = set(multiprocessing.active_children())
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(os.getpid(), stop, threads, pending[0][1], str(settings.device))) as pool:
-        try:
-            futures = {pool.submit(_train_in_worker, dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, progress=False))):
-                       run for run, cfg in pending}
-            for future in as_completed(futures):
-                record(futures[future], future.result())
-        except BaseException:
-            stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
-            _end_processes(list(set(multiprocessing.active_children()) - before))
-            raise
-
-
 def _train_runs(settings: DemoSettings, study: Study, runs: Sequence[Run], jobs: int,
                 say: Callable[[str], None]) -> Dict[Run, Dict[str, Any]]:
-    """Every run's result: finished ones read back, the others trained, ``jobs`` at a time (several
-    one-thread runs use a small CPU better than one run on every core). A signal or a run's process that
-    died stops the study with :class:`StudyStopped`; the finished runs' results stay on disk."""
+    """Every run's result: finished ones read back, the others trained, ``jobs`` at a time (see
+    :func:`~scalekd.tools.run_pool.train_runs`: a stop raises :class:`~scalekd.tools.run_pool.StudyStopped`;
+    the finished runs' results stay on disk)."""
     options = {label: opts for label, opts, _ in study.rows}
     configs = {run: _run_config(settings, run[0], run[1], options[run[1]], run[2]) for run in runs}
     results = {run: _finished(cfg, run[1]) for run, cfg in configs.items()}
@@ -254,16 +115,8 @@ def _train_runs(settings: DemoSettings, study: Study, runs: Sequence[Run], jobs:
     def record(run: Run, result: Dict[str, Any]) -> None:
         results[run] = result
         say(f'{study.name}: {run[0]} {run[1]} seed {run[2]}: test top-1 {result["top1"]:.2f} ({result["seconds"]:.0f} s)')
-    work = [(run, configs[run]) for run in results if results[run] is None]
-    with _sigterm_raises():
-        try:
-            if jobs <= 1 or len(work) <= 1:
-                _train_here(settings, work, record)
-            else:
-                _train_in_pool(settings, work, jobs, record)
-        except (KeyboardInterrupt, _Terminated, RunInterrupted, BrokenProcessPool) as e:
-            unfinished = sum(result is None for result in results.values())
-            raise _stopped(e, unfinished, len(results), settings.output) from None
+    train_runs([(run, configs[run]) for run in results if results[run] is None], jobs, settings.device, test_loader,
+               _train, record, len(results), settings.output)
     return results
 
 
