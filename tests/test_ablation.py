@@ -173,7 +173,8 @@ def test_a_study_stopped_while_runs_train_in_processes_leaves_no_process_and_kee
         [sys.executable, '-m', 'scalekd.cli', 'ablate', 'pilot', '--students', 'cnn', '--seeds', '0', '--subset',
          '32', '--epochs', '30', '--data', str(data), '--output', str(out), '--no-progress', '--jobs', '2'],
         stdout=subprocess.DEVNULL, stderr=(tmp_path / 'stderr').open('w'),  # (not a pipe a stray process holds)
-        start_new_session=True)  # its own process group, as a terminal gives it
+        start_new_session=True,  # its own process group, as a terminal gives it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C live (a background shell ignores it)
     workers = []
     try:
         _wait_until(lambda: len(_pool_processes(study.pid)) == 2 and any(

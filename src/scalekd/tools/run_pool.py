@@ -4,8 +4,9 @@
 own with ``cores // jobs`` threads (several one-thread runs use a small CPU better than one run on every
 core). However the command stops, no run process outlives it and no queued run starts:
 
-- Ctrl-C or SIGTERM: every run process gets SIGTERM (a run under way saves its step and stops), then
-  SIGKILL after a grace period; :class:`StudyStopped` says so, with exit code 130 / 143;
+- Ctrl-C or SIGTERM (to the command, or to a run process whose trainer reports it): every run process
+  gets SIGTERM (a run under way saves its step and stops), then SIGKILL after a grace period;
+  :class:`StudyStopped` says so, with exit code 130 / 143;
 - a run process that died (the out-of-memory killer): the others are ended the same way; exit code 1;
 - a run's error (data that cannot be read, ...): the others are ended and the error is raised as is;
 - the command's process killed: Linux's parent-death signal stops each run process, and a run process
@@ -70,9 +71,10 @@ def _exit_if_orphaned() -> None:
 
 
 def _train_in_worker(cfg: RunConfig) -> Optional[Dict[str, Any]]:
-    """One run in a pool process; ``None`` when the study stopped before it started. A run a signal
-    stopped ends the process (the study asked, or is gone); so does a run that ends after its study
-    died (the parent-death signal may have come while the run's trainer held the signal handlers)."""
+    """One run in a pool process; ``None`` when the study stopped before it started. A run that ends
+    (done, failed, or stopped by a signal: reported to the study) after its study died ends the process:
+    the parent-death signal may have come while the run's trainer held the signal handlers, and the
+    process would otherwise wait for another run forever."""
     _exit_if_orphaned()
     if _worker['stop'].is_set():
         return None
@@ -80,8 +82,6 @@ def _train_in_worker(cfg: RunConfig) -> Optional[Dict[str, Any]]:
         raise _worker['error']
     try:
         return _worker['train'](cfg, _worker['shared'], _worker['env'])
-    except RunInterrupted:
-        os._exit(1)
     finally:
         _exit_if_orphaned()
 
