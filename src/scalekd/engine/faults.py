@@ -10,14 +10,14 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .errors import RunInterrupted
 
-__all__ = ['NormStatistics', 'NonFiniteLoss', 'judge_non_finite', 'non_finite_flags', 'StopSignal', 'STOP_SIGNALS', 'ignore_stop_signals']
+__all__ = ['NormStatistics', 'NonFiniteLoss', 'judge_non_finite', 'non_finite_flags', 'StopSignal', 'STOP_SIGNALS', 'ignore_stop_signals', 'handling']
 
 
 class NormStatistics:
@@ -80,6 +80,21 @@ def judge_non_finite(names: Sequence[str], flags: Sequence[bool], skips_used: in
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # a scheduler, Ctrl-C, a closed terminal
 
 
+@contextmanager
+def handling(signals: Sequence[int], handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for ``signals`` inside the block, set from the main thread only (Python sets handlers
+    nowhere else; in another thread the block runs with the handlers as they are); the previous
+    handlers come back after."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """A data-loader worker's ``worker_init_fn``: the stop signals are ignored there. A scheduler signals
     the job's whole process group; a worker killed by it would crash the trainer before it saves, while
@@ -101,14 +116,8 @@ class StopSignal:
     @contextmanager
     def installed(self) -> Iterator['StopSignal']:
         """Catch the signals inside the block (from the main thread only); the old handlers come back after."""
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            handlers = {s: signal.signal(s, self._record) for s in self.SIGNALS}
-        try:
+        with handling(self.SIGNALS, self._record):
             yield self
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
 
     def _record(self, signum, frame) -> None:
         self.signum = signum

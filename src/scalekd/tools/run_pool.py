@@ -18,12 +18,10 @@ import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
-from typing import Any, Callable, Dict, Hashable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,6 +29,7 @@ from ..engine.allocator import keep_freed_memory
 from ..engine.config import RunConfig
 from ..engine.distributed import DistEnv
 from ..engine.errors import RunInterrupted
+from ..engine.faults import handling
 
 __all__ = ['StudyStopped', 'train_runs']
 
@@ -106,20 +105,6 @@ def _raise_terminated(signum: int, frame) -> None:
     raise _Terminated()
 
 
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Inside the block (main thread only) SIGTERM raises :class:`_Terminated`, as SIGINT raises
-    ``KeyboardInterrupt``, so the study stops its runs' processes before it ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _stopped(error: BaseException, unfinished: int, total: int, output: str) -> StudyStopped:
     """What stopped the study, what it lost, and how to go on."""
     if isinstance(error, BrokenProcessPool):
@@ -177,7 +162,7 @@ def train_runs(pending: Sequence[Tuple[Run, RunConfig]], jobs: int, device: torc
         nonlocal done
         done += 1
         record(run, result)
-    with _sigterm_raises():
+    with handling((signal.SIGTERM,), _raise_terminated):  # SIGTERM raises here, as SIGINT raises KeyboardInterrupt
         try:
             if jobs <= 1 or len(pending) <= 1:
                 _train_here(pending, device, setup, train, count)
