@@ -2,7 +2,6 @@
 import argparse
 import json
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -271,7 +270,7 @@ def _demo_settings(args: argparse.Namespace, overrides: Sequence[str], quick: bo
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .engine.allocator import keep_freed_memory
-    from .engine.errors import RunInterrupted
+    from .engine.errors import RunInterrupted, stop_signal
     from .tools.demo import format_table, run_demo
     settings = _demo_settings(args, ('subset', 'epochs', 'batch_size', 'test_sample'), args.quick, seed=args.seed,
                               baselines=args.baselines, distill=_key_values(args.option, '--option'))
@@ -283,9 +282,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     try:
         results = run_demo(settings)
     except (RunInterrupted, KeyboardInterrupt) as e:
-        signum = getattr(e, 'signum', None) or signal.SIGINT
-        print(f'scalekd demo: stopped by {signal.Signals(signum).name}; the demo trains its runs afresh when run '
-              f'again', file=sys.stderr)
+        signum = stop_signal(e)
+        print(f'scalekd demo: stopped by {signum.name}; the demo trains its runs afresh when run again',
+              file=sys.stderr)
         return 128 + signum
     print(format_table(results))
     print(f'results: {Path(args.output) / "results.json"}, plot: {Path(args.output) / "accuracy.png"}')

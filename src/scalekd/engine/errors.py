@@ -1,9 +1,10 @@
 """How runs and commands end on purpose: a run that cannot start as asked, a run a signal stopped,
 and which exceptions are a user's mistake (one line and exit code 2 wherever a command reports them)."""
 
+import signal
 from typing import Optional
 
-__all__ = ['RunError', 'RunInterrupted', 'USER_ERRORS']
+__all__ = ['RunError', 'RunInterrupted', 'USER_ERRORS', 'stop_signal']
 
 
 class RunError(ValueError):
@@ -17,6 +18,12 @@ class RunInterrupted(RuntimeError):
     def __init__(self, message: str, signum: Optional[int] = None):
         super().__init__(message)
         self.signum = signum
+
+
+def stop_signal(error: BaseException) -> signal.Signals:
+    """The signal behind a stop: the one the error carries (``signum``, as :class:`RunInterrupted` does),
+    else SIGINT (``KeyboardInterrupt``, or a signal that came to another rank)."""
+    return signal.Signals(getattr(error, 'signum', None) or signal.SIGINT)
 
 
 # a bad option, config, file or data (ConfigError, DataError, WeightsError, RunError, ... are ValueErrors) or

@@ -28,7 +28,7 @@ import torch
 from ..engine.allocator import keep_freed_memory
 from ..engine.config import RunConfig
 from ..engine.distributed import DistEnv
-from ..engine.errors import RunInterrupted
+from ..engine.errors import RunInterrupted, stop_signal
 from ..engine.faults import handling
 
 __all__ = ['StudyStopped', 'train_runs']
@@ -99,6 +99,7 @@ def _end_processes(processes: Sequence[multiprocessing.process.BaseProcess], gra
 
 class _Terminated(Exception):
     """SIGTERM reached the study's process (raised there by the handler :func:`train_runs` installs)."""
+    signum = signal.SIGTERM
 
 
 def _raise_terminated(signum: int, frame) -> None:
@@ -111,8 +112,8 @@ def _stopped(error: BaseException, unfinished: int, total: int, output: str) -> 
         cause, code = ("a run's process ended abruptly (killed; by the out-of-memory killer if memory ran short: "
                        'then use fewer --jobs)'), 1
     else:
-        signum = signal.SIGTERM if isinstance(error, _Terminated) else getattr(error, 'signum', None) or signal.SIGINT
-        cause, code = f'stopped by {signal.Signals(signum).name}', 128 + signum
+        signum = stop_signal(error)
+        cause, code = f'stopped by {signum.name}', 128 + signum
     return StudyStopped(f'{cause}; {unfinished} of {total} runs not finished. The finished ones are kept under '
                         f'{output}: the same command trains the rest', code)
 
