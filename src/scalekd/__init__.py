@@ -8,6 +8,9 @@ from .method.options import METHODS, DistillOptions
 from .method.projectors import ConvProjector, CrossAttentionProjector, LinearProjector, build_projector
 from .task.builder import build_distiller
 from .task.distiller import DistillationModule, Distiller
+from .engine.config import RunConfig, load_config
+from .engine.distributed import exit_process
+from .engine.trainer import Trainer
 
 __version__ = '0.1.0'
 
@@ -17,4 +20,5 @@ __all__ = [
     'CrossAttentionProjector', 'LinearProjector', 'ConvProjector', 'build_projector',
     'Dct2d', 'dct_matrix', 'remove_dc', 'keep_dc', 'remove_dc_by_dct',
     'feature_distance', 'logit_kd_loss',
+    'load_config', 'RunConfig', 'Trainer', 'exit_process',
 ]

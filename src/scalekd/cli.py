@@ -145,12 +145,12 @@ def _add_eval(sub) -> None:
     p = sub.add_parser('eval', help='top-1 / top-5 of a checkpoint or exported student on an image folder')
     p.add_argument('checkpoint', help='training checkpoint (.pth) or export folder')
     p.add_argument('--data', required=True, help='folder with one sub-folder per class, or the Fashion-MNIST IDX files')
-    p.add_argument('--batch', type=int, default=64)
+    p.add_argument('--batch', type=int, default=64, help='images per batch (default 64)')
     p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='loader workers (default: up to 4, at most one per CPU)')
     p.add_argument('--skip-unreadable', action='store_true',
                    help='decode every image first and leave out (and count) unreadable ones; default: stop at one')
     _add_device(p)
-    p.add_argument('--json', action='store_true')
+    p.add_argument('--json', action='store_true', help='print one JSON object')
     p.set_defaults(func=_run_eval)
 
 
@@ -193,7 +193,7 @@ def _add_import_mmcls(sub) -> None:
     p.add_argument('--model', required=True, help='timm name of the student, e.g. resnet50d, deit_small_patch16_224, '
                                                   'swin_tiny_patch4_window7_224, convnext_tiny, mixer_b16_224')
     p.add_argument('--out', required=True, help='output folder (model.safetensors + config.json)')
-    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--img-size', type=int, default=224, help='input resolution of the student (default 224)')
     p.add_argument('--model-kwarg', action='append', metavar='KEY=VALUE', help='timm.create_model kwarg, repeatable')
     p.set_defaults(func=_run_import_mmcls)
 
@@ -216,15 +216,16 @@ def _run_import_mmcls(args: argparse.Namespace) -> int:
 def _add_bench(sub) -> None:
     p = sub.add_parser('bench', help='training-step time and peak memory of each ScaleKD component '
                                      '(the paper\'s Table 15b), side by side')
-    p.add_argument('--teacher', default='swin_small_patch4_window7_224')
-    p.add_argument('--student', default='resnet50')
-    p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--teacher', default='swin_small_patch4_window7_224', help='timm teacher name (default %(default)s)')
+    p.add_argument('--student', default='resnet50', help='timm student name (default %(default)s)')
+    p.add_argument('--img-size', type=int, default=224, help='input resolution (default 224)')
+    p.add_argument('--batch', type=int, default=8, help='images per training step (default 8)')
     p.add_argument('--steps', type=int, default=3, help='timed steps per variant, after one warm-up step')
-    p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16', 'auto'))
+    p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16', 'auto'),
+                   help='the step\'s precision, as train.precision (default fp32)')
     p.add_argument('--teacher-precision', choices=('fp32', 'bf16', 'fp16', 'auto'),
                    help="the teacher forward's own precision (train.teacher_precision; default: --precision)")
-    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--channels-last', action='store_true', help='channels-last memory format, as train.channels_last')
     p.add_argument('--compile', action='store_true', help='compile as train.compile does (teacher and each piece)')
     _add_device(p)
     p.add_argument('--variants', help=f'comma-separated subset of: {", ".join(ABLATIONS)}')
@@ -239,7 +240,7 @@ def _add_demo(sub) -> None:
     p.add_argument('--students', help='comma-separated subset of cnn, mlp, vit (default all; --quick cnn,mlp)')
     p.add_argument('--baselines', action='store_true', help='also train each student with logit KD only')
     p.add_argument('--quick', action='store_true', help='CNN and MLP students, fewer images and epochs (under 3 minutes)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='seed of the subset, the weights and the augmentations (default 0)')
     p.add_argument('--subset', type=int, help='training images per student (default 800; --quick 500)')
     p.add_argument('--epochs', type=int, help='epochs per student (default 15; --quick 8)')
     p.add_argument('--batch-size', type=int, help='batch size (default 32)')
@@ -410,7 +411,7 @@ def _add_linear_probe(sub) -> None:
     p.add_argument('--val', required=True, help='evaluation images: Fashion-MNIST IDX folder (test split) or class folders')
     p.add_argument('--shots', type=int, help='K training images per class (default: all)')
     p.add_argument('--limit', type=int, help='at most N training images (evenly spaced; before --shots)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='seed of the --shots draw (default 0)')
     p.add_argument('--json', action='store_true', help='print one JSON object')
     p.set_defaults(func=_run_linear_probe)
 

@@ -29,25 +29,73 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """A timm model: name, ``create_model`` kwargs, and where its weights come from."""
+    """A timm model: name, ``create_model`` kwargs, and where its weights come from.
+
+    Attributes:
+        model: timm model name, as ``timm.create_model`` takes it (a pretrained tag allowed); empty for
+            no model (the student-alone baseline has no teacher).
+        kwargs: extra ``timm.create_model`` keyword arguments (``patch_size``, ``output_stride``, ...).
+        pretrained: load the hub weights of the timm name (needs network).
+        checkpoint: weights to start from: a local safetensors or torch file (loaded with
+            ``weights_only``), a scalekd checkpoint (its EMA student if any) or an export folder.
+        mean: teacher only: the per-channel input mean its weights expect, when not its timm
+            pretrained cfg's (null: timm's).
+        std: teacher only: the per-channel input std, as for ``mean``.
+    """
     model: str = ''
     kwargs: Dict[str, Any] = field(default_factory=dict)
-    pretrained: bool = False          # hub weights by timm name (needs network)
-    checkpoint: Optional[str] = None  # local safetensors / torch file
-    mean: Optional[Tuple[float, ...]] = None  # teacher only: its input normalisation, if not timm's
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
+    mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
 
 
 @dataclass
 class DataConfig:
-    """Dataset and the augmentation recipe (Table 10)."""
-    dataset: str = 'folder'           # 'folder' (ImageNet-style train/ val/) or 'fashion_mnist'
+    """Dataset and the augmentation recipe (Table 10).
+
+    Attributes:
+        dataset: ``folder`` (class folders under ``root``) or ``fashion_mnist`` (the IDX files under
+            ``root``, ``$SCALEKD_DATA`` or Debian's ``/usr/share/datasets/fashion-mnist``).
+        root: the data folder; for ``folder`` it holds ``train_split`` and ``val_split``, each with
+            one sub-folder of images per class.
+        train_split: the sub-folder of ``root`` trained on.
+        val_split: the sub-folder of ``root`` evaluated after each epoch.
+        train_subset: train on N images drawn once by the run's seed (see ``subset_draw``); null: all.
+        val_subset: evaluate on N images of ``val_split``, drawn the same way; null: all.
+        subset_draw: ``random`` (any N images) or ``balanced`` (N / classes of each class).
+        img_size: training and evaluation resolution in pixels (square).
+        in_chans: input channels of both models: 1 reads every image as greyscale, 3 as RGB.
+        num_classes: classes of the student (and of a teacher created without hub weights).
+        scale: random-resized-crop area range, as fractions of the image.
+        ratio: random-resized-crop aspect-ratio range.
+        hflip: probability of a horizontal flip.
+        color_jitter: colour-jitter strength (0: off).
+        auto_augment: timm auto-augment policy, e.g. ``rand-m9-mstd0.5`` (null: off).
+        re_prob: random-erasing probability.
+        re_mode: random-erasing fill: ``const``, ``rand`` or ``pixel``.
+        label_smoothing: label smoothing of the task loss.
+        bce_loss: binary cross entropy as the task loss instead of cross entropy.
+        mixup: mixup alpha (0: off).
+        cutmix: cutmix alpha (0: off).
+        interpolation: resize interpolation (``bicubic``, ``bilinear``, ...).
+        crop_pct: evaluation centre crop: resize to ``img_size / crop_pct``, then crop ``img_size``.
+        mean: per-channel input mean (null: the student's pretrained cfg, else ImageNet's; the RGB
+            values averaged for one channel).
+        std: per-channel input std, as for ``mean``.
+        workers: data-loader worker processes per training process.
+        val_batch_size: evaluation batch per process (null: the training batch per process).
+        check_images: decode every image before training and name an unreadable one (null: when
+            there are at most 50,000 images).
+        skip_unreadable: skip (and count) unreadable images instead of stopping.
+    """
+    dataset: str = 'folder'
     root: str = ''
     train_split: str = 'train'
     val_split: str = 'val'
-    train_subset: Optional[int] = None  # train on N images drawn once by the run's seed (see subset_draw)
-    val_subset: Optional[int] = None    # the same for the split evaluated after each epoch
-    subset_draw: str = 'random'         # 'random': any N images; 'balanced': N / classes of each class
+    train_subset: Optional[int] = None
+    val_subset: Optional[int] = None
+    subset_draw: str = 'random'
     img_size: int = 224
     in_chans: int = 3
     num_classes: int = 1000
@@ -55,7 +103,7 @@ class DataConfig:
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     color_jitter: float = 0.0
-    auto_augment: Optional[str] = None    # e.g. 'rand-m9-mstd0.5'
+    auto_augment: Optional[str] = None
     re_prob: float = 0.0
     re_mode: str = 'pixel'
     label_smoothing: float = 0.0
@@ -64,17 +112,26 @@ class DataConfig:
     cutmix: float = 0.0
     interpolation: str = 'bicubic'
     crop_pct: float = 0.875
-    mean: Optional[Tuple[float, ...]] = None   # default: the student's pretrained cfg
+    mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
     workers: int = 4
-    val_batch_size: Optional[int] = None  # per process (default: the training batch per process)
-    check_images: Optional[bool] = None   # decode every image before training; None: when <= 50,000 images
-    skip_unreadable: bool = False         # skip (and count) unreadable images instead of stopping
+    val_batch_size: Optional[int] = None
+    check_images: Optional[bool] = None
+    skip_unreadable: bool = False
 
 
 @dataclass
 class OptimConfig:
-    """timm ``create_optimizer_v2`` arguments; no weight decay on norms, biases, embeddings."""
+    """timm ``create_optimizer_v2`` arguments; no weight decay on norms, biases, embeddings.
+
+    Attributes:
+        opt: optimizer name timm knows (``sgd``, ``adamw``, ``lamb``, ``lookahead_adamw``, ...).
+        lr: peak learning rate.
+        weight_decay: weight decay (not applied to norms, biases and embeddings).
+        momentum: momentum of SGD-like optimizers.
+        clip_grad: clip the gradient norm to this value (null: no clipping; on unscaled gradients
+            under fp16).
+    """
     opt: str = 'sgd'
     lr: float = 0.1
     weight_decay: float = 1e-4
@@ -84,8 +141,19 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    """timm ``create_scheduler_v2`` arguments, stepped per update."""
-    sched: str = 'cosine'   # 'cosine', 'step', 'multistep', 'onecycle'-like via warmup + cosine
+    """timm ``create_scheduler_v2`` arguments, stepped per update.
+
+    Attributes:
+        sched: learning-rate schedule timm knows (``cosine``, ``step``, ``multistep``, ...).
+        epochs: training epochs.
+        decay_milestones: epochs at which ``multistep`` multiplies the rate by ``decay_rate``.
+        decay_epochs: epochs between decays of ``step``.
+        decay_rate: the factor of each ``step`` / ``multistep`` decay.
+        warmup_epochs: epochs of linear warm-up from ``warmup_lr``.
+        warmup_lr: learning rate at the start of the warm-up.
+        min_lr: the lowest rate the schedule reaches.
+    """
+    sched: str = 'cosine'
     epochs: int = 100
     decay_milestones: List[int] = field(default_factory=lambda: [30, 60, 90])
     decay_epochs: float = 30
@@ -97,38 +165,81 @@ class SchedConfig:
 
 @dataclass
 class TrainConfig:
-    """Batch, precision and speed switches."""
-    batch_size: int = 256        # global batch over all processes and accumulation steps
+    """Batch, precision and speed switches.
+
+    Attributes:
+        batch_size: the global batch: over all processes and accumulation steps.
+        accum_steps: micro-batches accumulated per optimizer update.
+        precision: ``fp32``, ``bf16``, ``fp16``, or ``auto`` (bf16 where the hardware runs it fast,
+            fp16 with a grad scaler on older GPUs, else fp32).
+        teacher_precision: the teacher forward's own precision (same choices); null: the run's.
+        channels_last: images and models in channels-last memory format.
+        compile: ``torch.compile`` the teacher's feature extraction and last stage and each piece of
+            the trainable module.
+        zero: shard the optimizer state over the processes (ZeRO-1); checkpoints stay whole.
+        ema: keep an exponential moving average of the student (evaluated and exported too).
+        ema_decay: decay of the EMA.
+        eval_every: evaluate every N epochs (and after the last).
+        keep_checkpoints: newest checkpoints of the run kept (0: all; ``best.pth`` is kept apart).
+        checkpoint_every_steps: also checkpoint within epochs, every N optimizer steps (0: at epoch
+            ends only).
+        max_nan_skips: batches with a non-finite loss that may be skipped before the run stops.
+        deterministic: deterministic algorithms (with the seed: bit-identical CPU runs).
+        dist_timeout_s: seconds a collective may wait on another process before the run fails.
+    """
+    batch_size: int = 256
     accum_steps: int = 1
-    precision: str = 'fp32'      # 'fp32', 'bf16', 'fp16', or 'auto' (bf16 where the hardware has it)
-    teacher_precision: Optional[str] = None  # the teacher forward's own (same choices); null: the run's
+    precision: str = 'fp32'
+    teacher_precision: Optional[str] = None
     channels_last: bool = False
     compile: bool = False
-    zero: bool = False           # shard the optimizer state over the processes (ZeRO-1; see engine/optimizer.py)
+    zero: bool = False
     ema: bool = False
     ema_decay: float = 0.9999
     eval_every: int = 1
-    keep_checkpoints: int = 2    # newest checkpoints of the run kept (0: all; best.pth is kept apart)
-    checkpoint_every_steps: int = 0  # also checkpoint within epochs, every N optimizer steps (0: epoch ends only)
-    max_nan_skips: int = 0       # batches with a non-finite loss that may be skipped before the run stops
-    deterministic: bool = False  # deterministic algorithms (with the seed: bit-identical CPU runs)
-    dist_timeout_s: int = 1800   # a collective waiting longer on a dead rank fails
+    keep_checkpoints: int = 2
+    checkpoint_every_steps: int = 0
+    max_nan_skips: int = 0
+    deterministic: bool = False
+    dist_timeout_s: int = 1800
 
 
 @dataclass
 class LogConfig:
-    """Where and how progress is reported."""
+    """Where and how progress is reported.
+
+    Attributes:
+        tensorboard: write TensorBoard events under ``tensorboard/`` of the output folder.
+        wandb: log to Weights & Biases (needs the ``wandb`` package).
+        wandb_project: the W&B project.
+        progress: per-step progress bars.
+        console: log lines on stdout too (``train.log`` always has them).
+        interval: optimizer steps between train lines in ``metrics.jsonl`` (step 1 always).
+    """
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = 'scalekd'
     progress: bool = True
-    console: bool = True         # log lines on stdout too (train.log always has them)
-    interval: int = 50           # optimizer steps between train lines in metrics.jsonl (step 1 always)
+    console: bool = True
+    interval: int = 50
 
 
 @dataclass
 class RunConfig:
-    """One training run: models, distillation, data, optimisation and logging."""
+    """One training run: models, distillation, data, optimisation and logging.
+
+    Attributes:
+        output: the run's folder (config, logs, metrics, checkpoints).
+        seed: seed of the weights, the data order and every augmentation.
+        teacher: the frozen teacher.
+        student: the student, trained from scratch unless ``student.checkpoint`` is set.
+        distill: the distillation method and its options.
+        data: the dataset and its augmentation.
+        optim: the optimizer.
+        sched: the learning-rate schedule.
+        train: batch, precision, checkpoints and speed switches.
+        log: where progress is reported.
+    """
     output: str = 'runs/default'
     seed: int = 0
     teacher: ModelConfig = field(default_factory=ModelConfig)

@@ -61,7 +61,43 @@ def ablation(name: str) -> Dict[str, Any]:
 
 @dataclass(frozen=True)
 class DistillOptions:
-    """Every option of a distiller; ``None`` means "the method's default" until :meth:`resolve`."""
+    """Every option of a distiller; ``None`` means "the method's default" until :meth:`resolve`.
+
+    Attributes:
+        method: ``none`` (student alone), ``kd`` (logit KD), ``fd`` (feature distillation: a linear
+            projector on s4) or ``scalekd``; it sets the defaults of the switches below.
+        projector: ``cap`` (cross attention projector), ``linear`` or ``conv`` (Table 9b); null:
+            the method's (``cap`` for scalekd, ``linear`` for fd).
+        stages: the student taps distilled, ``[s4]`` or ``[s3, s4]``; null: the method's.
+        views: ``single`` (one CAP), ``dual`` (two CAPs, no phi) or ``dfm`` (dual-view feature
+            mimicking); null: the method's.
+        original_view: ``all`` (the original view keeps every feature) or ``dc`` (their mean only:
+            "Dir + Alt", Table 17).
+        tpp: teacher parameter perception: s3 projected and run through the teacher's last stage
+            (the proxy path); null: the method's.
+        adaptive_queries: the proxy path's outputs are the s4 CAPs' queries (needs ``tpp``); null:
+            the method's.
+        kd: logit KD (needs a teacher that predicts the student's classes); null: the method's.
+        w_ori: weight of every original-view feature term (null: 0.08, or ``alpha * beta``).
+        w_alt: weight of every alternative-view feature term (null: 0.06, or ``alpha * (1 - beta)``).
+        alpha: the paper's feature-loss weight, given with ``beta`` instead of ``w_ori`` / ``w_alt``
+            (null: 1 when ``beta`` is given).
+        beta: the paper's balance of the two views, ``w_ori = alpha * beta``, ``w_alt = alpha * (1 -
+            beta)`` (null: 0.6 when ``alpha`` is given).
+        kd_weight: KD weight a; the task loss weighs ``1 - a`` with KD.
+        kd_temperature: KD temperature T.
+        s3_heads: CAP attention heads at s3; must divide the teacher's width there.
+        s4_heads: CAP attention heads at s4; must divide the teacher's final width.
+        softmax_scale: extra temperature multiplying the CAP's attention logits.
+        cap_conv: ``full`` (the CAP's C x C 3x3 convolution) or ``separable`` (depthwise 3x3 then
+            1x1: cheaper, beyond the paper).
+        activation_checkpointing: recompute the projectors and the teacher stage in backward (less
+            memory, more time).
+        student_s3_block: plain students (ViT, Mixer): the 1-based block whose output is s3 (null:
+            three quarters deep).
+        teacher_last_blocks: plain-ViT teachers: the blocks of the last stage (null: depth / 4).
+        teacher_train_mode: the release's train-mode teacher (stochastic depth on); default: eval mode.
+    """
     method: str = 'scalekd'
     # components
     projector: Optional[str] = None
@@ -82,8 +118,8 @@ class DistillOptions:
     s3_heads: int = 8
     s4_heads: int = 8
     softmax_scale: float = 5.0
-    cap_conv: str = 'full'                   # 'separable': cheaper CAP student branch (beyond the paper)
-    activation_checkpointing: bool = False   # recompute projectors and the teacher stage in backward
+    cap_conv: str = 'full'
+    activation_checkpointing: bool = False
     # taps
     student_s3_block: Optional[int] = None
     teacher_last_blocks: Optional[int] = None
