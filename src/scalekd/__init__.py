@@ -8,17 +8,19 @@ from .method.options import METHODS, DistillOptions
 from .method.projectors import ConvProjector, CrossAttentionProjector, LinearProjector, build_projector
 from .task.builder import build_distiller
 from .task.distiller import DistillationModule, Distiller
+from .task.loss import ScaleKDLoss
 from .engine.config import RunConfig, load_config
 from .engine.distributed import exit_process
 from .engine.trainer import Trainer
+from .tools.export import export_student
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'build_distiller', 'Distiller', 'DistillationModule', 'DistillOptions', 'METHODS',
+    'build_distiller', 'Distiller', 'DistillationModule', 'DistillOptions', 'METHODS', 'ScaleKDLoss',
     'ScaleKDTeacher', 'StudentAdapter', 'UnsupportedModelError', 'UnknownModelError', 'create_timm_model',
     'CrossAttentionProjector', 'LinearProjector', 'ConvProjector', 'build_projector',
     'Dct2d', 'dct_matrix', 'remove_dc', 'keep_dc', 'remove_dc_by_dct',
     'feature_distance', 'logit_kd_loss',
-    'load_config', 'RunConfig', 'Trainer', 'exit_process',
+    'load_config', 'RunConfig', 'Trainer', 'exit_process', 'export_student',
 ]
