@@ -131,6 +131,18 @@ def test_bad_options_are_named(options, message):
         DistillOptions.from_kwargs(**options).resolve()
 
 
+@pytest.mark.parametrize('adaptive_queries', [True, False])
+def test_the_s4_losses_train_the_proxy_path_through_its_queries_only_when_adaptive(adaptive_queries):
+    """TPP: the proxy path's outputs are the s4 CAPs' queries, in the graph (not detached), so the s4
+    losses train the proxy path's projectors; with learned queries they do not reach it."""
+    distiller = _distiller(adaptive_queries=adaptive_queries)
+    out = distiller(X, Y)
+    proxy = list(distiller.trainable_module.proxy.parameters())
+    grads = torch.autograd.grad(out['s4_ori'] + out['s4_alt'], proxy, allow_unused=True)
+    reached = sum(float(g.abs().sum()) for g in grads if g is not None)
+    assert (reached > 0) == adaptive_queries
+
+
 def test_task_state_holds_projectors_beside_a_clean_student():
     distiller = _distiller().eval()
     state = distiller.get_task_state()['distill']

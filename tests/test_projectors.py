@@ -91,6 +91,14 @@ def test_cap_matches_spec_reference(given_queries):
     torch.testing.assert_close(cap(x, q), _reference_cap(cap, x, q), atol=1e-10, rtol=0)
 
 
+def test_cap_given_queries_get_the_gradient_of_its_output():
+    """Queries given at call time (TPP's adaptive queries) stay in the graph: what made them is trained too."""
+    cap = CrossAttentionProjector(4, 8, in_grid=(2, 2), out_grid=(3, 3), num_heads=2, query_chs=6)
+    queries = torch.randn(2, 6, 3, 3, requires_grad=True)
+    cap(torch.randn(2, 4, 2, 2), queries).square().sum().backward()
+    assert queries.grad is not None and queries.grad.abs().sum() > 0
+
+
 def test_cap_learned_queries_are_a_normal_table_on_the_teacher_grid():
     cap = CrossAttentionProjector(8, 64, in_grid=(7, 7), out_grid=(14, 14), num_heads=8)
     assert cap.query_embed.shape == (196, 64)
