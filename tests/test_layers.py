@@ -1,11 +1,13 @@
 """The package's layers import in one direction: method <- adapters <- task <- engine <- tools <- cli.
 
-Each module's imports are read with ``ast`` (including imports inside functions), so a lazy import
-that crosses a layer is caught too.
+Each module's imports are read with ``ast``: ``import`` statements anywhere (inside functions too) and
+imports made at run time by ``importlib.import_module`` / ``__import__`` with a constant name, relative
+ones resolved, so a lazy import that crosses a layer is caught too.
 """
 import ast
 import sys
 from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -29,21 +31,61 @@ def module_name(path: Path, root: Path) -> str:
     return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
 
 
-def imports_of(path: Path, root: Path):
-    """Absolute names of every module ``path`` imports, relative imports resolved."""
-    name = module_name(path, root)
-    package = name.split('.') if path.name == '__init__.py' else name.split('.')[:-1]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+def _resolve(name: str, level: int, package: List[str]) -> str:
+    """``name`` imported ``level`` packages up from ``package`` (level 0: ``name`` is absolute)."""
+    if not level:
+        return name
+    return '.'.join(package[:len(package) - level + 1] + ([name] if name else []))
+
+
+def _from_import(base: str, names: Sequence[str], root: Path) -> Iterator[str]:
+    """``from base import names``: a name that is a module counts as imported itself."""
+    folder = root.parent / base.replace('.', '/')
+    for name in names:
+        yield f'{base}.{name}' if (folder / name).is_dir() or (folder / f'{name}.py').exists() else base
+
+
+def _constant(node: Optional[ast.expr]):
+    return node.value if isinstance(node, ast.Constant) else None
+
+
+def _run_time_import(call: ast.Call, package: List[str], root: Path) -> Iterator[str]:
+    """What ``importlib.import_module(name, package)`` or ``__import__(name, globals, locals, fromlist,
+    level)`` imports, when ``name`` is a constant string (a relative ``import_module`` without a constant
+    ``package`` is taken relative to the calling module's package, as ``__package__`` gives)."""
+    func = call.func
+    called = func.attr if isinstance(func, ast.Attribute) else getattr(func, 'id', None)
+    args = dict(enumerate(call.args), **{k.arg: k.value for k in call.keywords if k.arg})
+    name = _constant(args.get(0, args.get('name')))
+    if called not in ('import_module', '__import__') or not isinstance(name, str):
+        return
+    if called == 'import_module':
+        anchor = _constant(args.get(1, args.get('package')))
+        level = len(name) - len(name.lstrip('.'))
+        yield _resolve(name[level:], level, anchor.split('.') if isinstance(anchor, str) else package)
+        return
+    base = _resolve(name, _constant(args.get(4, args.get('level'))) or 0, package)
+    fromlist = args.get(3, args.get('fromlist'))
+    names = [_constant(e) for e in fromlist.elts] if isinstance(fromlist, (ast.List, ast.Tuple)) else []
+    yield from _from_import(base, [n for n in names if isinstance(n, str)], root) if names else [base]
+
+
+def imports_in(source: str, name: str, root: Path, is_package: bool = False) -> Iterator[str]:
+    """Absolute names of every module the source of module ``name`` imports, relative imports resolved."""
+    package = name.split('.') if is_package else name.split('.')[:-1]
+    for node in ast.walk(ast.parse(source, name)):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ''
-            if node.level:
-                base = '.'.join(package[:len(package) - node.level + 1] + ([base] if base else []))
-            # `from .layer import module` names a module: count it as imported
-            folder = root.parent / base.replace('.', '/')
-            yield from (f'{base}.{alias.name}' if (folder / alias.name).is_dir() or (folder / f'{alias.name}.py').exists()
-                        else base for alias in node.names)
+            yield from _from_import(_resolve(node.module or '', node.level, package),
+                                    [alias.name for alias in node.names], root)
+        elif isinstance(node, ast.Call):
+            yield from _run_time_import(node, package, root)
+
+
+def imports_of(path: Path, root: Path) -> Iterator[str]:
+    """Absolute names of every module ``path`` imports."""
+    return imports_in(path.read_text(), module_name(path, root), root, path.name == '__init__.py')
 
 
 def violations(root: Path = PACKAGE):
@@ -84,8 +126,30 @@ def test_a_method_module_importing_the_engine_is_caught(tmp_path):
     bad = copy / 'method' / 'views.py'
     bad.write_text(bad.read_text() + '\n\ndef late():\n    from ..engine import checkpoint\n    return checkpoint\n')
     (copy / 'method' / 'dct.py').write_text((copy / 'method' / 'dct.py').read_text() + '\nimport numpy\n')
+    losses = copy / 'method' / 'losses.py'
+    losses.write_text(losses.read_text() + "\n\ndef late():\n    return importlib.import_module('..tools.bench', __package__)\n")
     assert sorted(set(violations(copy)) - set(violations())) == ['scalekd.method.dct (method) imports third-party numpy',
+                     'scalekd.method.losses (method) imports scalekd.tools.bench (tools)',
                      'scalekd.method.views (method) imports scalekd.engine.checkpoint (engine)']
+
+
+def test_imports_made_at_run_time_with_a_constant_name_are_read():
+    source = """
+import importlib
+from importlib import import_module
+
+
+def late(name):
+    importlib.import_module('scalekd.tools.bench')
+    import_module('..engine.checkpoint', __package__)
+    import_module('.run_folder', package='scalekd.engine')
+    __import__('scalekd.cli')
+    __import__('task', globals(), None, ('distiller',), 2)
+    return importlib.import_module(name), getattr(name, 'import_module')  # no constant name: not read
+"""
+    assert list(imports_in(source, 'scalekd.method.views', PACKAGE)) == [
+        'importlib', 'importlib', 'scalekd.tools.bench', 'scalekd.engine.checkpoint', 'scalekd.engine.run_folder',
+        'scalekd.cli', 'scalekd.task.distiller']
 
 
 @pytest.mark.parametrize('name', ['build_distiller', 'Distiller', 'DistillOptions', 'CrossAttentionProjector',
