@@ -38,7 +38,7 @@ def demo_configs():
                       f'# on {settings.subset} Fashion-MNIST images (scalekd demo\'s recipe). Made by '
                       f'scripts/make_demo_configs.py.\n')
             cfg = config_to_dict(run_config(settings, student, method))
-            cfg['log'] = dict(cfg['log'], progress=True, console=True)
+            cfg['log'] = dict(cfg['log'], console=True)
             minimal = _differences(cfg, config_to_dict(RunConfig()))
             minimal.setdefault('distill', dict(method=method))  # said even where it is the default
             yield f'{student}-{label}.yaml', header, minimal

@@ -284,10 +284,10 @@ def test_a_bench_child_reports_a_user_error_with_exit_2():
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_a_demo_stopped_by_a_signal_is_one_line_and_exits_128_plus_the_signal(monkeypatch, capsys, signum):
     """A demo run a signal stopped (its trainer saved and raised) is reported in one line, not a traceback,
-    and does not point at a resume the demo does not do."""
+    saying that the same command goes on from the finished runs (not the run's own --resume)."""
     def stopped(settings):
         raise RunInterrupted('stopped by signal; checkpoint x.pth; continue with --resume auto', signum)
     monkeypatch.setattr(demo, 'run_demo', stopped)
     assert main(['demo', '--quick', '--output', 'never-written']) == 128 + signum
     assert capsys.readouterr().err.splitlines() == [
-        f'scalekd demo: stopped by {signum.name}; the demo trains its runs afresh when run again']
+        f'scalekd demo: stopped by {signum.name}; finished runs are kept: the same command trains the rest']

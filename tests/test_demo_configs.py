@@ -19,7 +19,7 @@ def test_a_demo_config_is_the_demo_run(student, method):
     path = ROOT / 'configs' / 'demo' / f'{student}-{METHOD_LABELS[method]}.yaml'
     cfg = load_config(path)
     expected = run_config(DemoSettings(teacher_weights=SCRIPT['TEACHER']), student, method)
-    assert cfg == dataclasses.replace(expected, log=dataclasses.replace(expected.log, progress=True, console=True))
+    assert cfg == dataclasses.replace(expected, log=dataclasses.replace(expected.log, console=True))
     assert cfg.distill.method == method and cfg.data.train_subset == 800
     if method != 'none':
         assert (ROOT / cfg.teacher.checkpoint).is_file()

@@ -14,7 +14,7 @@ from .engine.devices import DEVICE_HELP, resolve_device
 from .engine.distributed import RankError
 from .engine.errors import USER_ERRORS
 from .method.options import ABLATIONS, METHODS
-from .task.builder import build_distiller
+from .task.builder import build_distiller, resolve_img_size
 from .tools.inspection import format_report, inspect_distiller
 from .tools.paper_pairs import PAPER_PAIRS
 
@@ -80,6 +80,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
         raise ValueError('give --pair NAME, or both --teacher and --student')
     if args.method:
         options['method'] = args.method
+    if img_size is None:  # a large default (DINOv2's 518) makes a slow build: say it before
+        img_size = resolve_img_size(None, teacher, student)[0]
+        print(f'scalekd inspect: building at {img_size}x{img_size}, the pretrained input size of the models '
+              f'(--img-size N for another)', file=sys.stderr)
     distiller = build_distiller(
         teacher, student, img_size=img_size, num_classes=args.num_classes, in_chans=args.in_chans,
         teacher_kwargs=_key_values(args.teacher_kwarg, '--teacher-kwarg'), student_kwargs=student_kwargs,
@@ -102,7 +106,7 @@ def _add_train(sub) -> None:
     p.add_argument('--deterministic', action='store_true', help='deterministic algorithms (same as '
                                                                 '-o train.deterministic=true)')
     p.add_argument('--max-nan-skips', type=int, metavar='N', help='skip up to N batches whose loss is not finite')
-    p.add_argument('--no-progress', action='store_true', help='no progress bars (same as -o log.progress=false)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bars or lines (same as -o log.progress=false)')
     _add_device(p, '; under torchrun, cuda means cuda:LOCAL_RANK')
     p.set_defaults(func=_run_train)
 
@@ -284,7 +288,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         results = run_demo(settings)
     except (RunInterrupted, KeyboardInterrupt) as e:
         signum = stop_signal(e)
-        print(f'scalekd demo: stopped by {signum.name}; the demo trains its runs afresh when run again',
+        print(f'scalekd demo: stopped by {signum.name}; finished runs are kept: the same command trains the rest',
               file=sys.stderr)
         return 128 + signum
     print(format_table(results))
@@ -331,6 +335,28 @@ def _run_ablate(args: argparse.Namespace) -> int:
         print(f'scalekd ablate: {e}', file=sys.stderr)
         return e.exit_code
     print(format_study(study, summary))
+    return 0
+
+
+def _add_config(sub) -> None:
+    p = sub.add_parser('config', help='run configs: show one resolved')
+    actions = p.add_subparsers(dest='action', required=True, metavar='ACTION')
+    show = actions.add_parser('show', help='print a config as a run would use it, as YAML: every default (the '
+                                           'distill method's too), base: file and -o override resolved')
+    show.add_argument('config', help='YAML run config')
+    show.add_argument('-o', '--override', action='append', metavar='KEY=VALUE', help='dotted override, repeatable')
+    show.set_defaults(func=_run_config_show)
+
+
+def _run_config_show(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import yaml
+
+    from .engine.config import config_to_dict, load_config
+    cfg = load_config(args.config, args.override)
+    resolved = dataclasses.replace(cfg, distill=cfg.distill_options())  # the method's defaults filled in
+    print(yaml.safe_dump(config_to_dict(resolved), sort_keys=False), end='')
     return 0
 
 
@@ -478,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True)
     _add_inspect(sub)
     _add_train(sub)
+    _add_config(sub)
     _add_eval(sub)
     _add_export(sub)
     _add_import_mmcls(sub)

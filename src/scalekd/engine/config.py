@@ -84,6 +84,10 @@ class DataConfig:
             values averaged for one channel).
         std: per-channel input std, as for ``mean``.
         workers: data-loader worker processes per training process.
+        pin_memory: page-locked host memory for the batches, so that their copy to the GPU overlaps
+            the step (null: on a CUDA device).
+        persistent_workers: keep the loader workers alive from one epoch to the next (their start is
+            paid once; they hold their memory in between).
         val_batch_size: evaluation batch per process (null: the training batch per process).
         check_images: decode every image before training and name an unreadable one (null: when
             there are at most 50,000 images).
@@ -115,6 +119,8 @@ class DataConfig:
     mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
     workers: int = 4
+    pin_memory: Optional[bool] = None
+    persistent_workers: bool = False
     val_batch_size: Optional[int] = None
     check_images: Optional[bool] = None
     skip_unreadable: bool = False
@@ -185,7 +191,15 @@ class TrainConfig:
             ends only).
         max_nan_skips: batches with a non-finite loss that may be skipped before the run stops.
         deterministic: deterministic algorithms (with the seed: bit-identical CPU runs).
-        dist_timeout_s: seconds a collective may wait on another process before the run fails.
+        dist_timeout_s: seconds a collective may wait on another process before the run fails: a process
+            that is stopped (SIGSTOP, a suspended job) or hung stalls every other one this long (the
+            default 1800 is 30 minutes); one that dies ends the others at once.
+        tf32: TF32 for fp32 matmuls and cuDNN convolutions on Ampere and newer GPUs (faster, with a
+            10-bit mantissa); false: full fp32. No effect on CPU.
+        cudnn_benchmark: cuDNN times its convolution algorithms on the first batches and keeps the
+            fastest for the run's fixed image size (off under ``deterministic``).
+        sync_bn: under DDP on GPUs, the student's BatchNorm layers normalise over the batch of every
+            process (SyncBatchNorm, as the release trained); no effect on one process or on CPU.
     """
     batch_size: int = 256
     accum_steps: int = 1
@@ -202,6 +216,9 @@ class TrainConfig:
     max_nan_skips: int = 0
     deterministic: bool = False
     dist_timeout_s: int = 1800
+    tf32: bool = True
+    cudnn_benchmark: bool = True
+    sync_bn: bool = True
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .config import DataConfig
 from .config_rules import DATASETS
+from .cuda_settings import loader_options
 from .distributed import DistEnv
 from .faults import ignore_stop_signals
 
@@ -218,7 +219,7 @@ def build_loaders(data: Datasets, cfg: DataConfig, batch_per_rank: int, env: Dis
     """Train loader (shuffled by seed and epoch, each sample augmented from its own seed: see
     :class:`EpochSampler`) and eval loader (this rank's shard, in order)."""
     sampler = EpochSampler(data.train, batch_per_rank, env, seed)
-    common = dict(num_workers=cfg.workers, pin_memory=env.device.type == 'cuda', worker_init_fn=ignore_stop_signals)
+    common = dict(num_workers=cfg.workers, worker_init_fn=ignore_stop_signals, **loader_options(cfg, env.device))
     train = DataLoader(SeededSamples(data.train), batch_size=batch_per_rank, sampler=sampler, drop_last=True,
                        generator=torch.Generator(), **common)
     val = DataLoader(data.val, batch_size=cfg.val_batch_size or batch_per_rank,

@@ -8,13 +8,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, TextIO
 
 from tqdm import tqdm
 
 from .config import LogConfig
 
-__all__ = ['RunLogger', 'rewind_metrics', 'write_text_atomic']
+__all__ = ['RunLogger', 'ProgressLines', 'rewind_metrics', 'write_text_atomic']
 
 
 def rewind_metrics(path: Path, step: int) -> None:
@@ -38,6 +38,30 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f'.{path.name}.tmp')
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+class ProgressLines:
+    """Progress as whole lines, for output that is not a terminal (a log file, Slurm, ``nohup``): a line as
+    a step starts when ``every_s`` seconds have passed since the last one, and as the last step starts (a
+    loop may stop taking items there). Iterates like ``tqdm`` and takes its ``set_postfix``."""
+
+    def __init__(self, iterable: Iterable, total: int, desc: str, every_s: float = 30.0, stream: Optional[TextIO] = None):
+        self.iterable, self.total, self.desc, self.every_s = iterable, total, desc, every_s
+        self.stream = stream or sys.stderr
+        self.postfix: Dict[str, Any] = {}
+
+    def set_postfix(self, values: Dict[str, Any], refresh: bool = True) -> None:
+        self.postfix = dict(values)
+
+    def __iter__(self) -> Iterator:
+        start = last = time.monotonic()
+        for n, item in enumerate(self.iterable, 1):
+            now = time.monotonic()
+            if n == self.total or now - last >= self.every_s:
+                last = now
+                terms = ''.join(f'  {k} {v}' for k, v in self.postfix.items())
+                print(f'{self.desc}: step {n}/{self.total}, {now - start:.0f} s{terms}', file=self.stream, flush=True)
+            yield item
 
 
 class RunLogger:
@@ -83,10 +107,14 @@ class RunLogger:
             self.log.info(message)
 
     def progress(self, iterable: Iterable, total: int, desc: str):
-        """A progress bar on the main process when enabled."""
-        if not (self.enabled and self.cfg.progress):
+        """The main process's progress over ``iterable`` on standard error: a bar on a terminal, a
+        :class:`ProgressLines` line now and then otherwise (``log.progress`` true or false forces a bar or
+        nothing)."""
+        if not self.enabled or self.cfg.progress is False:
             return iterable
-        return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stdout)
+        if self.cfg.progress or sys.stderr.isatty():
+            return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
+        return ProgressLines(iterable, total, desc)
 
     def metrics(self, record: Dict[str, Any], step: int, prefix: str) -> None:
         """One JSON line, plus TensorBoard / W&B scalars under ``prefix/``."""

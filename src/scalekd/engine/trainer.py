@@ -18,6 +18,7 @@ from ..task.distiller import Distiller
 from ..task.report import param_counts, tap_rows
 from .checkpoint import checkpoint_name, read_training_checkpoint
 from .config import RunConfig, config_to_dict, save_config
+from .cuda_settings import apply_gpu_settings
 from .data import build_datasets, build_loaders, build_mixup, seed_epoch
 from .distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_rank, barrier, on_main
 from .epoch_losses import EpochLosses
@@ -150,6 +151,7 @@ class Trainer:
         cfg, env, tcfg = self.cfg, self.env, self.cfg.train
         random_seed(cfg.seed, 0)  # identical initial weights (teacher included) on every rank
         self.task = build_task(cfg, env.device)
+        apply_gpu_settings(cfg, env, self.task, self._notes.append)
         if self.task.teacher is not None:
             source = cfg.teacher.checkpoint or ('the hub' if cfg.teacher.pretrained else None)
             self._notes.append(f'teacher weights: {source}' if source else

@@ -11,7 +11,7 @@ from ..method.options import DistillOptions
 from .distiller import Distiller
 from .kernels import use_cpu_kernels
 
-__all__ = ['build_distiller']
+__all__ = ['build_distiller', 'resolve_img_size']
 
 ModelSpec = Union[str, nn.Module]
 
@@ -20,7 +20,10 @@ def _as_size(img_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
 
-def _resolve_img_size(img_size, teacher: ModelSpec, student: ModelSpec) -> Tuple[int, int]:
+def resolve_img_size(img_size: Optional[Union[int, Tuple[int, int]]], teacher: Optional[ModelSpec],
+                     student: ModelSpec) -> Tuple[int, int]:
+    """``img_size`` as (H, W); when ``None``, the pretrained input size of the teacher's timm name, else the
+    student's, else 224."""
     if img_size is not None:
         return _as_size(img_size)
     for spec, role in ((teacher, 'teacher'), (student, 'student')):
@@ -30,10 +33,26 @@ def _resolve_img_size(img_size, teacher: ModelSpec, student: ModelSpec) -> Tuple
     return 224, 224
 
 
+def _input_channels(model: nn.Module) -> Optional[int]:
+    """The input channels of a ready model: those of its first convolution (timm's ``first_conv``, else
+    the first ``Conv2d`` it holds), if it has one."""
+    first = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')
+    for name in [first] if isinstance(first, str) else list(first or []):
+        conv = model.get_submodule(name) if name in dict(model.named_modules()) else None
+        if isinstance(conv, nn.Conv2d):
+            return conv.in_channels
+    return next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
 def _model(spec: ModelSpec, img_size, role: str, kwargs: Optional[Dict[str, Any]], **common) -> nn.Module:
     if isinstance(spec, nn.Module):
         if kwargs:
             raise ValueError(f'{role}_kwargs only apply when the {role} is given by name')
+        channels, in_chans = _input_channels(spec), common.get('in_chans', 3)
+        if channels is not None and channels != in_chans:
+            raise ValueError(f'the {role} {model_label(spec)} takes {channels} input channel(s), but in_chans is '
+                             f'{in_chans}: pass in_chans={channels} to build_distiller (both models and the images '
+                             f'have in_chans channels)')
         return spec
     if not isinstance(spec, str):
         raise TypeError(f'{role} must be a timm model name or an nn.Module, got {type(spec).__name__}')
@@ -82,7 +101,7 @@ def build_distiller(
         **options: :class:`~scalekd.DistillOptions` fields (``projector``, ``tpp``, ``beta``, ...).
     """
     opts = DistillOptions.from_kwargs(method=method, **options).resolve()
-    size = _resolve_img_size(img_size, teacher, student)
+    size = resolve_img_size(img_size, teacher, student)
     student_model = _model(student, size, 'student', student_kwargs, num_classes=num_classes, in_chans=in_chans)
     teacher_adapter = None
     if opts.kd or opts.uses_features:
@@ -115,5 +134,6 @@ def _check_classes(teacher: nn.Module, student: nn.Module, kd: bool) -> None:
     cause = (f'the teacher {model_label(teacher)} has no classifier (num_classes 0: a headless, MIM-pretrained or '
              f'image-tower model)' if t == 0 else
              f'the teacher {model_label(teacher)} predicts {t} classes, the student {s}')
-    raise ValueError(f'logit KD cannot be used: {cause}. Distil features only (method scalekd with distill.kd: '
-                     f'false), or give the teacher a classifier for these {s} classes (fine-tuned weights)')
+    fix = 'distill.kd: false in a config, --option kd=false on the command line, kd=False in build_distiller'
+    raise ValueError(f'logit KD cannot be used: {cause}. Distil features only (the kd option off: {fix}), '
+                     f'or give the teacher a classifier for these {s} classes (fine-tuned weights)')

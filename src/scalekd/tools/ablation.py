@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..engine.config import RunConfig, config_from_dict, config_to_dict
-from ..engine.distributed import DistEnv
+from ..engine.config import RunConfig
 from ..engine.run_folder import holding
 from ..engine.run_logger import write_text_atomic
 from ..method.options import ablation
-from .demo import STUDENTS, DemoSettings, run_config, test_loader, train_and_test
+from .demo import STUDENTS, DemoSettings, decisive, earlier_result, run_config, test_loader, train_and_test
 from .plots import pyplot, save_figure
 from .run_pool import train_runs
 
@@ -85,21 +84,10 @@ def _run_config(settings: DemoSettings, student: str, label: str, options: Dict[
 def _finished(cfg: RunConfig, label: str) -> Optional[Dict[str, Any]]:
     """The result of a finished earlier run of ``cfg`` (rows of the same label share their runs across
     studies); ``None`` when there is none; an error when the folder holds another config's run."""
-    done = Path(cfg.output) / 'result.json'
-    if not done.is_file():
-        return None
-    result = json.loads(done.read_text())
-    if _decisive(config_from_dict(result['config'], where=str(done))) != _decisive(cfg):  # (keys added since: defaults)
+    result = earlier_result(cfg)
+    if result is not None and result['config'] != decisive(cfg):
         raise ValueError(f'{cfg.output} holds a run of another config (other settings for the label {label!r}): '
                          f'move it away or use another --output')
-    return result
-
-
-def _train(cfg: RunConfig, test, env: DistEnv) -> Dict[str, Any]:
-    """Train and test one run; its ``result.json`` is written whole or not at all."""
-    run = train_and_test(cfg, test, env)
-    result = dict(top1=run['top1'], seconds=run['seconds'], config=_decisive(cfg))
-    write_text_atomic(Path(cfg.output) / 'result.json', json.dumps(result))
     return result
 
 
@@ -116,13 +104,8 @@ def _train_runs(settings: DemoSettings, study: Study, runs: Sequence[Run], jobs:
         results[run] = result
         say(f'{study.name}: {run[0]} {run[1]} seed {run[2]}: test top-1 {result["top1"]:.2f} ({result["seconds"]:.0f} s)')
     train_runs([(run, configs[run]) for run in results if results[run] is None], jobs, settings.device, test_loader,
-               _train, record, len(results), settings.output)
+               train_and_test, record, len(results), settings.output)
     return results
-
-
-def _decisive(cfg: RunConfig) -> Dict[str, Any]:
-    """What decides a run's result: its config without the logging."""
-    return {k: v for k, v in config_to_dict(cfg).items() if k != 'log'}
 
 
 def _spread(values: Sequence[float]) -> float:

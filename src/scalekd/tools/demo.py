@@ -4,31 +4,34 @@ The shipped ViT teacher (trained by ``scalekd train configs/demo/teacher_vit.yam
 training images) guides tiny CNN, MLP-Mixer and ViT students trained from scratch on a fixed subset
 of the training split, the paper's "knowledge density" setting. Each student is trained alone and with
 ScaleKD (and with logit KD only, ``baselines=True``) by the project's own :class:`~scalekd.engine.trainer.Trainer`;
-every run keeps its folder (config, metrics, checkpoints), and the demo writes ``results.json``, a
-table and a plot of test top-1 per epoch.
+every run keeps its folder (config, metrics, checkpoints, ``result.json``), and the demo writes
+``results.json``, a table and a plot of test top-1 per epoch. A run that finished is reused by the next
+demo on the same output (after a stop, the same command trains the rest), as ``scalekd ablate`` does.
 """
 import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..adapters.models import create_timm_model
-from ..engine.config import RunConfig, config_from_dict, validate_config
+from ..engine.config import RunConfig, config_from_dict, config_to_dict, validate_config
 from ..engine.data import build_datasets
 from ..engine.devices import resolve_device
 from ..engine.distributed import DistEnv
+from ..engine.precision import resolve_precision
 from ..engine.run_folder import holding
+from ..engine.run_logger import write_text_atomic
 from ..engine.trainer import Trainer, evaluate
 from ..engine.weights import load_weights
 from .plots import plot_curves
 
 __all__ = ['DemoSettings', 'STUDENTS', 'TEACHER', 'TEACHER_WEIGHTS', 'METHOD_LABELS', 'run_config', 'run_demo', 'format_table',
-           'load_teacher', 'test_loader', 'train_and_test']
+           'load_teacher', 'test_loader', 'train_and_test', 'decisive', 'earlier_result']
 
 TEACHER_WEIGHTS = Path(__file__).parents[1] / 'assets' / 'fashion_mnist_vit_teacher' / 'model.safetensors'
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -57,7 +60,7 @@ class DemoSettings:
     baselines: bool = False       # also train each student with logit KD only
     data: Optional[str] = None    # folder with the IDX files (else $SCALEKD_DATA, Debian's, download)
     teacher_weights: str = str(TEACHER_WEIGHTS)
-    progress: bool = True
+    progress: bool = True         # per-step progress (a bar on a terminal, a line now and then otherwise)
     distill: Dict[str, Any] = field(default_factory=dict)  # extra distill options (w_ori, cap_conv, ...)
     device: torch.device = field(default_factory=resolve_device)  # CUDA when available, else CPU
 
@@ -89,7 +92,8 @@ def run_config(settings: DemoSettings, student: str, method: str, options: Optio
         optim=dict(opt='adamw', lr=s.lr, weight_decay=0.05, clip_grad=5.0),
         sched=dict(sched='cosine', epochs=s.epochs, warmup_epochs=min(1, s.epochs - 1), min_lr=1e-5),
         train=dict(batch_size=s.batch_size, precision='auto', keep_checkpoints=1),
-        log=dict(tensorboard=False, progress=s.progress, console=False)), where='demo settings'), 'demo settings')
+        log=dict(tensorboard=False, progress=None if s.progress else False, console=False)), where='demo settings'),
+        'demo settings')
 
 
 def load_teacher(weights: str) -> torch.nn.Module:
@@ -106,14 +110,41 @@ def test_loader(cfg: RunConfig) -> DataLoader:
     return DataLoader(build_datasets(full, FASHION_MNIST_MEAN, FASHION_MNIST_STD).val, batch_size=500)
 
 
+def decisive(cfg: RunConfig) -> Dict[str, Any]:
+    """What decides a run's result: its config without the logging."""
+    return {k: v for k, v in config_to_dict(cfg).items() if k != 'log'}
+
+
+def earlier_result(cfg: RunConfig) -> Optional[Dict[str, Any]]:
+    """The ``result.json`` a finished run left in ``cfg.output``, its ``config`` read as a run config (keys
+    added since at their defaults); ``None`` when no run finished there."""
+    done = Path(cfg.output) / 'result.json'
+    if not done.is_file():
+        return None
+    result = json.loads(done.read_text())
+    return dict(result, config=decisive(config_from_dict(result['config'], where=str(done))))
+
+
 def train_and_test(cfg: RunConfig, test: DataLoader, env: DistEnv) -> Dict[str, Any]:
-    """One demo run: the per-epoch curve on the test sample, the final student on the whole test split."""
+    """One demo run: the per-epoch curve on the test sample, the final student on the whole test split;
+    the result is also written whole (or not at all) to ``result.json`` in the run's folder."""
     start = time.perf_counter()
     trainer = Trainer(cfg, env, force=True)
     trainer.fit()
     top1 = evaluate(trainer.task.student, test, env, 'fp32')['top1']
-    return dict(top1=top1, curve=[h['val_top1'] for h in trainer.progress.history if 'val_top1' in h],
-                seconds=time.perf_counter() - start)
+    result = dict(top1=top1, curve=[h['val_top1'] for h in trainer.progress.history if 'val_top1' in h],
+                  seconds=time.perf_counter() - start, config=decisive(cfg))
+    write_text_atomic(Path(cfg.output) / 'result.json', json.dumps(result))
+    return result
+
+
+def _run(cfg: RunConfig, test: DataLoader, env: DistEnv) -> Tuple[Dict[str, Any], bool]:
+    """The result of a run of ``cfg``, and whether it is an earlier run's: read back when a run of the
+    same config finished in its folder, else trained now."""
+    earlier = earlier_result(cfg)
+    if earlier is not None and earlier['config'] == decisive(cfg):
+        return earlier, True
+    return train_and_test(cfg, test, env), False
 
 
 def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Dict[str, Any]:
@@ -132,6 +163,7 @@ def _train_demo(settings: DemoSettings, say: Callable[[str], None]) -> Dict[str,
     test = test_loader(run_config(settings, settings.students[0], 'none'))
     teacher_top1 = evaluate(load_teacher(settings.teacher_weights).to(env.device), test, env, 'fp32')['top1']
     say(f'teacher {TEACHER["model"]} ({Path(settings.teacher_weights).name}): test top-1 {teacher_top1:.2f}')
+    say(f'students train in {resolve_precision("auto", env.device)} on {env.device} (precision auto)')
     results: Dict[str, Any] = dict(
         teacher_top1=teacher_top1, teacher=dict(TEACHER, weights=settings.teacher_weights),
         settings=dict(subset=settings.subset, epochs=settings.epochs, seed=settings.seed, lr=settings.lr,
@@ -142,9 +174,10 @@ def _train_demo(settings: DemoSettings, say: Callable[[str], None]) -> Dict[str,
         row: Dict[str, Any] = dict(model=STUDENTS[name]['model'], curves={}, seconds={})
         for method in settings.methods:
             label = METHOD_LABELS[method]
-            run = train_and_test(run_config(settings, name, method), test, env)
+            run, reused = _run(run_config(settings, name, method), test, env)
             row[f'{label}_top1'], row['curves'][label], row['seconds'][label] = run['top1'], run['curve'], run['seconds']
-            say(f'{name} {label}: test top-1 {run["top1"]:.2f} ({run["seconds"]:.0f} s)')
+            took = 'finished earlier, reused' if reused else f'{run["seconds"]:.0f} s'
+            say(f'{name} {label}: test top-1 {run["top1"]:.2f} ({took})')
         row['gain'] = row['scalekd_top1'] - row['alone_top1']
         results['students'][name] = row
     results['seconds'] = time.perf_counter() - start
