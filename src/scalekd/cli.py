@@ -342,7 +342,7 @@ def _add_config(sub) -> None:
     p = sub.add_parser('config', help='run configs: show one resolved')
     actions = p.add_subparsers(dest='action', required=True, metavar='ACTION')
     show = actions.add_parser('show', help='print a config as a run would use it, as YAML: every default (the '
-                                           'distill method's too), base: file and -o override resolved')
+                                           'defaults of the distill method), base: file and -o override resolved')
     show.add_argument('config', help='YAML run config')
     show.add_argument('-o', '--override', action='append', metavar='KEY=VALUE', help='dotted override, repeatable')
     show.set_defaults(func=_run_config_show)

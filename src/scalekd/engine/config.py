@@ -229,14 +229,15 @@ class LogConfig:
         tensorboard: write TensorBoard events under ``tensorboard/`` of the output folder.
         wandb: log to Weights & Biases (needs the ``wandb`` package).
         wandb_project: the W&B project.
-        progress: per-step progress bars.
+        progress: per-step progress on standard error; null: a bar on a terminal, otherwise (Slurm,
+            ``nohup``, a file) a line every 30 s and at each epoch's last step; true / false force a bar or nothing.
         console: log lines on stdout too (``train.log`` always has them).
         interval: optimizer steps between train lines in ``metrics.jsonl`` (step 1 always).
     """
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = 'scalekd'
-    progress: bool = True
+    progress: Optional[bool] = None
     console: bool = True
     interval: int = 50
 
