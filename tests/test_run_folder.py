@@ -231,7 +231,7 @@ def test_resume_rewinds_metrics_to_the_checkpoint(straight, data_root, tmp_path)
 def test_an_output_that_cannot_be_written_is_one_line(tmp_path, data_root, capsys, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(30, 'Read-only file system')
-    monkeypatch.setattr('scalekd.engine.run_folder.open', read_only, raising=False)
+    monkeypatch.setattr('scalekd.engine.run_folder._open_lock', read_only)
     err = _refused(capsys, 'train', str(tiny_config(tmp_path, data_root)))
     assert f'output folder {tmp_path / "run"} cannot be written: Read-only file system' in err
 

@@ -2,7 +2,10 @@
 deleting nothing else.
 
 - A lock (``.scalekd.lock``, ``flock``) is held for the whole run: a second run on the folder is
-  refused with the holder's pid, host and start time; the kernel releases it when a run dies.
+  refused with the holder's pid, host and start time. The kernel releases it when a run dies, and
+  processes forked from the holder (data-loader workers) close their copy at once, so that a dead
+  run's workers never hold it. The lock file is opened without following a link and must be a
+  regular file of scalekd's own.
 - ``scalekd-run.json`` marks the folder as a run and lists the checkpoints the run's series wrote
   (file and step); retention deletes only those, never a file it did not write.
 - A command that writes many runs under one folder (``scalekd demo``, ``scalekd ablate``) holds that
@@ -12,17 +15,20 @@ deleting nothing else.
   temporary files of killed writes), never other files; a folder with files named like them that
   is not a run is refused.
 """
+import errno
 import fcntl
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from .checkpoint import checkpoints_by_age
 
@@ -33,6 +39,7 @@ LOCK = '.scalekd.lock'
 ARTEFACTS = ('config.yaml', 'train.log', 'metrics.jsonl', 'tensorboard', 'wandb', 'best.pth', MARKER)
 # temporary files of atomic writes (checkpoints, the marker, the metrics rewind) killed half-way
 _PARTIAL = re.compile(r'^\.(checkpoint-\d+(-\d+)?\.pth|best\.pth|metrics\.jsonl|' + re.escape(MARKER) + r')(\..+)?\.tmp$')
+_HOLDER = re.compile(r'(pid \d+ on [^\n]*)?')  # what acquire writes in the lock file
 
 
 class RunFolderError(ValueError):
@@ -55,12 +62,36 @@ def check_output_path(output: str) -> Path:
     return path
 
 
+def _open_lock(path: Path) -> int:
+    """The lock file's descriptor, created if missing; a link is not followed (``ELOOP``)."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+
+
+def _holder(fd: int) -> str:
+    """What a lock file says of its holder."""
+    return os.pread(fd, 4096, 0).decode(errors='replace').strip()
+
+
+_HELD: 'weakref.WeakSet[RunFolder]' = weakref.WeakSet()  # the folders whose lock this process holds
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child: close the copies of the parent's lock descriptors (the lock stays the parent's)."""
+    for folder in list(_HELD):
+        os.close(folder._lock_fd)
+        folder._lock_fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class RunFolder:
     """The output folder of one run, held by this process from :meth:`acquire` to :meth:`release`."""
 
     def __init__(self, output: str):
         self.path = check_output_path(output)
-        self._lock_file = None
+        self._lock_fd: Optional[int] = None
         self._created: List[Path] = []
         self._new_lock = False
 
@@ -72,31 +103,49 @@ class RunFolder:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._created = list(reversed(missing))
-            self._new_lock = not lock.exists()
-            f = open(lock, 'a+')
+            self._new_lock = not os.path.lexists(lock)
+            fd = _open_lock(lock)
         except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise RunFolderError(f'{lock} is not a scalekd lock file (a link or not a file): remove it or '
+                                     f'choose another output') from None
             raise RunFolderError(f'output folder {self.path} cannot be written: {e.strerror or e}') from None
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock(fd, lock)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()}, started '
+                      f'{time.strftime("%Y-%m-%d %H:%M:%S")}'.encode(), 0)
+        self._lock_fd = fd
+        _HELD.add(self)
+
+    def _lock(self, fd: int, lock: Path) -> None:
+        """Take the lock on ``fd``; refuse a live holder, naming it, and a lock path that is no lock file
+        of scalekd's (not a regular file, another name of a file elsewhere, other contents), left as it is."""
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise RunFolderError(f'{lock} is not a scalekd lock file (not a regular file, or linked elsewhere): '
+                                 f'move it away or choose another output')
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            f.seek(0)
-            holder = f.read().strip() or 'another process'
-            f.close()
-            raise RunFolderError(f'output folder {self.path} is in use by another scalekd run ({holder}); wait for '
-                                 f'it to finish or choose another output') from None
-        f.seek(0)
-        f.truncate()
-        f.write(f'pid {os.getpid()} on {socket.gethostname()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}')
-        f.flush()
-        self._lock_file = f
+            raise RunFolderError(f'output folder {self.path} is in use by another scalekd run '
+                                 f'({_holder(fd) or "another process"}); wait for it to finish or choose another '
+                                 f'output') from None
+        if not _HOLDER.fullmatch(_holder(fd)):
+            raise RunFolderError(f'{lock} is not a scalekd lock file (its contents are not a run\'s): move it away '
+                                 f'or choose another output')
 
     def release(self, failed: bool = False) -> None:
         """Let the lock go; after a failed start, remove what :meth:`acquire` created (the folders,
         the lock file) when nothing else was written (nothing half-written is left behind)."""
-        if self._lock_file is None:
+        if self._lock_fd is None:
             return
-        self._lock_file.close()
-        self._lock_file = None
+        os.close(self._lock_fd)
+        self._lock_fd = None
+        _HELD.discard(self)
         if not failed or not self._new_lock or (self.path / MARKER).exists():
             return
         (self.path / LOCK).unlink(missing_ok=True)
