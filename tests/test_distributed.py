@@ -168,7 +168,7 @@ def test_a_dead_rank_stops_the_others_in_bounded_time(tmp_path, data_root):
 
 
 def test_a_refusal_on_the_main_process_stops_every_rank_at_once(straight, data_root, tmp_path):
-    """The main process finds the folder holds a run (no --resume): every rank exits 2, none waits for the
+    """The main process finds the folder holds a checkpoint (no --resume): every rank exits 2, none waits for the
     others until the timeout; the message is printed once, by the main process."""
     (tmp_path / 'run').mkdir()
     save_checkpoint(load_checkpoint(straight / 'checkpoint-0001.pth'), tmp_path / 'run' / 'checkpoint-0001.pth')
@@ -176,7 +176,7 @@ def test_a_refusal_on_the_main_process_stops_every_rank_at_once(straight, data_r
     proc = start_torchrun(cfg, port=29557)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert err.count('already holds a run; pass --resume auto to continue it or --force to start over') == 1, err
+    assert err.count('holds checkpoint-0001.pth, which no scalekd run wrote there') == 1, err
     assert err.count('scalekd train: error:') == 1, err
 
 

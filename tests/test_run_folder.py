@@ -137,11 +137,10 @@ def test_pruning_keeps_good_checkpoints_when_damaged_ones_are_numbered_above(str
     assert main(['train', str(cfg), '--resume', 'auto', '--deterministic']) == 0
     log = (run / 'train.log').read_text()
     assert f'resumed from {run / "checkpoint-0001-000002.pth"} at epoch 1 + 2 batches, step 5' in log
-    assert 'checkpoint-0009.pth cannot be loaded safely' in log  # passed over, named
+    assert 'checkpoint-0009.pth cannot be loaded safely' in log  # passed over, named, set aside
     assert [p.name for p in checkpoints_by_age(run)] == [  # the copied one, the resumed-from one, the newest
-        'checkpoint-0001.pth', 'checkpoint-0001-000002.pth', 'checkpoint-0002.pth', 'checkpoint-0009.pth',
-        'checkpoint-0009-000001.pth']
-    assert (run / 'checkpoint-0009.pth').read_bytes() == b'damaged'
+        'checkpoint-0001.pth', 'checkpoint-0001-000002.pth', 'checkpoint-0002.pth']
+    assert (run / 'abandoned-after-step-3' / 'checkpoint-0009.pth').read_bytes() == b'damaged'
     final, reference = load_checkpoint(run / 'checkpoint-0002.pth'), load_checkpoint(straight / 'checkpoint-0002.pth')
     for key, value in reference['student'].items():
         assert torch.equal(value, final['student'][key]), key
@@ -150,7 +149,7 @@ def test_pruning_keeps_good_checkpoints_when_damaged_ones_are_numbered_above(str
 def test_retention_deletes_the_oldest_of_the_runs_own_series(tmp_path):
     folder = RunFolder(str(tmp_path / 'run'))
     folder.acquire()
-    folder.mark(fresh=True)
+    folder.mark(fresh=True, files=[])
     (folder.path / 'checkpoint-0000-000001.pth').write_bytes(b'not ours')
     deleted = []
     for step, name in enumerate(['checkpoint-0000-000002.pth', 'checkpoint-0001.pth', 'checkpoint-0001-000001.pth',
@@ -236,15 +235,17 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path, data_root, capsy
     assert f'output folder {tmp_path / "run"} cannot be written: Read-only file system' in err
 
 
-def test_force_removes_a_linked_artefact_without_following_it(tmp_path, data_root):
+def test_force_leaves_a_link_the_run_did_not_write(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=1), log=dict(tensorboard=False))
     assert main(['train', str(cfg)]) == 0
+    assert json.loads((tmp_path / 'run' / MARKER).read_text())['files'] == [
+        'best.pth', 'config.yaml', 'metrics.jsonl', 'train.log']  # no tensorboard/: it was off
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
     (elsewhere / 'events').write_text('keep')
     (tmp_path / 'run' / 'tensorboard').symlink_to(elsewhere)
     assert main(['train', str(cfg), '--force']) == 0
-    assert (elsewhere / 'events').read_text() == 'keep' and not (tmp_path / 'run' / 'tensorboard').exists()
+    assert (elsewhere / 'events').read_text() == 'keep' and (tmp_path / 'run' / 'tensorboard').is_symlink()
 
 
 def test_resume_of_a_folder_says_what_to_give(tmp_path, data_root, capsys):

@@ -1,6 +1,10 @@
-"""The output folder as a trust boundary: no process but the run holds its lock; a lock path that is
-no lock file is refused untouched."""
+"""The output folder as a trust boundary: a forced run that cannot start loses nothing; no process but
+the run holds its lock; retention and --force delete only what the marker says the run wrote (never
+outside the folder, never a link, nothing of a folder without a marker); a lock path that is no lock
+file is refused untouched; killed and damaged records recover; a resume says what it finds."""
+import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -10,7 +14,12 @@ import pytest
 from engine_fixtures import tiny_config
 from run_tools import start, wait_for
 from scalekd.cli import main
-from scalekd.engine.run_folder import LOCK, RunFolder, RunFolderError
+from scalekd.engine.checkpoint import checkpoints_by_age, load_checkpoint
+from scalekd.engine.run_folder import LOCK, MARKER, RunFolder, RunFolderError
+from scalekd.engine.run_output import RunOutput
+
+EVERY_STEP = dict(checkpoint_every_steps=1, keep_checkpoints=20)
+WRITES = ('config.yaml', 'train.log', 'metrics.jsonl', 'tensorboard')  # what the `straight` run writes
 
 
 def _refused(capsys, *argv) -> str:
@@ -18,6 +27,37 @@ def _refused(capsys, *argv) -> str:
     err = capsys.readouterr().err
     assert err.count('\n') == 1, err
     return err
+
+
+def _files(folder: Path) -> dict:
+    """Every file under ``folder`` but the lock (whose holder line each run rewrites), with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob('*'))
+            if p.is_file() and p.name != LOCK}
+
+
+def _open(run: Path, resume=None, force=False, keep=20, writes=WRITES):
+    notes = []
+    out = RunOutput(str(run), keep, notes.append, writes)
+    out.open(resume, force)
+    return out, notes
+
+
+def _copy(straight: Path, tmp_path: Path) -> Path:
+    run = tmp_path / 'run'
+    shutil.copytree(straight, run)
+    return run
+
+
+# -- 1. --force replaces the previous run only once the new one is built -----------------------------
+@pytest.mark.parametrize('override', ['student.model=resnet1800', 'data.root={tmp}/no-data',
+                                      'teacher.checkpoint={tmp}/teacher.pth'])
+def test_a_forced_run_that_cannot_start_keeps_the_previous_run(straight, data_root, tmp_path, capsys, override):
+    run = _copy(straight, tmp_path)
+    (tmp_path / 'teacher.pth').write_bytes(b'not a weights file')
+    before = _files(run)
+    cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
+    _refused(capsys, 'train', str(cfg), '--force', '-o', override.format(tmp=tmp_path))
+    assert _files(run) == before
 
 
 # -- 2. the lock is the run's alone -----------------------------------------------------------------
@@ -84,6 +124,63 @@ def test_the_loader_workers_of_a_killed_run_do_not_hold_its_folder(tmp_path, dat
         proc.communicate()
 
 
+# -- 6. --resume auto sets aside what it passed over -------------------------------------------------
+def test_resume_auto_sets_aside_the_newer_checkpoints_it_passed_over(straight, tmp_path):
+    run = _copy(straight, tmp_path)
+    (run / 'checkpoint-0002.pth').write_bytes(b'unreadable now')
+    out, notes = _open(run, 'auto')
+    out.start(fresh=False)
+    out.release()
+    assert out.resumed_from == run / 'checkpoint-0001-000002.pth'
+    aside = run / 'abandoned-after-step-5'
+    assert (aside / 'checkpoint-0002.pth').read_bytes() == b'unreadable now'
+    assert not (run / 'checkpoint-0002.pth').exists()
+    series = [e['file'] for e in json.loads((run / MARKER).read_text())['checkpoints']]
+    assert series[-1] == 'checkpoint-0001-000002.pth'
+    assert any(n.startswith('passed over checkpoint') for n in notes) and any(str(aside) in n for n in notes)
+
+
+# -- 8. retention deletes the run's own checkpoints only ---------------------------------------------
+def test_retention_leaves_what_a_marker_lists_besides_its_own_checkpoints(tmp_path):
+    run = tmp_path / 'a' / 'run'
+    folder = RunFolder(str(run))
+    folder.acquire()
+    folder.mark(fresh=True, files=[])
+    (tmp_path / 'notes.txt').write_text('mine')
+    (run / 'notes.txt').write_text('mine too')
+    (tmp_path / 'kept.pth').write_text('a checkpoint kept elsewhere')
+    (run / 'checkpoint-0000-000001.pth').symlink_to(tmp_path / 'kept.pth')
+    marker = json.loads((run / MARKER).read_text())
+    marker['checkpoints'] = [dict(file='../../notes.txt', step=0), dict(file='notes.txt', step=1),
+                             dict(file='checkpoint-0000-000001.pth', step=1)]
+    (run / MARKER).write_text(json.dumps(marker))
+    deleted = []
+    for step, name in enumerate(['checkpoint-0000-000002.pth', 'checkpoint-0001.pth', 'checkpoint-0001-000001.pth'],
+                                start=2):
+        folder.record(run / name, step)
+        (run / name).write_bytes(b'ours')
+        deleted += folder.prune(keep=1)
+    folder.release()
+    assert deleted == ['checkpoint-0000-000002.pth', 'checkpoint-0001.pth']
+    assert (tmp_path / 'notes.txt').read_text() == 'mine' and (run / 'notes.txt').read_text() == 'mine too'
+    assert (run / 'checkpoint-0000-000001.pth').is_symlink() and (tmp_path / 'kept.pth').is_file()
+
+
+def test_what_a_marker_lists_besides_the_runs_files_is_reported(straight, tmp_path):
+    run = _copy(straight, tmp_path)
+    marker = json.loads((run / MARKER).read_text())
+    marker['files'].append('../notes.txt')
+    marker['checkpoints'].append(dict(file='notes.txt', step=9))
+    (run / MARKER).write_text(json.dumps(marker))
+    (tmp_path / 'notes.txt').write_text('mine')
+    (run / 'notes.txt').write_text('mine too')
+    out, notes = _open(run, force=True)
+    out.start(fresh=True)
+    out.release()
+    assert f'{MARKER} lists ../notes.txt, notes.txt, which are no files of its run: left alone' in notes
+    assert (tmp_path / 'notes.txt').read_text() == 'mine' and (run / 'notes.txt').read_text() == 'mine too'
+
+
 # -- 9. the lock file -----------------------------------------------------------------------------------
 @pytest.mark.parametrize('kind', ['link', 'hard link', 'other contents', 'folder'])
 def test_a_lock_path_that_is_no_scalekd_lock_file_is_refused_untouched(tmp_path, data_root, capsys, kind):
@@ -105,3 +202,83 @@ def test_a_lock_path_that_is_no_scalekd_lock_file_is_refused_untouched(tmp_path,
     assert f'{lock} is not a scalekd lock file' in _refused(capsys, 'train', str(tiny_config(tmp_path, data_root)))
     assert victim.read_text() == 'precious'
     assert lock.is_dir() if kind == 'folder' else lock.read_text() == 'precious'
+
+
+# -- 10. --force deletes what the marker says the run wrote ------------------------------------------
+def test_force_deletes_only_the_files_the_marker_lists(straight, tmp_path):
+    run = _copy(straight, tmp_path)
+    (run / 'wandb').mkdir()  # W&B was off: this is the user's
+    (run / 'wandb' / 'run.txt').write_text('mine')
+    listed = json.loads((run / MARKER).read_text()).get('files')
+    out, notes = _open(run, force=True, writes=('config.yaml', 'train.log', 'metrics.jsonl'))
+    out.start(fresh=True)
+    out.release()
+    assert (run / 'wandb' / 'run.txt').read_text() == 'mine'
+    assert listed == sorted([*WRITES, 'best.pth'])
+    assert not checkpoints_by_age(run) and not (run / 'tensorboard').exists() and not (run / 'best.pth').exists()
+    assert notes[-1].startswith("--force removed the previous run's best.pth, checkpoint-0000-000001.pth")
+    assert json.loads((run / MARKER).read_text())['files'] == ['best.pth', 'config.yaml', 'metrics.jsonl',
+                                                               'train.log']
+
+
+def test_force_deletes_nothing_of_a_folder_without_a_marker(straight, data_root, tmp_path, capsys):
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(straight / 'checkpoint-0001.pth', run)
+    before = _files(run)
+    err = _refused(capsys, 'train', str(tiny_config(tmp_path, data_root)), '--force')
+    assert 'holds checkpoint-0001.pth, which no scalekd run wrote there (it has no scalekd-run.json' in err
+    assert 'continue from its checkpoints with --resume auto' in err
+    assert _files(run) == before
+
+
+def test_a_marker_from_before_the_list_of_files_counts_the_fixed_names(straight, tmp_path):
+    """Runs from before the marker listed its files: --force deletes the names a run writes, as then."""
+    run = _copy(straight, tmp_path)
+    marker = json.loads((run / MARKER).read_text())
+    marker.pop('files', None)
+    (run / MARKER).write_text(json.dumps(marker))
+    (run / 'notes.md').write_text('mine')
+    out, _ = _open(run, force=True)
+    out.start(fresh=True)
+    out.release()
+    assert sorted(p.name for p in run.iterdir()) == [LOCK, 'notes.md', MARKER]
+
+
+# -- 12. a kill while the marker is first written -----------------------------------------------------
+@pytest.mark.parametrize('resume, force', [('auto', False), (None, True), (None, False)])
+def test_a_marker_write_killed_half_way_is_cleaned(tmp_path, resume, force):
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / LOCK).write_text('pid 12 on node, started 2024-01-01 00:00:00')
+    (run / f'.{MARKER}.k3j2x9.tmp').write_text('{"created": "2024-')
+    out, notes = _open(run, resume, force)
+    out.start(fresh=resume is None)
+    out.release()
+    assert f'removed unfinished writes .{MARKER}.k3j2x9.tmp' in notes
+    assert sorted(p.name for p in run.iterdir()) == [LOCK, MARKER]
+
+
+# -- 13. a damaged marker ---------------------------------------------------------------------------------
+def test_a_damaged_marker_is_rebuilt_from_the_checkpoints_that_load(straight, tmp_path):
+    run = _copy(straight, tmp_path)
+    (run / MARKER).write_text('{"checkpoints": [{"file": "checkp')
+    (run / 'checkpoint-0000-000001.pth').write_bytes(b'damaged')
+    out, notes = _open(run, 'auto', keep=2)
+    out.start(fresh=False)
+    state = load_checkpoint(run / 'checkpoint-0002.pth')
+    out.write(state, 'checkpoint-0002-000001.pth', 7, is_best=False)
+    out.release()
+    assert [p.name for p in checkpoints_by_age(run)] == [  # retention knows the older ones again
+        'checkpoint-0000-000001.pth', 'checkpoint-0002.pth', 'checkpoint-0002-000001.pth']
+    assert notes[0].startswith(f'{MARKER} was damaged (') and notes[0].endswith(
+        'rebuilt from the 5 checkpoint(s) that load (checkpoint-0000-000002.pth, checkpoint-0001.pth, '
+        'checkpoint-0001-000001.pth, checkpoint-0001-000002.pth, checkpoint-0002.pth)')
+
+
+# -- 14. what a resume finds ----------------------------------------------------------------------------
+def test_resume_auto_with_no_checkpoint_says_the_run_starts_afresh(tmp_path):
+    out, notes = _open(tmp_path / 'run', 'auto')
+    out.release()
+    assert out.resumed_from is None
+    assert notes == [f'--resume auto: no checkpoint in {tmp_path / "run"}, the run starts afresh']

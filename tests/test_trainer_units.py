@@ -98,7 +98,7 @@ def _fake_state(step: int, best_step: int = -1, epoch: int = 0, batch: int = 0):
 
 def _open(tmp_path, resume=None, force=False, keep=2):
     notes = []
-    out = RunOutput(str(tmp_path / 'run'), keep, notes.append)
+    out = RunOutput(str(tmp_path / 'run'), keep, notes.append, ('config.yaml', 'train.log'))
     return out, out.open(resume, force), notes
 
 
@@ -119,8 +119,8 @@ def test_resume_auto_takes_the_newest_checkpoint_that_loads(tmp_path):
     out.release()
     assert path == out.resumed_from == run / 'checkpoint-0001-000002.pth'
     assert out.take_resume_state()['progress']['step'] == 5 and out.take_resume_state() is None  # handed over once
-    assert len(notes) == 1 and notes[0].startswith(f'passed over checkpoint {run / "checkpoint-0002.pth"}')
-    assert (run / 'checkpoint-0002.pth').read_bytes() == b'damaged'  # named, never deleted
+    assert len(notes) == 2 and notes[0].startswith(f'passed over checkpoint {run / "checkpoint-0002.pth"}')
+    assert (run / 'abandoned-after-step-5' / 'checkpoint-0002.pth').read_bytes() == b'damaged'  # named, set aside
 
 
 def test_resume_auto_on_damaged_checkpoints_only_refuses_and_lets_the_lock_go(tmp_path):
@@ -129,22 +129,26 @@ def test_resume_auto_on_damaged_checkpoints_only_refuses_and_lets_the_lock_go(tm
     (run / 'checkpoint-0001.pth').write_bytes(b'')
     with pytest.raises(CheckpointError, match='holds 1 checkpoint'):
         _open(tmp_path, 'auto')
-    out, path, _ = _open(tmp_path, None, force=True)  # the folder is free again
-    out.release()
-    assert path is None and not (run / 'checkpoint-0001.pth').exists()
+    with pytest.raises(CheckpointError, match='holds 1 checkpoint'):  # the folder is free again, nothing changed
+        _open(tmp_path, 'auto')
+    assert (run / 'checkpoint-0001.pth').read_bytes() == b''
 
 
 def test_a_fresh_start_refuses_another_run_unless_forced(tmp_path):
     run = tmp_path / 'run'
-    run.mkdir()
-    save_checkpoint(_fake_state(3), run / 'checkpoint-0001.pth')
+    first, _, _ = _open(tmp_path)
+    first.start(fresh=True)
+    first.write(_fake_state(3), 'checkpoint-0001.pth', 3, is_best=False)
+    first.release()
     (run / 'mine.txt').write_text('not a run file')
     with pytest.raises(RunFolderError, match='already holds a run'):
         _open(tmp_path)
     out, path, notes = _open(tmp_path, force=True)
+    assert (run / 'checkpoint-0001.pth').is_file()  # deleted only once the new run starts
+    out.start(fresh=True)
     out.release()
     assert path is None and notes == ["--force removed the previous run's checkpoint-0001.pth"]
-    assert sorted(p.name for p in run.iterdir()) == ['.scalekd.lock', 'mine.txt']
+    assert sorted(p.name for p in run.iterdir()) == ['.scalekd.lock', 'mine.txt', 'scalekd-run.json']
 
 
 def test_resume_paths_that_cannot_be_resumed_are_refused(tmp_path):

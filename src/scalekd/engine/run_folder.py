@@ -1,19 +1,23 @@
-"""The output folder of a run: one writer at a time, a record of what scalekd wrote there, and
-deleting nothing else.
+"""The output folder as files: who may write it, what in it belongs to a run, and what may ever be
+deleted. It reads no checkpoint's contents; :mod:`~scalekd.engine.run_output` builds a run's resume
+and fresh-start policy on top of it.
 
-- A lock (``.scalekd.lock``, ``flock``) is held for the whole run: a second run on the folder is
-  refused with the holder's pid, host and start time. The kernel releases it when a run dies, and
-  processes forked from the holder (data-loader workers) close their copy at once, so that a dead
-  run's workers never hold it. The lock file is opened without following a link and must be a
-  regular file of scalekd's own.
-- ``scalekd-run.json`` marks the folder as a run and lists the checkpoints the run's series wrote
-  (file and step); retention deletes only those, never a file it did not write.
+- One writer: a lock (``.scalekd.lock``, ``flock``) held from :meth:`RunFolder.acquire` to
+  :meth:`RunFolder.release`; a second process is refused naming the holder's pid, host and start
+  time. The kernel lets it go when the holder dies, and processes forked from the holder (data-loader
+  workers) close their copy at once, so that a dead run's workers never hold it. The lock file is
+  opened without following a link and must be a regular file of scalekd's own.
+- A record: ``scalekd-run.json`` marks the folder as a run and lists what the run wrote there, each
+  before it is written: its files (``files``, of :data:`RUN_FILES`: TensorBoard and W&B only when
+  they are on) and its checkpoint series (``checkpoints``: file and step).
+- Deleting only a run's own: retention and ``--force`` delete only what the marker lists, and of that
+  only the names a run writes (``checkpoint-*.pth``, :data:`RUN_FILES`) inside the folder, never a
+  link; anything else the marker lists is reported and left alone. A folder without a marker is no
+  run, whatever its file names: nothing in it is deleted. A marker from before ``files`` were listed
+  counts :data:`RUN_FILES` as its run's. The temporary files of scalekd's own killed writes are
+  recognised and removed.
 - A command that writes many runs under one folder (``scalekd demo``, ``scalekd ablate``) holds that
-  folder's lock too (:func:`holding`), so a second such command there is refused at once instead of
-  meeting the first in a run folder half-way through.
-- ``--force`` deletes only the artefacts a run writes (:data:`ARTEFACTS`, the checkpoints and the
-  temporary files of killed writes), never other files; a folder with files named like them that
-  is not a run is refused.
+  folder's lock too (:func:`holding`), so that a second such command there is refused at once.
 """
 import errno
 import fcntl
@@ -28,15 +32,15 @@ import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .checkpoint import checkpoints_by_age
+from .checkpoint import checkpoint_position, checkpoints_by_age
 
-__all__ = ['RunFolder', 'RunFolderError', 'MARKER', 'ARTEFACTS', 'holding']
+__all__ = ['RunFolder', 'RunFolderError', 'MARKER', 'RUN_FILES', 'holding']
 
 MARKER = 'scalekd-run.json'
 LOCK = '.scalekd.lock'
-ARTEFACTS = ('config.yaml', 'train.log', 'metrics.jsonl', 'tensorboard', 'wandb', 'best.pth', MARKER)
+RUN_FILES = ('config.yaml', 'train.log', 'metrics.jsonl', 'tensorboard', 'wandb', 'best.pth')
 # temporary files of atomic writes (checkpoints, the marker, the metrics rewind) killed half-way
 _PARTIAL = re.compile(r'^\.(checkpoint-\d+(-\d+)?\.pth|best\.pth|metrics\.jsonl|' + re.escape(MARKER) + r')(\..+)?\.tmp$')
 _HOLDER = re.compile(r'(pid \d+ on [^\n]*)?')  # what acquire writes in the lock file
@@ -65,6 +69,11 @@ def check_output_path(output: str) -> Path:
 def _open_lock(path: Path) -> int:
     """The lock file's descriptor, created if missing; a link is not followed (``ELOOP``)."""
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder of a run; a link is never followed."""
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
 def _holder(fd: int) -> str:
@@ -155,47 +164,76 @@ class RunFolder:
             folder.rmdir()
 
     # -- what is in the folder ------------------------------------------------------------------------
+    def is_run(self) -> bool:
+        """Whether the folder is a run's: it has the marker."""
+        return (self.path / MARKER).is_file()
+
     def holds_run(self) -> bool:
-        """A scalekd run: the marker, or checkpoints (a run from before markers, a copied checkpoint)."""
-        return (self.path / MARKER).is_file() or bool(checkpoints_by_age(self.path))
+        """A run, or checkpoints to resume from (a run from before markers, a copied checkpoint)."""
+        return self.is_run() or bool(checkpoints_by_age(self.path))
 
-    def _artefacts(self) -> List[Path]:
-        p = self.path
-        named = [p / n for n in ARTEFACTS if (p / n).exists()]
-        return named + checkpoints_by_age(p) + [f for f in p.iterdir() if _PARTIAL.match(f.name)]
+    def own_paths(self) -> List[Path]:
+        """What the marker says its run wrote and that is there: its files of :data:`RUN_FILES` (all of
+        them for a marker that lists none) and its series' checkpoints, links left out."""
+        listed = self.read_marker().get('files', RUN_FILES) if self.is_run() else []
+        names = [n for n in listed if n in RUN_FILES] + [e['file'] for e in self.series()]
+        return [p for p in (self.path / n for n in names) if p.exists() and not p.is_symlink()]
 
-    def check_fresh(self, force: bool) -> List[str]:
-        """Make the folder ready for a new run: refuse another run unless ``force`` (then delete its
-        artefacts, returned), refuse files named like artefacts that no run wrote."""
-        if self.holds_run():
-            if not force:
-                raise RunFolderError(f'output folder {self.path} already holds a run; pass --resume auto to continue '
-                                     f'it or --force to start over')
-            removed = self._artefacts()
-            for path in removed:  # a link is removed, never followed
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-            return sorted(p.name for p in removed)
-        clashes = sorted(p.name for p in self._artefacts())
-        if clashes:
-            raise RunFolderError(f'output folder {self.path} holds {", ".join(clashes)}, which no scalekd run wrote '
-                                 f'there; move them away or choose another output (--force deletes only the files '
-                                 f'of a run)')
-        return []
+    def check_fresh(self, force: bool, writes: Sequence[str]) -> List[Path]:
+        """Check the folder can take a new run that writes ``writes`` and checkpoints: another run is
+        refused unless ``force``; a file by those names that is not the forced run's is refused.
+        Returns what ``force`` replaces (deleted by :meth:`remove`, once the new run is built)."""
+        if self.is_run() and not force:
+            raise RunFolderError(f'output folder {self.path} already holds a run; pass --resume auto to continue '
+                                 f'it or --force to start over')
+        own = self.own_paths() if force else []
+        named = [self.path / n for n in writes if os.path.lexists(self.path / n)]
+        clashes = sorted(p.name for p in named + checkpoints_by_age(self.path) if p not in own)
+        if not clashes:
+            return own
+        if self.is_run():
+            raise RunFolderError(f'output folder {self.path} holds {", ".join(clashes)}, which its run did not write '
+                                 f'(not listed in its {MARKER}); move them away or choose another output')
+        hint = 'continue from its checkpoints with --resume auto, or ' if checkpoints_by_age(self.path) else ''
+        raise RunFolderError(f'output folder {self.path} holds {", ".join(clashes)}, which no scalekd run wrote there '
+                             f'(it has no {MARKER}, and --force deletes only what a run recorded): {hint}move them '
+                             f'away or choose another output')
+
+    @staticmethod
+    def remove(paths: Sequence[Path]) -> List[str]:
+        """Delete a replaced run's files (:meth:`check_fresh`'s list); their names."""
+        for path in paths:
+            _remove(path)
+        return sorted(p.name for p in paths)
 
     def remove_partial_writes(self) -> List[str]:
         """Delete the temporary files of writes killed half-way (no writer is live: we hold the lock)."""
-        partial = [f for f in self.path.iterdir() if _PARTIAL.match(f.name)]
+        partial = [f for f in self.path.iterdir() if _PARTIAL.match(f.name) and f.is_file() and not f.is_symlink()]
         for f in partial:
             f.unlink()
         return sorted(f.name for f in partial)
 
     # -- the marker and the checkpoint series ------------------------------------------------------------
-    def read_marker(self) -> Dict[str, Any]:
+    def _load_marker(self) -> Tuple[Dict[str, Any], Optional[str]]:
+        """The marker's record, and why it is none when the marker exists but is damaged."""
         try:
             data = json.loads((self.path / MARKER).read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}, None
+        except (OSError, ValueError) as e:
+            return {}, str(e).splitlines()[0] if str(e) else type(e).__name__
+        ok = isinstance(data, dict) and isinstance(data.get('checkpoints', []), list) and \
+            isinstance(data.get('files', []), list)
+        return (data, None) if ok else ({}, 'not the record of a run')
+
+    def marker_damage(self) -> Optional[str]:
+        """Why the marker is not a run's record (unreadable, not JSON, other contents); None when it is
+        one or there is none."""
+        return self._load_marker()[1]
+
+    def read_marker(self) -> Dict[str, Any]:
+        """The marker's record; empty when there is none or it is damaged."""
+        return self._load_marker()[0]
 
     def _write_marker(self, data: Dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f'.{MARKER}.', suffix='.tmp', dir=self.path)
@@ -205,22 +243,45 @@ class RunFolder:
             os.fsync(f.fileno())
         os.replace(tmp, self.path / MARKER)
 
-    def mark(self, fresh: bool) -> None:
-        """Write the marker (a fresh run forgets the series of the run it replaced)."""
-        data = {} if fresh else self.read_marker()
-        data.setdefault('created', time.strftime('%Y-%m-%d %H:%M:%S'))
-        data.setdefault('checkpoints', [])
-        self._write_marker(data)
+    def rebuild(self, series: Sequence[Dict[str, Any]]) -> None:
+        """Replace a damaged marker by one listing ``series`` (``file``, ``step``) and no files."""
+        self._write_marker(dict(created=time.strftime('%Y-%m-%d %H:%M:%S'), checkpoints=sorted(
+            series, key=lambda e: e['step'])))
+
+    def mark(self, fresh: bool, files: Sequence[str]) -> None:
+        """Write the marker listing ``files`` (of :data:`RUN_FILES`) among the run's; a fresh run forgets
+        the files and series of the run it replaced."""
+        old = {} if fresh else self.read_marker()
+        kept = [n for n in old.get('files', RUN_FILES) if n in RUN_FILES and os.path.lexists(self.path / n)] \
+            if old else []
+        self._write_marker(dict(created=old.get('created', time.strftime('%Y-%m-%d %H:%M:%S')),
+                                files=sorted({*kept, *files}),
+                                checkpoints=self.series() if old else []))
+
+    def _own_checkpoint(self, entry: Any) -> bool:
+        """Whether a marker entry names a checkpoint this run may delete: its name pattern, in the
+        folder, not a link."""
+        return isinstance(entry, dict) and isinstance(entry.get('file'), str) and \
+            isinstance(entry.get('step'), int) and checkpoint_position(entry['file']) is not None and \
+            not (self.path / entry['file']).is_symlink()
 
     def series(self) -> List[Dict[str, Any]]:
         """The checkpoints the run's series wrote, oldest first (``file``, ``step``)."""
-        entries = [e for e in self.read_marker().get('checkpoints', []) if isinstance(e, dict)]
-        return sorted(entries, key=lambda e: e.get('step', 0))
+        entries = [e for e in self.read_marker().get('checkpoints', []) if self._own_checkpoint(e)]
+        return sorted(entries, key=lambda e: e['step'])
+
+    def foreign_entries(self) -> List[str]:
+        """What the marker lists that is no file of its run (other names, paths, links): never deleted."""
+        data = self.read_marker()
+        files = [n for n in data.get('files', []) if n not in RUN_FILES]
+        entries = [e.get('file') if isinstance(e, dict) else e for e in data.get('checkpoints', [])
+                   if not self._own_checkpoint(e)]
+        return [str(n) for n in files + entries]
 
     def record(self, path: Path, step: int) -> None:
         """List a checkpoint in the series before it is written (a kill then leaves at worst a listed
         name without a file, never a file that retention does not know)."""
-        entries = [e for e in self.series() if e.get('file') != path.name] + [dict(file=path.name, step=step)]
+        entries = [e for e in self.series() if e['file'] != path.name] + [dict(file=path.name, step=step)]
         self._write_marker(dict(self.read_marker(), checkpoints=sorted(entries, key=lambda e: e['step'])))
 
     def prune(self, keep: int, protect: Sequence[Path] = ()) -> List[str]:
@@ -232,7 +293,7 @@ class RunFolder:
         if drop:
             self._write_marker(dict(self.read_marker(), checkpoints=[e for e in entries if e not in drop]))
         for e in drop:
-            (self.path / e['file']).unlink(missing_ok=True)
+            _remove(self.path / e['file'])
         return [e['file'] for e in drop]
 
     def set_aside(self, paths: Sequence[Path], step: int) -> Path:

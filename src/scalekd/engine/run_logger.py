@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Optional, TextIO
+from typing import Any, Dict, Iterable, Iterator, Optional, TextIO, Tuple
 
 from tqdm import tqdm
 
@@ -101,6 +101,12 @@ class RunLogger:
                 raise ValueError('log.wandb is on but the wandb package is not installed (pip install wandb)') from None
             self.wandb = wandb.init(project=cfg.wandb_project, dir=str(out_dir), config=wandb_config,
                                     name=out_dir.name, resume='allow')
+
+    @staticmethod
+    def files(cfg: LogConfig) -> Tuple[str, ...]:
+        """The names of what the main process's logger writes in the output folder under ``cfg``."""
+        return ('train.log', 'metrics.jsonl') + (('tensorboard',) if cfg.tensorboard else ()) + \
+            (('wandb',) if cfg.wandb else ())
 
     def info(self, message: str) -> None:
         if self.enabled:

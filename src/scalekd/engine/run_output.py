@@ -1,15 +1,24 @@
-"""The output folder of a run as its main process opens, fills and closes it: the lock, the
-checkpoint to resume from (``--resume auto`` or a path), the fresh-start check, setting aside the
-history after an older resumed checkpoint, checkpoint writes with retention, and keeping ``best.pth``
-and the recorded best epoch in agreement. Only the main process holds one."""
+"""A run's use of its output folder, on the main process: what to resume from and what to do with the
+folder's history, read from the checkpoints themselves. :mod:`~scalekd.engine.run_folder` holds the
+rules on files (the lock, the marker, what may be deleted); this module decides with them:
+
+- the checkpoint to resume from: ``--resume auto`` takes the newest that loads and sets the newer ones
+  it passed over aside, ``--resume PATH`` of this folder sets the history after it aside (with a
+  best.pth from that history), so that no later resume mixes two histories; ``--resume auto`` with no
+  checkpoint says the run starts afresh;
+- a fresh start checks the folder can take the run; what ``--force`` replaces is deleted only once
+  the new run is built (:meth:`RunOutput.start`), so that a run that cannot start loses nothing;
+- a damaged marker is rebuilt from the checkpoints that load, with a note;
+- checkpoint writes with retention, and ``best.pth`` kept in agreement with the recorded best epoch.
+"""
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .checkpoint import (CheckpointError, checkpoint_position, checkpoints_by_age, latest_checkpoint,
                          read_training_checkpoint, save_checkpoint)
 from .errors import RunError
-from .run_folder import RunFolder
+from .run_folder import MARKER, RunFolder
 from .training_state import Progress, best_state
 
 __all__ = ['RunOutput', 'check_resume_request']
@@ -29,21 +38,25 @@ class RunOutput:
         output: the run's ``output`` setting.
         keep: ``train.keep_checkpoints``, how many checkpoints of the run's series stay (0: all).
         note: takes each line worth logging (said once the log is open).
+        writes: the names of the files the run writes besides its checkpoints and ``best.pth`` (config,
+            log, metrics, TensorBoard / W&B folders when on), recorded in the marker as the run's.
     """
 
-    def __init__(self, output: str, keep: int, note: Callable[[str], None]):
+    def __init__(self, output: str, keep: int, note: Callable[[str], None], writes: Sequence[str]):
         self.folder = RunFolder(output)
         self.keep = keep
         self.path = self.folder.path
         self.best = self.path / 'best.pth'
+        self.writes = (*writes, self.best.name)
         self.resumed_from: Optional[Path] = None
         self._note = note
         self._resume_state: Optional[Dict[str, Any]] = None
+        self._replaced: List[Path] = []  # the files of the run --force replaces, deleted by start()
 
     def check_space(self, checkpoint_bytes: int) -> None:
         """Refuse a run whose folder has no room for two checkpoints (the new one is written beside the
-        last before it replaces it)."""
-        free = shutil.disk_usage(self.path).free
+        last before it replaces it); the files ``--force`` replaces count as free."""
+        free = shutil.disk_usage(self.path).free + sum(_size(p) for p in self._replaced)
         if free < 2 * checkpoint_bytes:
             raise RunError(f'{self.path} has {free / 2 ** 20:.0f} MB free; a checkpoint of this run takes about '
                            f'{checkpoint_bytes / 2 ** 20:.0f} MB and two must fit: free some space or set output to '
@@ -51,20 +64,27 @@ class RunOutput:
 
     def open(self, resume: Optional[str], force: bool) -> Optional[Path]:
         """Lock the folder, then find the checkpoint to resume from (read once, see
-        :meth:`take_resume_state`), or make the folder ready for a fresh run. Returns the checkpoint
-        (``None`` for a fresh start); on failure the lock is let go."""
+        :meth:`take_resume_state`), or check the folder can take a fresh run (what ``force`` replaces is
+        deleted by :meth:`start`). Returns the checkpoint (``None`` for a fresh start); on failure the
+        lock is let go."""
         self.folder.acquire()
         try:
+            self._repair_marker()
             if resume == 'auto':
                 self.resumed_from, self._resume_state, passed = latest_checkpoint(self.path)
                 for p in passed:
                     self._note(f'passed over {p}')
+                if passed:
+                    self._set_aside_later(self._resume_state)
+                if self.resumed_from is None:
+                    self._note(f'--resume auto: no checkpoint in {self.path}, the run starts afresh')
             elif resume:
                 self.resumed_from, self._resume_state = self._resume_path(Path(resume))
             if not resume or not self.folder.holds_run():  # a new run here: nothing of another may be lost
-                removed = self.folder.check_fresh(force)
-                if removed:
-                    self._note(f'--force removed the previous run\'s {", ".join(removed)}')
+                self._replaced = self.folder.check_fresh(force, self.writes)
+            foreign = self.folder.foreign_entries()
+            if foreign:
+                self._note(f'{MARKER} lists {", ".join(foreign)}, which are no files of its run: left alone')
             partial = self.folder.remove_partial_writes()
             if partial:
                 self._note(f'removed unfinished writes {", ".join(partial)}')
@@ -88,14 +108,30 @@ class RunOutput:
             self._set_aside_later(state)
         return path, state
 
+    def _repair_marker(self) -> None:
+        """Rebuild a damaged marker's series from the checkpoints that load, with a note."""
+        damage = self.folder.marker_damage()
+        if damage is None:
+            return
+        series = []
+        for path in checkpoints_by_age(self.path):
+            try:
+                series.append(dict(file=path.name, step=read_training_checkpoint(path)['progress'].get('step', 0)))
+            except CheckpointError:
+                continue
+        self.folder.rebuild(series)
+        self._note(f'{MARKER} was damaged ({damage}): rebuilt from the {len(series)} checkpoint(s) that load'
+                   + (f' ({", ".join(e["file"] for e in series)})' if series else ''))
+
     def take_resume_state(self) -> Dict[str, Any]:
         """The resumed checkpoint's state, read by :meth:`open`; handed over once."""
         state, self._resume_state = self._resume_state, None
         return state
 
     def _set_aside_later(self, state: Dict[str, Any]) -> None:
-        """Resuming from an older checkpoint of this folder abandons the history after it: its later
-        checkpoints and a best.pth from after it move aside, so that no later resume mixes them in."""
+        """Resuming from an older checkpoint of this folder (named, or the newest that loads) abandons
+        the history after it: its later checkpoints and a best.pth from after it move aside, so that no
+        later resume mixes them in."""
         progress, train = state['progress'], state['config']['train']
         resumed = (progress['epoch'], progress['batch'] // train.get('accum_steps', 1))
         later = [p for p in checkpoints_by_age(self.path) if checkpoint_position(p.name) > resumed]
@@ -131,8 +167,13 @@ class RunOutput:
         p.forget_best()
 
     def start(self, fresh: bool) -> None:
-        """Mark the folder as this run's (a fresh run forgets the series of the run it replaced)."""
-        self.folder.mark(fresh)
+        """Make the folder this run's, once the run is built: delete the files of the run ``--force``
+        replaces, then mark the folder listing the files this run writes (a fresh run forgets the
+        series of the run it replaced)."""
+        if self._replaced:
+            self._note(f'--force removed the previous run\'s {", ".join(self.folder.remove(self._replaced))}')
+            self._replaced = []
+        self.folder.mark(fresh, self.writes)
 
     def write(self, state: Dict[str, Any], name: str, step: int, is_best: bool) -> Path:
         """Checkpoint ``state`` of ``step`` as ``name`` (listed in the series first), then best.pth, then
@@ -148,3 +189,9 @@ class RunOutput:
     def release(self, failed: bool = False) -> None:
         """Let the lock go (after a failed start, also what :meth:`open` created)."""
         self.folder.release(failed)
+
+
+def _size(path: Path) -> int:
+    """The bytes of a file, or of the files in a folder."""
+    files = [path] if path.is_file() else [f for f in path.rglob('*') if f.is_file() and not f.is_symlink()]
+    return sum(f.stat().st_size for f in files)

@@ -137,7 +137,8 @@ class Trainer:
             enable_determinism(env.device)
         self.out_dir = check_output_path(cfg.output)
         self._notes: List[str] = []  # said in the log once it is open
-        self.output = RunOutput(cfg.output, tcfg.keep_checkpoints, self._notes.append) if env.is_main else None
+        self.output = RunOutput(cfg.output, tcfg.keep_checkpoints, self._notes.append,
+                                ('config.yaml', *RunLogger.files(cfg.log))) if env.is_main else None
         # every rank: the main process opens the folder, every rank learns the checkpoint it resumes from
         self.resumed_from: Optional[Path] = on_main(lambda: self.output.open(resume, force), env)
         try:
