@@ -277,6 +277,17 @@ def test_a_damaged_marker_is_rebuilt_from_the_checkpoints_that_load(straight, tm
 
 
 # -- 14. what a resume finds ----------------------------------------------------------------------------
+def test_resuming_another_student_says_what_the_checkpoint_holds(straight, data_root, tmp_path, capsys):
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(straight / 'checkpoint-0001.pth', run)
+    cfg = tiny_config(tmp_path, data_root, student=dict(model='resnet26'))
+    err = _refused(capsys, 'train', str(cfg), '--resume', 'auto')
+    assert (f'{run / "checkpoint-0001.pth"} holds a student resnet18(layers=[1, 1, 1, 1]) for 3 classes on 3 '
+            f'input channel(s); this config asks for resnet26(layers=[1, 1, 1, 1]) for 3 classes on 3 input '
+            f'channel(s)') in err, err
+
+
 def test_resume_auto_with_no_checkpoint_says_the_run_starts_afresh(tmp_path):
     out, notes = _open(tmp_path / 'run', 'auto')
     out.release()

@@ -59,6 +59,14 @@ def changed_settings(old: RunConfig, new: RunConfig) -> List[str]:
             if a.get(k) != b.get(k) and not k.startswith(_RESUME_FREE)]
 
 
+def _student_of(cfg: RunConfig) -> str:
+    """The student a config builds, as a resume compares it: model (with its kwargs), classes, input channels."""
+    kwargs = dict(cfg.student.kwargs)
+    classes, channels = kwargs.pop('num_classes', cfg.data.num_classes), kwargs.pop('in_chans', cfg.data.in_chans)
+    args = f'({", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))})' if kwargs else ''
+    return f'{cfg.student.model}{args} for {classes} classes on {channels} input channel(s)'
+
+
 def gather_rng_states(env: DistEnv) -> List[Dict[str, Any]]:
     """Every rank's RNG streams, in rank order (a collective: every rank calls it)."""
     if not env.distributed:
@@ -139,6 +147,10 @@ class TrainingState:
                            f'{cfg.train.batch_size}: a run\'s data order, steps and schedule are those of its '
                            f'global batch; resume with train.batch_size {old.train.batch_size} (on any number of '
                            f'processes and accumulation steps that divide it) or start a new run')
+        if _student_of(old) != _student_of(cfg):
+            raise RunError(f'{path} holds a student {_student_of(old)}; this config asks for {_student_of(cfg)}: '
+                           f'resume with the checkpoint\'s student (student.model and kwargs, data.num_classes, '
+                           f'data.in_chans) or start a new run')
         hyper = [{k: v for k, v in g.items() if k != 'params'} for g in self.optimizer.param_groups]
         try:
             self.task.student.load_state_dict(state['student'])
