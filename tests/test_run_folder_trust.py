@@ -13,20 +13,12 @@ import pytest
 
 from engine_fixtures import tiny_config
 from run_tools import start, wait_for
-from scalekd.cli import main
 from scalekd.engine.checkpoint import checkpoints_by_age, load_checkpoint
 from scalekd.engine.run_folder import LOCK, MARKER, RunFolder, RunFolderError
 from scalekd.engine.run_output import RunOutput
+from test_run_folder import EVERY_STEP, _refused
 
-EVERY_STEP = dict(checkpoint_every_steps=1, keep_checkpoints=20)
 WRITES = ('config.yaml', 'train.log', 'metrics.jsonl', 'tensorboard')  # what the `straight` run writes
-
-
-def _refused(capsys, *argv) -> str:
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert err.count('\n') == 1, err
-    return err
 
 
 def _files(folder: Path) -> dict:
