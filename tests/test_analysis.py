@@ -12,6 +12,7 @@ from scalekd.engine.checkpoint import save_checkpoint
 from scalekd.cli import main
 from scalekd.tools.export import export_student
 from scalekd.adapters.models import create_timm_model
+from scalekd.engine.errors import UserError
 
 
 def test_a_constant_map_has_all_its_energy_at_dc():
@@ -71,7 +72,7 @@ def test_fit_linear_separates_separable_features():
     assert (linear(feats).argmax(-1) == labels).float().mean() > 0.97
     picked = few_shot_indices(labels, 5, seed=1)
     assert len(picked) == 20 and torch.bincount(labels[picked]).tolist() == [5, 5, 5, 5]
-    with pytest.raises(ValueError, match='fewer than --shots 60'):
+    with pytest.raises(UserError, match='fewer than --shots 60'):
         few_shot_indices(labels, 60)
 
 
@@ -129,5 +130,5 @@ def test_feature_distances_are_the_training_distances_on_held_out_images(tmp_pat
     kd = torch.load(dfm, weights_only=True)
     kd['config']['distill']['method'] = 'kd'
     save_checkpoint(kd, tmp_path / 'kd.pth')
-    with pytest.raises(ValueError, match="method 'kd': it has no projector"):
+    with pytest.raises(UserError, match="method 'kd': it has no projector"):
         task_from_checkpoint(tmp_path / 'kd.pth')

@@ -4,6 +4,7 @@ import timm
 import torch
 
 from scalekd import ScaleKDTeacher, StudentAdapter, UnsupportedModelError, build_distiller
+from scalekd.method.errors import OptionError, UserError
 from scalekd.tools.matrix import CI_SAMPLE, REPRESENTATIVES, format_matrix, run_matrix
 
 IMG = 64
@@ -30,7 +31,7 @@ def test_a_refused_model_is_a_row_with_its_reason():
     assert not row.works
     assert row.results == (('resnet', "twins_svt_small (Twins): its feature_info names 'block.3' as the last "
                                       "stage, which is not one of its modules"),)
-    with pytest.raises(ValueError, match="unknown timm model module\\(s\\) resnett"):
+    with pytest.raises(UserError, match="unknown timm model module\\(s\\) resnett"):
         run_matrix(('student',), ['resnett'])
 
 
@@ -57,7 +58,7 @@ def test_student_taps_come_from_the_models_own_intermediates(name, s3, s4):
 def test_plain_students_take_the_s3_block_option_and_hierarchical_ones_refuse_it():
     model = _model('gmlp_ti16_224', img_size=IMG)
     assert StudentAdapter(model, (IMG, IMG), s3_block=2).s3_index == 1
-    with pytest.raises(ValueError, match=r'student_s3_block applies to plain students .* regnetx_002'):
+    with pytest.raises(OptionError, match=r'student_s3_block applies to plain students .* regnetx_002'):
         StudentAdapter(_model('regnetx_002'), (IMG, IMG), s3_block=2)
 
 
@@ -122,7 +123,7 @@ def test_headless_vit_teachers_train_feature_only(name):
     towers without a classifier: feature-only ScaleKD takes a finite step; logit KD is refused."""
     teacher = _model(name, img_size=IMG, patch_size=8, embed_dim=64, depth=4, num_heads=2)
     teacher.reset_classifier(0)
-    with pytest.raises(ValueError, match='has no classifier'):
+    with pytest.raises(OptionError, match='has no classifier'):
         build_distiller(teacher, _model('resnet18'), img_size=IMG)
     task = build_distiller(teacher, _model('resnet18'), img_size=IMG, kd=False)
     out = task(torch.randn(2, 3, IMG, IMG), torch.tensor([0, 1]))

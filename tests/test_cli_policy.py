@@ -1,5 +1,7 @@
 """One device policy (``--device auto|cpu|cuda|cuda:N``) and one error policy for every ``scalekd`` command."""
+import importlib
 import json
+import pkgutil
 import re
 import signal
 import subprocess
@@ -9,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
+import scalekd
 import scalekd.tools.bench as bench
 import scalekd.tools.demo as demo
 import scalekd.cli as cli
@@ -17,12 +20,14 @@ from scalekd.tools.analysis.inputs import feature_maps
 from scalekd.tools.analysis.linear_probe import pre_logits
 from scalekd.cli import build_parser, main
 from scalekd.engine.config import ConfigError
-from scalekd.engine.devices import model_device, resolve_device
+from scalekd.engine.devices import DeviceError, model_device, resolve_device
 from scalekd.engine.distributed import init_distributed
-from scalekd.engine.errors import RunInterrupted
+from scalekd.engine.errors import LossNotFinite, RunInterrupted, UserError
 from scalekd.tools.export import export_student
 from scalekd.tools.inspection import _train_step
-from scalekd.adapters.models import create_timm_model
+from scalekd.adapters.models import UnknownModelError, create_timm_model
+from scalekd.engine.weights import WeightsError
+from scalekd.method.errors import OptionError
 from test_analysis import _checkpoint, tiny_export  # noqa: F401 (a fixture)
 
 NO_CUDA = '--device cuda: no CUDA device is available (torch.cuda.is_available() is False)'
@@ -62,16 +67,16 @@ def test_auto_is_cuda_when_there_is_one_else_cpu(cuda_count):
 
 def test_unknown_unavailable_and_out_of_range_devices_are_refused(cuda_count):
     cuda_count(0)
-    with pytest.raises(ValueError, match=re.escape(NO_CUDA)):
+    with pytest.raises(DeviceError, match=re.escape(NO_CUDA)):
         resolve_device('cuda')
-    with pytest.raises(ValueError, match=re.escape('--device cuda:0: no CUDA device is available')):
+    with pytest.raises(DeviceError, match=re.escape('--device cuda:0: no CUDA device is available')):
         resolve_device('cuda:0')
     for bad in ('tpu', 'CPU', 'cuda:x', 'cuda:-1', 'cuda:', ''):
-        with pytest.raises(ValueError, match=re.escape(f'--device {bad!r}: expected auto, cpu, cuda or cuda:N')):
+        with pytest.raises(DeviceError, match=re.escape(f'--device {bad!r}: expected auto, cpu, cuda or cuda:N')):
             resolve_device(bad)
     cuda_count(2)
-    with pytest.raises(ValueError, match=re.escape('--device cuda:2: this machine has 2 CUDA device(s) '
-                                                   '(cuda:0 to cuda:1)')):
+    with pytest.raises(DeviceError, match=re.escape('--device cuda:2: this machine has 2 CUDA device(s) '
+                                                    '(cuda:0 to cuda:1)')):
         resolve_device('cuda:2')
 
 
@@ -109,7 +114,7 @@ def test_train_checks_its_device_by_the_same_rule(cuda_count, capsys, tmp_path, 
 def test_under_torchrun_each_process_takes_its_local_gpu(cuda_count, monkeypatch):
     cuda_count(2)
     monkeypatch.setenv('WORLD_SIZE', '2')
-    with pytest.raises(ValueError, match='under torchrun each process uses cuda:LOCAL_RANK'):
+    with pytest.raises(DeviceError, match='under torchrun each process uses cuda:LOCAL_RANK'):
         init_distributed('cuda:1')
 
 
@@ -230,18 +235,60 @@ def _failing_export(monkeypatch, error: BaseException) -> None:
     monkeypatch.setattr(cli, '_run_export', run)
 
 
-@pytest.mark.parametrize('error', [ValueError('x'), ConfigError('x'), FileNotFoundError('x'), FloatingPointError('x')])
+@pytest.mark.parametrize('error', [UserError('x'), ConfigError('x'), WeightsError('x'), LossNotFinite('x'),
+                                   UnknownModelError('x'), OptionError('x'), DeviceError('x')])
 def test_user_errors_are_one_line_and_exit_2(monkeypatch, capsys, error):
     _failing_export(monkeypatch, error)
     assert main(['export', 'a.pth', '--out', 'b']) == 2
     assert capsys.readouterr().err.splitlines() == ['scalekd export: error: x']
 
 
-@pytest.mark.parametrize('error', [RuntimeError('boom'), TypeError('boom')])
+@pytest.mark.parametrize('error', [RuntimeError('boom'), TypeError('boom'), ValueError('boom'),
+                                   FileNotFoundError('boom'), FloatingPointError('boom')])
 def test_other_errors_keep_their_traceback(monkeypatch, error):
+    """torch, timm, numpy and Python raise ValueError (and the others) for defects: not a user's mistake."""
     _failing_export(monkeypatch, error)
     with pytest.raises(type(error), match='boom'):
         main(['export', 'a.pth', '--out', 'b'])
+
+
+def _raise_deep():
+    raise ConfigError('optim.lr must be > 0')
+
+
+@pytest.mark.parametrize('switch', [['--traceback', 'export', 'a.pth', '--out', 'b'],
+                                    ['export', 'a.pth', '--out', 'b', '--traceback'], 'env'])
+def test_the_traceback_switch_shows_where_a_user_error_came_from(monkeypatch, capsys, switch):
+    monkeypatch.setattr(cli, '_run_export', lambda args: _raise_deep())
+    if switch == 'env':
+        monkeypatch.setenv('SCALEKD_TRACEBACK', '1')
+    assert main(['export', 'a.pth', '--out', 'b'] if switch == 'env' else switch) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == 'Traceback (most recent call last):' and any('_raise_deep' in line for line in err)
+    assert err[-2:] == ['scalekd.engine.errors.ConfigError: optim.lr must be > 0',
+                        'scalekd export: error: optim.lr must be > 0']
+    assert 'SCALEKD_TRACEBACK=1' in ' '.join(build_parser().format_help().split())
+
+
+def _exception_classes():
+    """Every exception class the package defines, by module."""
+    for info in pkgutil.walk_packages(scalekd.__path__, 'scalekd.'):
+        module = importlib.import_module(info.name)
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == info.name:
+                yield obj
+
+
+# ends of a run or a study that are not a user's mistake: reported in one line by their own rule
+NOT_USER_ERRORS = {'RunInterrupted', 'PeerFailure', 'StudyStopped', '_Terminated'}
+
+
+def test_every_error_class_of_the_package_is_a_user_error():
+    classes = {c.__name__: c for c in _exception_classes()}
+    assert {'ConfigError', 'DataError', 'WeightsError', 'CheckpointError', 'RunError', 'RunFolderError',
+            'LossNotFinite', 'RankError', 'DeviceError', 'UnknownModelError'} <= set(classes)
+    assert sorted(n for n, c in classes.items() if n not in NOT_USER_ERRORS and not issubclass(c, UserError)) == []
+    assert not any(issubclass(c, (ValueError, OSError, ArithmeticError)) for c in classes.values())
 
 
 def test_out_of_memory_prints_the_traceback_and_a_hint(monkeypatch, capsys):

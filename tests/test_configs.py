@@ -7,6 +7,7 @@ import torch
 
 import scalekd.engine.trainer as engine
 from scalekd.engine.config import load_config
+from scalekd.method.errors import OptionError
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 PARTIALS = ('recipes', 'teachers')
@@ -66,6 +67,6 @@ def test_feature_only_configs_dry_run_with_their_headless_teachers(name):
     report = engine.dry_run(cfg, torch.device('cpu'), batch=1)
     assert report['finite'], report['losses']
     assert 'kd_loss' not in report['losses'] and {'proxy_alt', 's4_alt'} <= set(report['losses'])
-    with pytest.raises(ValueError, match='logit KD cannot be used: the teacher .* has no classifier'):
+    with pytest.raises(OptionError, match='logit KD cannot be used: the teacher .* has no classifier'):
         engine.dry_run(load_config(CONFIGS / FEATURE_ONLY / name, shallow + ['distill.kd=true']),
                        torch.device('cpu'), batch=1)

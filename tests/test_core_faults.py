@@ -11,6 +11,7 @@ import scalekd.adapters.student as student_adapter
 import scalekd.adapters.teacher as teacher_adapter
 from scalekd import ScaleKDTeacher, StudentAdapter, UnsupportedModelError, build_distiller
 from scalekd.adapters.common import map_to_tokens
+from scalekd.task.distiller import TaskStateMismatchError
 from tiny_models import IMG, NUM_CLASSES, make_student, make_teacher
 
 X, Y = torch.randn(2, 3, IMG, IMG), torch.tensor([3, 4])
@@ -60,9 +61,9 @@ def test_loss_weights_refuse_unknown_terms():
     assert _distiller('fd', stages=['s3', 's4']).loss_weights(['s3_ori']) == {'s3_ori': 0.08}
 
 
-def test_mismatched_task_state_is_a_value_error_naming_the_keys():
+def test_mismatched_task_state_is_a_user_error_naming_the_keys():
     state = _distiller().get_task_state()
-    with pytest.raises(ValueError, match='distillation state does not match') as info:
+    with pytest.raises(TaskStateMismatchError, match='distillation state does not match') as info:
         _distiller('fd', stages=['s3', 's4']).load_task_state(state)
     missing, unexpected = str(info.value).split('unexpected')
     assert "'s3.projectors.ori.proj.weight'" in missing and 'proxy.' not in missing

@@ -11,9 +11,11 @@ import torch.nn as nn
 from scalekd import (ConvProjector, CrossAttentionProjector, DistillOptions, LinearProjector, ScaleKDTeacher,
                      StudentAdapter, UnknownModelError, UnsupportedModelError, build_distiller, remove_dc)
 from scalekd.adapters import FAMILIES
+from scalekd.method.errors import OptionError, UserError
 from scalekd.method.mimicking import FeatureMimicking
 from scalekd.method.options import ABLATIONS, ablation
 from scalekd.method.views import build_views
+from scalekd.task.distiller import TaskStateMismatchError
 from tiny_models import IMG, NUM_CLASSES, make_student, make_teacher, teacher_img
 
 X, Y = torch.randn(2, 3, IMG, IMG), torch.tensor([3, 4])
@@ -50,7 +52,7 @@ ROWS = {
 
 def test_every_ablation_preset_is_a_row():
     assert all(ROWS[name][0] == ablation(name) for name in ABLATIONS)
-    with pytest.raises(ValueError, match="unknown ablation 'cap_kd'; choose one of student, kd"):
+    with pytest.raises(OptionError, match="unknown ablation 'cap_kd'; choose one of student, kd"):
         ablation('cap_kd')
 
 
@@ -127,7 +129,7 @@ def test_views_apply_phi_only_to_the_alternative_path():
     (dict(method='fd', stages=['s3']), 'stages must include s4'),
 ])
 def test_bad_options_are_named(options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(OptionError, match=message):
         DistillOptions.from_kwargs(**options).resolve()
 
 
@@ -157,7 +159,7 @@ def test_task_state_holds_projectors_beside_a_clean_student():
     a, b = distiller(X, Y), other(X, Y)
     for key in ('loss', 'proxy_ori', 's4_alt'):
         torch.testing.assert_close(a[key], b[key])
-    with pytest.raises(ValueError, match='distillation state does not match'):
+    with pytest.raises(TaskStateMismatchError, match='distillation state does not match'):
         _distiller(views='single').load_task_state(ckpt['task_state'])
 
 
@@ -184,19 +186,19 @@ def test_beit_and_eva_are_plain_families_of_their_own():
 
 
 def test_tap_options_are_checked_against_the_models():
-    with pytest.raises(ValueError, match='student_s3_block applies to plain students .* only; .* is hierarchical'):
+    with pytest.raises(OptionError, match='student_s3_block applies to plain students .* only; .* is hierarchical'):
         _distiller(student_s3_block=3)
     distiller = _distiller(student='vit', student_s3_block=2)
     assert distiller.taps.s3_index == 1
-    with pytest.raises(ValueError, match=r'student_s3_block must be in \[1, 3\]'):
+    with pytest.raises(OptionError, match=r'student_s3_block must be in \[1, 3\]'):
         _distiller(student='vit', student_s3_block=4)
-    with pytest.raises(ValueError, match=r'teacher_last_blocks must be in \[1, 3\]'):
+    with pytest.raises(OptionError, match=r'teacher_last_blocks must be in \[1, 3\]'):
         _distiller(teacher_last_blocks=4)
     assert _distiller(teacher_last_blocks=2).teacher.stage.stage_start == 2
 
 
 def test_kd_needs_matching_classes():
-    with pytest.raises(ValueError, match='logit KD cannot be used: the teacher .* predicts 10 classes, the student 5'):
+    with pytest.raises(OptionError, match='logit KD cannot be used: the teacher .* predicts 10 classes, the student 5'):
         build_distiller(make_teacher('vit', IMG), 'resnet18', 'kd', img_size=IMG, student_kwargs=dict(num_classes=5))
 
 
@@ -357,7 +359,7 @@ def test_one_image_with_a_one_by_one_map_names_the_batch_and_the_map():
     """The tiny ResNet's s4 map is 1x1 at 32 px: one image per step leaves its BatchNorm layers one value
     per channel; the error says so and what to change, instead of torch's bare message."""
     distiller = _distiller()
-    with pytest.raises(ValueError, match=r'one value per channel: 1 image\(s\) per step and process with a 1x1 map'):
+    with pytest.raises(UserError, match=r'one value per channel: 1 image\(s\) per step and process with a 1x1 map'):
         distiller(X[:1], Y[:1])
     assert torch.isfinite(distiller(X, Y)['loss'])
 
@@ -394,7 +396,7 @@ def test_a_teacher_without_the_students_classes_trains_features_only(teacher_cla
     import timm
     name, kwargs = 'vit_tiny_patch16_224', dict(patch_size=8, embed_dim=64, depth=4, num_heads=2)
     teacher = timm.create_model(name, img_size=IMG, num_classes=teacher_classes, **kwargs)
-    with pytest.raises(ValueError, match=re.escape(f'logit KD cannot be used: {cause}') + r'.*distill\.kd: false'):
+    with pytest.raises(OptionError, match=re.escape(f'logit KD cannot be used: {cause}') + r'.*distill\.kd: false'):
         build_distiller(teacher, make_student('resnet', IMG), img_size=IMG)
     distiller = build_distiller(teacher, make_student('resnet', IMG), img_size=IMG, kd=False)
     out = distiller(X, Y)
@@ -410,7 +412,7 @@ def test_a_pretrained_teacher_keeps_its_own_classifier(tmp_path):
     path = tmp_path / 'headless.safetensors'
     save_file(timm.create_model(name, img_size=IMG, num_classes=0, **kwargs).state_dict(), str(path))
     weights = dict(kwargs, pretrained_cfg_overlay=dict(file=str(path), num_classes=0))
-    with pytest.raises(ValueError, match=r'logit KD cannot be used: the teacher .* has no classifier'):
+    with pytest.raises(OptionError, match=r'logit KD cannot be used: the teacher .* has no classifier'):
         build_distiller(name, make_student('resnet', IMG), img_size=IMG, num_classes=NUM_CLASSES,
                         teacher_pretrained=True, teacher_kwargs=weights)
     task = build_distiller(name, make_student('resnet', IMG), img_size=IMG, num_classes=NUM_CLASSES, kd=False,

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from engine_fixtures import make_fashion_mnist as _fake_dataset, write_idx as _write_idx
-from scalekd.engine.fashion_mnist import DatasetNotFound, FashionMNIST, find_fashion_mnist, read_idx
+from scalekd.engine.fashion_mnist import DatasetNotFound, FashionMNIST, FashionMNISTError, find_fashion_mnist, read_idx
 
 
 def test_read_idx_parses_header_dims_and_data(tmp_path):
@@ -18,11 +18,11 @@ def test_read_idx_parses_header_dims_and_data(tmp_path):
 
 def test_read_idx_rejects_bad_files(tmp_path):
     (tmp_path / 'bad').write_bytes(b'\x01\x02\x08\x01\x00\x00\x00\x02ab')
-    with pytest.raises(ValueError, match='bad magic number'):
+    with pytest.raises(FashionMNISTError, match='bad magic number'):
         read_idx(tmp_path / 'bad')
     path = _write_idx(tmp_path / 'short', np.zeros((4, 28, 28)))
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ValueError, match=r'expected 3136 for shape \(4, 28, 28\)'):
+    with pytest.raises(FashionMNISTError, match=r'expected 3136 for shape \(4, 28, 28\)'):
         read_idx(path)
 
 
@@ -33,7 +33,7 @@ def test_dataset_reads_real_shapes_and_checks_labels(tmp_path):
     img, label = train[3]
     assert img.size == (28, 28) and img.mode == 'L' and label == 3
     _write_idx(folder / 't10k-labels-idx1-ubyte', np.array([0, 1, 2, 11]), gz=True)
-    with pytest.raises(ValueError, match=r'labels outside 0..9'):
+    with pytest.raises(FashionMNISTError, match=r'labels outside 0..9'):
         FashionMNIST(folder, 'test')
 
 

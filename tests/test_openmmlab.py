@@ -10,6 +10,7 @@ from openmmlab_cases import (KEY_CASES, KEYS_FILE, OUTPUT_CASES, OUTPUTS_FILE, b
 from scalekd.engine.checkpoint import save_checkpoint
 from scalekd.cli import main
 from scalekd.adapters.models import create_timm_model
+from scalekd.engine.errors import UserError
 from scalekd.tools.transfer import OpenMMLabKeyError, from_openmmlab, import_mmcls, to_format, to_openmmlab
 
 KEYS = json.loads(KEYS_FILE.read_text())
@@ -75,7 +76,7 @@ def test_import_reports_every_tensor_without_a_home():
     ('convnext_tiny', dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)), 'mmseg', 'not convnext'),
 ])
 def test_export_refuses_backbones_the_toolkit_lacks(name, kwargs, fmt, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         to_format(create_timm_model(name, (32, 32), **kwargs), fmt)
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from scalekd import ConvProjector, CrossAttentionProjector, LinearProjector, build_distiller, build_projector
 from scalekd.task.kernels import UnfoldConv2d, use_cpu_kernels
+from scalekd.method.errors import OptionError
 from tiny_models import IMG, make_student, make_teacher
 
 
@@ -114,7 +115,7 @@ def test_cap_layernorm_student_branch_for_convnext():
 
 
 def test_cap_errors_name_the_problem():
-    with pytest.raises(ValueError, match='num_heads=5 does not divide the teacher width 16'):
+    with pytest.raises(OptionError, match='num_heads=5 does not divide the teacher width 16'):
         CrossAttentionProjector(8, 16, (4, 4), (2, 2), num_heads=5)
     cap = CrossAttentionProjector(8, 16, (4, 4), (2, 2), num_heads=2)
     with pytest.raises(ValueError, match=r'expects \(N, 8, 4, 4\) maps, got \(2, 8, 5, 5\)'):
@@ -138,7 +139,7 @@ def test_linear_projector_is_per_location_linear_then_resized():
 def test_conv_projector_shapes_and_factory():
     assert ConvProjector(3, 5, (4, 4), (8, 8))(torch.randn(2, 3, 4, 4)).shape == (2, 5, 8, 8)
     assert isinstance(build_projector('cap', 4, 8, (2, 2), (2, 2), num_heads=2), CrossAttentionProjector)
-    with pytest.raises(ValueError, match="unknown projector 'mlp'; choose one of cap, linear, conv"):
+    with pytest.raises(OptionError, match="unknown projector 'mlp'; choose one of cap, linear, conv"):
         build_projector('mlp', 4, 8, (2, 2), (2, 2))
 
 

@@ -26,6 +26,7 @@ from scalekd.engine.trainer import enable_determinism
 from scalekd.task.distiller import Distiller
 from scalekd.tools.export import export_student
 from scalekd.adapters.models import create_timm_model
+from scalekd.adapters.common import UnsupportedModelError
 from scalekd.engine.weights import WeightsError, read_state_dict
 from tiny_models import IMG, make_teacher
 
@@ -203,7 +204,7 @@ def test_unknown_model_and_unmatched_shapes(tmp_path, data_root, capsys):
     err = _refused(tiny_config(tmp_path, data_root, distill=dict(method='scalekd', s3_heads=5)), capsys)
     assert 'distill.s3_heads=5 does not divide the teacher width 64 that its CAP projects to' in err
     assert 'set distill.s3_heads to a divisor of 64 (e.g. 4)' in err
-    with pytest.raises(ValueError, match=r'teacher vit_tiny_patch16_224 \(VisionTransformer\) cannot run at 48x48'):
+    with pytest.raises(UnsupportedModelError, match=r'teacher vit_tiny_patch16_224 \(VisionTransformer\) cannot run at 48x48'):
         build_distiller(make_teacher('vit', IMG), 'resnet18', img_size=48)
 
 

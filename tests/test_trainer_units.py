@@ -17,7 +17,7 @@ from scalekd.engine.config import RunConfig, config_to_dict, load_config
 from scalekd.engine.distributed import DistEnv
 from scalekd.engine.epoch_losses import EpochLosses
 from scalekd.engine.faults import NormStatistics, StopSignal, judge_non_finite, non_finite_flags
-from scalekd.engine.errors import RunError
+from scalekd.engine.errors import LossNotFinite, RunError, UserError
 from scalekd.engine.run_folder import RunFolderError
 from scalekd.engine.run_output import RunOutput, check_resume_request
 from scalekd.engine.trainer import build_task
@@ -56,7 +56,7 @@ def test_non_finite_losses_are_skipped_until_the_budget_is_spent_then_stop(tmp_p
                      'non-finite loss at epoch 2, step 6 (loss, s4_ori): update skipped (2/2 skips used)']
     assert (verdict.skip, verdict.skips_used, verdict.where) == (False, 2, 'epoch 2, step 9')
     error = verdict.error(tmp_path / 'checkpoint-0001-000008.pth')
-    assert isinstance(error, FloatingPointError)
+    assert isinstance(error, LossNotFinite) and isinstance(error, UserError)
     assert str(error).startswith('non-finite loss at epoch 2, step 9 in term(s) loss, s4_ori; the state before it '
                                  f'is saved in {tmp_path / "checkpoint-0001-000008.pth"}')
     assert not judge_non_finite(['loss'], [True], 0, max_skips=0, epoch=0, step=0).skip  # no budget: stop at once

@@ -11,8 +11,8 @@ import torch
 
 from .engine.config import parse_key_value
 from .engine.devices import DEVICE_HELP, resolve_device
-from .engine.distributed import RankError
-from .engine.errors import USER_ERRORS
+from .engine.distributed import PeerFailure, RankError, lost_peer
+from .engine.errors import TRACEBACK_ENV, UserError, error_line, traceback_wanted
 from .method.options import ABLATIONS, METHODS
 from .task.builder import build_distiller, resolve_img_size
 from .tools.inspection import format_report, inspect_distiller
@@ -20,6 +20,8 @@ from .tools.paper_pairs import PAPER_PAIRS
 
 __all__ = ['main']
 
+TRACEBACK_HELP = (f'print the traceback of every error, a user error (one line, exit code 2) too; or set '
+                  f'{TRACEBACK_ENV}=1')
 OOM_HINT = ('hint: out of memory: raise train.accum_steps or lower train.batch_size (each process holds '
             'train.batch_size / (processes x train.accum_steps) images; other commands: a smaller --batch), '
             'or set distill.activation_checkpointing=true or train.precision=bf16')
@@ -68,7 +70,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     img_size = args.img_size
     if args.pair:
         if args.teacher or args.student:
-            raise ValueError('give either --pair or --teacher/--student, not both')
+            raise UserError('give either --pair or --teacher/--student, not both')
         pair = PAPER_PAIRS[args.pair]
         teacher, student = pair.teacher, pair.student
         student_kwargs = {**pair.student_kwargs, **student_kwargs}
@@ -77,7 +79,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     elif args.teacher and args.student:
         teacher, student = args.teacher, args.student
     else:
-        raise ValueError('give --pair NAME, or both --teacher and --student')
+        raise UserError('give --pair NAME, or both --teacher and --student')
     if args.method:
         options['method'] = args.method
     if img_size is None:  # a large default (DINOv2's 518) makes a slow build: say it before
@@ -322,10 +324,10 @@ def _run_ablate(args: argparse.Namespace) -> int:
     try:
         seeds = [int(s) for s in args.seeds.split(',') if s]
     except ValueError:
-        raise ValueError(f'--seeds takes comma-separated integers, got {args.seeds!r}') from None
+        raise UserError(f'--seeds takes comma-separated integers, got {args.seeds!r}') from None
     students = [s for s in args.students.split(',') if s] if args.students else None
     if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f'--jobs takes a positive number of runs, got {args.jobs}')
+        raise UserError(f'--jobs takes a positive number of runs, got {args.jobs}')
     jobs = args.jobs or (min(torch.get_num_threads(), 8) if settings.device.type == 'cpu' else 1)
     keep_freed_memory()
     study = STUDIES[args.study]
@@ -448,7 +450,7 @@ def _run_linear_probe(args: argparse.Namespace) -> int:
     train, classes = image_dataset(args.train, data_config, split='train', limit=args.limit)
     val, val_classes = image_dataset(args.val, data_config, split='test')
     if list(classes) != list(val_classes):
-        raise ValueError(f'--train has classes {list(classes)[:5]}... but --val has {list(val_classes)[:5]}...')
+        raise UserError(f'--train has classes {list(classes)[:5]}... but --val has {list(val_classes)[:5]}...')
     report = linear_probe(model, train, val, len(classes), shots=args.shots, seed=args.seed)
     print(json.dumps(report) if args.json else
           f"linear probe ({'all' if args.shots is None else f'{args.shots}-shot'}: {report['train_images']} "
@@ -501,6 +503,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='scalekd', description='ScaleKD: distil a vision transformer teacher '
                                                                  'into a CNN, MLP or ViT student')
+    parser.add_argument('--traceback', action='store_true', help=TRACEBACK_HELP)
     sub = parser.add_subparsers(dest='command', required=True)
     _add_inspect(sub)
     _add_train(sub)
@@ -515,34 +518,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spectrum(sub)
     _add_linear_probe(sub)
     _add_feature_distance(sub)
+    for command in sub.choices.values():  # after the command's arguments too
+        command.add_argument('--traceback', action='store_true', default=argparse.SUPPRESS, help=TRACEBACK_HELP)
     return parser
 
 
-def _user_message(e: BaseException) -> str:
-    """The error's message; for one re-raised from a DataLoader worker (its message then carries the
-    worker's traceback), the original message alone."""
-    message = str(e)
-    if 'Original Traceback' in message:
-        message = message.strip().splitlines()[-1].split(': ', 1)[-1]
-    return message
+def _report(command: str, error: BaseException, message: str, code: int, stack: bool) -> int:
+    """Print ``message`` as the command's one error line (after the traceback with ``stack``); ``code``."""
+    if stack:
+        traceback.print_exception(error)
+    rank = int(os.environ.get('RANK') or 0)  # under torchrun
+    print(f'scalekd {command}: error: {f"rank {rank}: " if rank else ""}{message}', file=sys.stderr)
+    return code
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the ``scalekd`` command: a user error prints one line and exits with 2; any other
-    error keeps its traceback (exit 1), out of memory followed by a hint."""
+    """Entry point of the ``scalekd`` command: a user error (:class:`~scalekd.engine.errors.UserError`)
+    prints one line and exits with 2, a lost or failed peer process one line and 1; any other error keeps
+    its traceback (exit 1), out of memory followed by a hint. ``--traceback`` or ``SCALEKD_TRACEBACK=1``
+    print the traceback of every error."""
     args = build_parser().parse_args(argv)
+    stack = args.traceback or traceback_wanted()
     try:
         return args.func(args)
-    except USER_ERRORS as e:
-        rank = int(os.environ.get('RANK') or 0)  # under torchrun
-        if not (rank and isinstance(e, RankError)):  # a refusal of the main process is printed there alone
-            print(f'scalekd {args.command}: error: {f"rank {rank}: " if rank else ""}{_user_message(e)}',
-                  file=sys.stderr)
-        return 2
+    except RankError as e:  # the main process's refusal: printed there alone
+        return 2 if not stack else _report(args.command, e, error_line(e), 2, stack)
+    except UserError as e:
+        return _report(args.command, e, error_line(e), 2, stack)
+    except PeerFailure as e:
+        return _report(args.command, e, str(e), 1, stack)
     except torch.OutOfMemoryError:
         traceback.print_exc()
         print(OOM_HINT, file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        lost = lost_peer(e)
+        if lost is None:
+            raise
+        return _report(args.command, e, lost, 1, stack)
 
 
 def console() -> NoReturn:

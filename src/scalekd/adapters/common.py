@@ -7,12 +7,14 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..method.errors import UserError
+
 Shape = Tuple[int, int, int]  # (C, H, W) of one sample
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """A model whose family the adapters do not know, or that lacks an API they need."""
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 import torch
 import torch.nn as nn
 
+from ..method.errors import OptionError
 from .common import (UnsupportedModelError, attach_prefix, map_layout, map_to_tokens, model_label, to_nchw,
                      tokens_to_map)
 
@@ -71,7 +72,7 @@ class TokenStage:
         depth = len(model.blocks)
         last_blocks = last_blocks if last_blocks is not None else max(1, depth // 4)
         if not 1 <= last_blocks < depth:
-            raise ValueError(f'teacher_last_blocks must be in [1, {depth - 1}] for {self.label}, got {last_blocks}')
+            raise OptionError(f'teacher_last_blocks must be in [1, {depth - 1}] for {self.label}, got {last_blocks}')
         self.stage_start = depth - last_blocks
         self.num_prefix_tokens = getattr(model, 'num_prefix_tokens', 0)
         # avg-pool models (BEiT, EVA) keep their final norm in the head as fc_norm

@@ -7,12 +7,19 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 from timm.models import get_pretrained_cfg_value, split_model_name_tag
 
+from ..method.errors import UserError
 from .common import input_normalization as normalization_of
 
-__all__ = ['create_timm_model', 'default_img_size', 'input_normalization', 'classes_kwargs', 'UnknownModelError']
+__all__ = ['create_timm_model', 'default_img_size', 'input_normalization', 'classes_kwargs', 'ModelError',
+           'UnknownModelError']
 
 
-class UnknownModelError(ValueError):
+class ModelError(UserError):
+    """A timm model that cannot be created as asked: a keyword it does not take, hub weights out of reach,
+    an image size its patches do not tile."""
+
+
+class UnknownModelError(ModelError):
     """A model name that timm does not know."""
 
 
@@ -52,12 +59,12 @@ def create_timm_model(
     except TypeError as e:
         if 'unexpected keyword argument' not in str(e):
             raise
-        raise ValueError(f'{role} model {name!r} does not take {str(e).split("argument ")[-1]} (its kwargs): '
+        raise ModelError(f'{role} model {name!r} does not take {str(e).split("argument ")[-1]} (its kwargs): '
                          f'{e}') from None
     except OSError as e:  # the hub's weights not reachable (no network, no cache) or not there
         if not pretrained:
             raise
-        raise ValueError(f'cannot load the hub weights of the {role} {name!r} ({str(e).splitlines()[0]}): without '
+        raise ModelError(f'cannot load the hub weights of the {role} {name!r} ({str(e).splitlines()[0]}): without '
                          f'network, give local weights (teacher.checkpoint in a config, --checkpoint PATH in a '
                          f'command)') from None
     _check_patches(model, name, role, tuple(img_size))
@@ -82,7 +89,7 @@ def _check_patches(model: nn.Module, name: str, role: str, img_size: Tuple[int, 
     for size, step in zip(img_size, to_2tuple(patch)):
         if size % step:
             lower, upper = size - size % step, size - size % step + step
-            raise ValueError(f'image size {size} is not a multiple of the {role} {name!r} patch size {step}: the '
+            raise ModelError(f'image size {size} is not a multiple of the {role} {name!r} patch size {step}: the '
                              f'last {size % step} pixel rows and columns would be dropped (data.img_size: use '
                              f'{lower} or {upper})')
 

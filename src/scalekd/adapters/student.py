@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..method.errors import OptionError
 from .common import (Shape, UnsupportedModelError, dummy_input, map_layout, model_label, probing, shape_of, to_nchw,
                      tokens_to_map)
 from .families import family_of
@@ -91,11 +92,11 @@ class StudentAdapter:
             depth, first = run, len(shapes) - run
             s3_block = s3_block if s3_block is not None else max(1, min(round(depth * 3 / 4), depth - 1))
             if not 1 <= s3_block < depth:
-                raise ValueError(f'student_s3_block must be in [1, {depth - 1}] for {self.label}, got {s3_block}')
+                raise OptionError(f'student_s3_block must be in [1, {depth - 1}] for {self.label}, got {s3_block}')
             return first + s3_block - 1, True
         if s3_block is not None:
-            raise ValueError(f'student_s3_block applies to plain students (ViT, Mixer: blocks of one shape) only; '
-                             f'{self.label} is hierarchical and uses its previous stage')
+            raise OptionError(f'student_s3_block applies to plain students (ViT, Mixer: blocks of one shape) only; '
+                              f'{self.label} is hierarchical and uses its previous stage')
         return len(shapes) - run - 1, False
 
     def final_map(self, model: nn.Module, final: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from timm.task import DistillationTeacher
 
+from ..method.errors import OptionError
 from .common import Shape, UnsupportedModelError, channel_stats, dummy_input, model_label, probing, shape_of
 from .families import family_of
 from .last_stage import ModuleStage, TokenStage
@@ -98,7 +99,7 @@ class ScaleKDTeacher(FrozenTeacher):
             if family is not None and family.plain:
                 self.stage: Union[TokenStage, ModuleStage, UnrolledStage, SizedStage] = TokenStage(model, last_blocks)
             elif last_blocks is not None:
-                raise ValueError(f'teacher_last_blocks applies to plain ViT teachers only, not {self.label}')
+                raise OptionError(f'teacher_last_blocks applies to plain ViT teachers only, not {self.label}')
             else:
                 self.stage = (family.teacher_stage if family and family.teacher_stage else ModuleStage)(model, probe)
             feats = self.extract(probe)

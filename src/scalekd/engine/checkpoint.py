@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .errors import UserError
+
 __all__ = ['FORMAT_VERSION', 'save_checkpoint', 'load_checkpoint', 'is_training_checkpoint',
            'read_training_checkpoint', 'migrate', 'out_of_space',
            'latest_checkpoint', 'checkpoints_by_age', 'checkpoint_name', 'checkpoint_position', 'rng_state', 'set_rng_state',
@@ -30,7 +32,7 @@ FORMAT_VERSION = 2
 _CHECKPOINT_FILE = re.compile(r'^checkpoint-(\d+)(?:-(\d+))?\.pth$')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, unsafe or of an unknown format."""
 
 

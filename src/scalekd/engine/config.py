@@ -16,15 +16,13 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
+from ..method.errors import OptionError
 from ..method.options import DistillOptions
 from .config_rules import check_values
+from .errors import ConfigError
 
 __all__ = ['ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'SchedConfig', 'TrainConfig',
            'LogConfig', 'RunConfig', 'load_config', 'validate_config', 'config_to_dict', 'save_config']
-
-
-class ConfigError(ValueError):
-    """A config that cannot be read, with the key and file at fault."""
 
 
 @dataclass
@@ -414,7 +412,7 @@ def validate_config(cfg: RunConfig, where: str) -> RunConfig:
     check_values(cfg, where, ConfigError)
     try:
         cfg.distill_options()
-    except ValueError as e:
+    except OptionError as e:
         raise ConfigError(f'distill section of {where}: {e}') from None
     return cfg
 

@@ -17,6 +17,7 @@ from .config import DataConfig
 from .config_rules import DATASETS
 from .cuda_settings import loader_options
 from .distributed import DistEnv
+from .errors import UserError
 from .faults import ignore_stop_signals
 
 __all__ = ['DataError', 'Datasets', 'CheckedImageDataset', 'build_datasets', 'build_loaders', 'build_mixup', 'seed_epoch', 'seeded_subset',
@@ -29,7 +30,7 @@ _UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _logger = logging.getLogger('scalekd')
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset that is missing or malformed."""
 
 

@@ -6,22 +6,28 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Dict, NoReturn, Sequence, TypeVar
+from typing import Callable, Dict, NoReturn, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .devices import resolve_device
+from .devices import DeviceError, resolve_device
+from .errors import UserError, error_line
 
 __all__ = ['DistEnv', 'init_distributed', 'all_reduce_sum', 'all_reduce_mean', 'any_rank', 'on_main', 'barrier',
-           'cleanup', 'exit_process', 'RankError']
+           'cleanup', 'exit_process', 'lost_peer', 'RankError', 'PeerFailure']
 
 T = TypeVar('T')
 _joined_group = False  # set once this process joins a process group: exit_process then skips finalization
 
 
-class RankError(ValueError):
-    """The main process refused the run; every rank raises it with the main process's message."""
+class RankError(UserError):
+    """The main process refused the run (a user error there); every other rank raises it with that message."""
+
+
+class PeerFailure(RuntimeError):
+    """The main process failed with an unexpected error; every other rank raises this, naming the error's
+    type (the main process prints its traceback)."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,8 @@ def init_distributed(device: str = 'auto', timeout_s: int = 1800) -> DistEnv:
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if resolved.type == 'cuda':
         if world_size > 1 and resolved.index is not None:
-            raise ValueError(f'--device {device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device '
-                             f'cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES')
+            raise DeviceError(f'--device {device}: under torchrun each process uses cuda:LOCAL_RANK; pass --device '
+                              f'cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES')
         resolved = torch.device('cuda', local_rank if world_size > 1 else resolved.index or 0)
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():
@@ -91,24 +97,49 @@ def any_rank(flags: Sequence[torch.Tensor], env: DistEnv) -> list:
 
 
 def on_main(fn: Callable[[], T], env: DistEnv) -> T:
-    """``fn()`` on the main process, its result sent to every rank; when it raises a ``ValueError``
-    (a refusal: the folder is in use, no checkpoint loads, ...), every rank raises it, instead of
-    the others waiting for the main process until the timeout."""
+    """``fn()`` on the main process, its result sent to every rank. When it raises, the main process
+    raises that error and every other rank raises at once too, instead of waiting for the main process
+    until the timeout: :class:`RankError` with the message of a :class:`UserError` (a refusal: the
+    folder is in use, no checkpoint loads, a file is missing), else :class:`PeerFailure` naming the
+    error's type."""
     if not env.distributed:
         return fn()
     box = [None]
     if env.is_main:
         try:
             box[0] = ('ok', fn())
-        except ValueError as e:
-            box[0] = ('error', str(e))
+        except BaseException as e:
+            box[0] = ('refused', error_line(e)) if isinstance(e, UserError) else ('failed', type(e).__name__)
             dist.broadcast_object_list(box, src=0)
             raise
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
-    if kind == 'error':
+    if kind == 'refused':
         raise RankError(value)
+    if kind == 'failed':
+        raise PeerFailure(f'the main process failed ({value}): see its traceback')
     return value
+
+
+# what gloo and NCCL say when another process's connection breaks, and when it stops answering
+_LOST = ('Connection reset by peer', 'Connection closed by peer', 'Broken pipe', 'remote process exited')
+_SILENT = ('Timed out', 'timed out', 'Timeout')
+
+
+def lost_peer(error: BaseException) -> Optional[str]:
+    """One line for a collective that failed because another process of the run ended (its connection
+    reset or closed: killed, crashed) or stopped answering for ``train.dist_timeout_s``; ``None`` for any
+    other error. The lost process is named where this one can know it: the other of two."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or not ('gloo' in text or 'NCCL' in text):
+        return None
+    rank, world = int(os.environ.get('RANK', '0')), int(os.environ.get('WORLD_SIZE', '1'))
+    peer = f'rank {1 - rank}' if world == 2 else 'a peer process'
+    if any(s in text for s in _LOST):
+        return f'{peer} was lost: it ended or was killed (the launcher reports how)'
+    if any(s in text for s in _SILENT):
+        return f'{peer} did not answer within train.dist_timeout_s: it is stopped or hung'
+    return None
 
 
 def barrier(env: DistEnv) -> None:

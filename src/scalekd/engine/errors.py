@@ -1,14 +1,29 @@
-"""How runs and commands end on purpose: a run that cannot start as asked, a run a signal stopped,
-and which exceptions are a user's mistake (one line and exit code 2 wherever a command reports them)."""
+"""How runs and commands end on purpose: a user's mistake (:class:`UserError`: one line and exit code 2
+wherever a command reports it), a run that cannot start as asked, a loss that is not finite, a run a
+signal stopped; and the one line that reports an error."""
 
+import os
 import signal
 from typing import Optional
 
-__all__ = ['RunError', 'RunInterrupted', 'USER_ERRORS', 'stop_signal']
+from ..method.errors import UserError
+
+__all__ = ['UserError', 'ConfigError', 'RunError', 'LossNotFinite', 'RunInterrupted', 'stop_signal', 'error_line',
+           'TRACEBACK_ENV', 'traceback_wanted']
+
+TRACEBACK_ENV = 'SCALEKD_TRACEBACK'  # set to 1: a user error prints its traceback too
 
 
-class RunError(ValueError):
+class ConfigError(UserError):
+    """A config that cannot be read, or a value outside its range, with the key and file at fault."""
+
+
+class RunError(UserError):
     """A run that cannot start as asked (output folder, resume, batch split)."""
+
+
+class LossNotFinite(UserError):
+    """The run stopped on a non-finite loss after saving the state from before it."""
 
 
 class RunInterrupted(RuntimeError):
@@ -26,6 +41,15 @@ def stop_signal(error: BaseException) -> signal.Signals:
     return signal.Signals(getattr(error, 'signum', None) or signal.SIGINT)
 
 
-# a bad option, config, file or data (ConfigError, DataError, WeightsError, RunError, ... are ValueErrors) or
-# the non-finite-loss stop; anything else is a defect and keeps its traceback
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+def error_line(error: BaseException) -> str:
+    """The error's message on one line; for one re-raised from a DataLoader worker (whose message
+    carries the worker's traceback), the original message alone."""
+    message = str(error).strip()
+    if 'Original Traceback' in message:
+        message = message.splitlines()[-1].split(': ', 1)[-1]
+    return ' '.join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def traceback_wanted() -> bool:
+    """Whether ``SCALEKD_TRACEBACK`` asks for the traceback of every error, user errors included."""
+    return os.environ.get(TRACEBACK_ENV, '').strip().lower() not in ('', '0', 'false', 'no')

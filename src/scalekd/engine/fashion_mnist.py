@@ -13,7 +13,10 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ['FashionMNIST', 'read_idx', 'find_fashion_mnist', 'has_fashion_mnist', 'DatasetNotFound', 'CLASSES', 'DEBIAN_DIR']
+from .errors import UserError
+
+__all__ = ['FashionMNIST', 'read_idx', 'find_fashion_mnist', 'has_fashion_mnist', 'DatasetNotFound', 'FashionMNISTError',
+           'CLASSES', 'DEBIAN_DIR']
 
 CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')
@@ -24,7 +27,11 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dt
                0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
 
 
-class DatasetNotFound(FileNotFoundError):
+class FashionMNISTError(UserError):
+    """Fashion-MNIST files that are not there, not IDX files, or not the dataset's shape."""
+
+
+class DatasetNotFound(FashionMNISTError):
     """No copy of the dataset was found; the message lists every way to get one."""
 
 
@@ -35,15 +42,15 @@ def read_idx(path: Union[str, Path]) -> np.ndarray:
     with opener(path, 'rb') as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f'{path} is not an IDX file (bad magic number)')
+        raise FashionMNISTError(f'{path} is not an IDX file (bad magic number)')
     dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f'{path} is truncated (header of {ndim} dimensions)')
+        raise FashionMNISTError(f'{path} is truncated (header of {ndim} dimensions)')
     dims = struct.unpack(f'>{ndim}I', data[4:header])
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(data) - header != expected:
-        raise ValueError(f'{path} holds {len(data) - header} data bytes, expected {expected} for shape {dims}')
+        raise FashionMNISTError(f'{path} holds {len(data) - header} data bytes, expected {expected} for shape {dims}')
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
 
 
@@ -105,7 +112,7 @@ class FashionMNIST(Dataset):
 
     def __init__(self, folder: Union[str, Path], split: str = 'train', transform: Optional[Callable] = None):
         if split not in FILES:
-            raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+            raise FashionMNISTError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
         folder = Path(folder)
         images_file, labels_file = (_idx_path(folder, stem) for stem in FILES[split])
         if images_file is None or labels_file is None:
@@ -113,11 +120,11 @@ class FashionMNIST(Dataset):
         self.images = read_idx(images_file)
         self.targets = read_idx(labels_file).astype(np.int64)
         if self.images.ndim != 3 or self.images.shape[1:] != (28, 28) or self.images.dtype != np.uint8:
-            raise ValueError(f'{images_file}: expected uint8 images of 28x28, got {self.images.dtype} {self.images.shape}')
+            raise FashionMNISTError(f'{images_file}: expected uint8 images of 28x28, got {self.images.dtype} {self.images.shape}')
         if self.targets.shape != (len(self.images),):
-            raise ValueError(f'{labels_file}: {self.targets.shape[0]} labels for {len(self.images)} images')
+            raise FashionMNISTError(f'{labels_file}: {self.targets.shape[0]} labels for {len(self.images)} images')
         if self.targets.min() < 0 or self.targets.max() >= len(CLASSES):
-            raise ValueError(f'{labels_file}: labels outside 0..{len(CLASSES) - 1}')
+            raise FashionMNISTError(f'{labels_file}: labels outside 0..{len(CLASSES) - 1}')
         self.transform = transform
         self.classes = CLASSES
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import RunInterrupted
+from .errors import LossNotFinite, RunInterrupted
 
 __all__ = ['NormStatistics', 'NonFiniteLoss', 'judge_non_finite', 'non_finite_flags', 'StopSignal', 'STOP_SIGNALS', 'ignore_stop_signals', 'handling']
 
@@ -56,9 +56,9 @@ class NonFiniteLoss:
         return (f'non-finite loss at {self.where} ({self.terms}): update skipped '
                 f'({self.skips_used}/{self.max_skips} skips used)')
 
-    def error(self, saved: Path) -> FloatingPointError:
+    def error(self, saved: Path) -> LossNotFinite:
         """The stop, naming the checkpoint of the state from before the window."""
-        return FloatingPointError(
+        return LossNotFinite(
             f'non-finite loss at {self.where} in term(s) {self.terms}; the state before it is saved in {saved}: '
             f'continue from it with a lower learning rate (--resume auto -o optim.lr=...; the new rate applies '
             f'from there) or skip such updates (--max-nan-skips N)')

@@ -19,6 +19,7 @@ from timm.optim import Lookahead, create_optimizer_v2
 
 from .config import OptimConfig
 from .distributed import DistEnv
+from .errors import ConfigError
 
 __all__ = ['build_optimizer', 'gather_optimizer_state', 'load_optimizer_state', 'optimizer_step', 'is_sharded']
 
@@ -32,7 +33,7 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, env: DistEnv, zero: boo
         return optimizer
     from torch.distributed.optim import ZeroRedundancyOptimizer
     if isinstance(optimizer, Lookahead):  # (the config refuses it first)
-        raise ValueError(f'train.zero shards a plain optimizer, not optim.opt {cfg.opt!r} (Lookahead)')
+        raise ConfigError(f'train.zero shards a plain optimizer, not optim.opt {cfg.opt!r} (Lookahead)')
     groups = [dict(g) for g in optimizer.param_groups]  # every hyper-parameter set: the class's defaults are not needed
     return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer))
 

@@ -4,6 +4,8 @@ from typing import ContextManager, Optional
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = ['resolve_precision', 'resolve_teacher_dtype', 'autocast', 'autocast_dtype', 'cpu_has_fast_bf16']
 
 PRECISIONS = ('fp32', 'bf16', 'fp16', 'auto')
@@ -19,13 +21,13 @@ def resolve_precision(precision: str, device: torch.device, key: str = 'train.pr
     """``auto`` -> ``bf16`` where the hardware runs it fast, else ``fp32``; others are checked (errors
     name ``key``)."""
     if precision not in PRECISIONS:
-        raise ValueError(f'{key}: unknown precision {precision!r}; choose one of {", ".join(PRECISIONS)}')
+        raise ConfigError(f'{key}: unknown precision {precision!r}; choose one of {", ".join(PRECISIONS)}')
     if precision == 'auto':
         if device.type == 'cuda':
             return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
         return 'bf16' if cpu_has_fast_bf16() else 'fp32'
     if precision == 'fp16' and device.type != 'cuda':
-        raise ValueError(f'{key} fp16: fp16 autocast needs a CUDA device; use bf16 on CPU')
+        raise ConfigError(f'{key} fp16: fp16 autocast needs a CUDA device; use bf16 on CPU')
     return precision
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .checkpoint import checkpoint_position, checkpoints_by_age
+from .errors import UserError
 
 __all__ = ['RunFolder', 'RunFolderError', 'MARKER', 'RUN_FILES', 'holding']
 
@@ -46,7 +47,7 @@ _PARTIAL = re.compile(r'^\.(checkpoint-\d+(-\d+)?\.pth|best\.pth|metrics\.jsonl|
 _HOLDER = re.compile(r'(pid \d+ on [^\n]*)?')  # what acquire writes in the lock file
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UserError):
     """An output folder that cannot take this run (in use, not a run folder, a protected path)."""
 
 

@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, Iterator, Optional, TextIO, Tuple
 from tqdm import tqdm
 
 from .config import LogConfig
+from .errors import ConfigError
 
 __all__ = ['RunLogger', 'ProgressLines', 'rewind_metrics', 'write_text_atomic']
 
@@ -98,7 +99,7 @@ class RunLogger:
             try:
                 import wandb
             except ImportError:
-                raise ValueError('log.wandb is on but the wandb package is not installed (pip install wandb)') from None
+                raise ConfigError('log.wandb is on but the wandb package is not installed (pip install wandb)') from None
             self.wandb = wandb.init(project=cfg.wandb_project, dir=str(out_dir), config=wandb_config,
                                     name=out_dir.name, resume='allow')
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from timm.utils import ModelEmaV3, random_seed
 
-from ..task.distiller import Distiller
+from ..task.distiller import Distiller, TaskStateMismatchError
 from .checkpoint import FORMAT_VERSION, CheckpointError, rng_state, set_rng_state
 from .config import RunConfig, config_from_dict, config_to_dict
 from .distributed import DistEnv
@@ -156,7 +156,7 @@ class TrainingState:
             self.task.student.load_state_dict(state['student'])
             self.task.load_task_state(state['task_state'])
             load_optimizer_state(self.optimizer, state['optimizer'])
-        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+        except (RuntimeError, ValueError, KeyError, IndexError, TaskStateMismatchError) as e:
             detail = ' '.join(line.strip() for line in str(e).splitlines())
             raise CheckpointError(f'{path} does not fit this run ({cfg.student.model}, method '
                                   f'{cfg.distill.method}): {detail[:400]}') from None

@@ -8,12 +8,13 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import is_training_checkpoint, load_error
+from .errors import UserError
 
 __all__ = ['WeightsError', 'read_state_dict', 'read_torch_file', 'state_dict_of', 'load_state_dict_checked',
            'load_weights']
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weight file that is missing, unreadable, unsafe or does not fit its model."""
 
 

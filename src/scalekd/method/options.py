@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
+from .errors import OptionError
 from .projectors import PROJECTORS
 from .views import ORIGINAL_VIEWS, VIEW_MODES
 
@@ -55,7 +56,7 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
 def ablation(name: str) -> Dict[str, Any]:
     """The options of the ablation preset ``name`` (a copy: add to it or override it freely)."""
     if name not in ABLATIONS:
-        raise ValueError(f'unknown ablation {name!r}; choose one of {", ".join(ABLATIONS)}')
+        raise OptionError(f'unknown ablation {name!r}; choose one of {", ".join(ABLATIONS)}')
     return dict(ABLATIONS[name])
 
 
@@ -131,7 +132,7 @@ class DistillOptions:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
-            raise ValueError(f'unknown distillation option(s) {", ".join(unknown)}; valid options: {", ".join(sorted(names))}')
+            raise OptionError(f'unknown distillation option(s) {", ".join(unknown)}; valid options: {", ".join(sorted(names))}')
         if isinstance(kwargs.get('stages'), (list, str)):
             stages = kwargs['stages']
             kwargs['stages'] = (stages,) if isinstance(stages, str) else tuple(stages)
@@ -140,13 +141,13 @@ class DistillOptions:
     def resolve(self) -> 'DistillOptions':
         """Fill every ``None`` from the method's preset and check the combination."""
         if self.method not in METHODS:
-            raise ValueError(f'unknown method {self.method!r}; choose one of {", ".join(METHODS)}')
+            raise OptionError(f'unknown method {self.method!r}; choose one of {", ".join(METHODS)}')
         preset = _PRESETS[self.method]
         if self.method not in FEATURE_METHODS:
             set_switches = [k for k in _FEATURE_SWITCHES if getattr(self, k) is not None]
             if set_switches:
-                raise ValueError(f'option(s) {", ".join(set_switches)} need a feature method (fd or scalekd), '
-                                 f'not method {self.method!r}')
+                raise OptionError(f'option(s) {", ".join(set_switches)} need a feature method (fd or scalekd), '
+                                  f'not method {self.method!r}')
         values = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in preset.items()}
         w_ori, w_alt = self._weights()
         opts = dataclasses.replace(self, **values, w_ori=w_ori, w_alt=w_alt, alpha=None, beta=None)
@@ -166,37 +167,37 @@ class DistillOptions:
     def _weights(self) -> Tuple[float, float]:
         if self.alpha is not None or self.beta is not None:
             if self.w_ori is not None or self.w_alt is not None:
-                raise ValueError('give the DFM weights as (w_ori, w_alt) or as (alpha, beta), not both')
+                raise OptionError('give the DFM weights as (w_ori, w_alt) or as (alpha, beta), not both')
             alpha = 1.0 if self.alpha is None else self.alpha
             beta = 0.6 if self.beta is None else self.beta
             if not 0.0 <= beta <= 1.0:
-                raise ValueError(f'beta must be in [0, 1], got {beta}')
+                raise OptionError(f'beta must be in [0, 1], got {beta}')
             return alpha * beta, alpha * (1.0 - beta)
         return (0.08 if self.w_ori is None else self.w_ori), (0.06 if self.w_alt is None else self.w_alt)
 
     def _check(self) -> None:
         if not 0.0 <= self.kd_weight <= 1.0:
-            raise ValueError(f'kd_weight must be in [0, 1], got {self.kd_weight}')
+            raise OptionError(f'kd_weight must be in [0, 1], got {self.kd_weight}')
         if self.kd_temperature <= 0:
-            raise ValueError(f'kd_temperature must be > 0, got {self.kd_temperature}')
+            raise OptionError(f'kd_temperature must be > 0, got {self.kd_temperature}')
         if not self.uses_features:
             return
         if self.projector not in PROJECTORS:
-            raise ValueError(f'unknown projector {self.projector!r}; choose one of {", ".join(PROJECTORS)}')
+            raise OptionError(f'unknown projector {self.projector!r}; choose one of {", ".join(PROJECTORS)}')
         if self.views not in VIEW_MODES:
-            raise ValueError(f'unknown views {self.views!r}; choose one of {", ".join(VIEW_MODES)}')
+            raise OptionError(f'unknown views {self.views!r}; choose one of {", ".join(VIEW_MODES)}')
         if self.original_view not in ORIGINAL_VIEWS:
-            raise ValueError(f'unknown original_view {self.original_view!r}; choose one of {", ".join(ORIGINAL_VIEWS)}')
+            raise OptionError(f'unknown original_view {self.original_view!r}; choose one of {", ".join(ORIGINAL_VIEWS)}')
         bad = [s for s in self.stages if s not in STAGES] if self.stages else ['(none)']
         if bad or len(set(self.stages)) != len(self.stages):
-            raise ValueError(f'stages must be s4 or s3 and s4, got {self.stages}')
+            raise OptionError(f'stages must be s4 or s3 and s4, got {self.stages}')
         if 's4' not in self.stages:
-            raise ValueError(f'stages must include s4, got {self.stages}')
+            raise OptionError(f'stages must include s4, got {self.stages}')
         if self.tpp and tuple(sorted(self.stages)) != STAGES:
-            raise ValueError('tpp uses both s3 (proxy path) and s4 (original path): set stages to [s3, s4]')
+            raise OptionError('tpp uses both s3 (proxy path) and s4 (original path): set stages to [s3, s4]')
         if self.adaptive_queries and not self.tpp:
-            raise ValueError('adaptive_queries come from the TPP proxy path: they need tpp')
+            raise OptionError('adaptive_queries come from the TPP proxy path: they need tpp')
         if self.cap_conv not in ('full', 'separable'):
-            raise ValueError(f"cap_conv must be 'full' or 'separable', got {self.cap_conv!r}")
+            raise OptionError(f"cap_conv must be 'full' or 'separable', got {self.cap_conv!r}")
         if self.adaptive_queries and self.projector != 'cap':
-            raise ValueError(f'adaptive_queries need the cap projector, not {self.projector!r}')
+            raise OptionError(f'adaptive_queries need the cap projector, not {self.projector!r}')

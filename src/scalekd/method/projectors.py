@@ -10,6 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d, Mlp, trunc_normal_
 
+from .errors import OptionError
+
 __all__ = ['CrossAttentionProjector', 'LinearProjector', 'ConvProjector', 'build_projector', 'PROJECTORS',
            'fitting_heads']
 
@@ -70,9 +72,9 @@ class CrossAttentionProjector(nn.Module):
     ):
         super().__init__()
         if out_chs % num_heads:
-            raise ValueError(f'CAP: num_heads={num_heads} does not divide the teacher width {out_chs}')
+            raise OptionError(f'CAP: num_heads={num_heads} does not divide the teacher width {out_chs}')
         if student_norm not in ('bn', 'ln'):
-            raise ValueError(f"CAP: student_norm must be 'bn' or 'ln', got {student_norm!r}")
+            raise OptionError(f"CAP: student_norm must be 'bn' or 'ln', got {student_norm!r}")
         self.in_chs, self.out_chs = in_chs, out_chs
         self.in_grid, self.out_grid = tuple(in_grid), tuple(out_grid)
         self.num_heads = num_heads
@@ -85,7 +87,7 @@ class CrossAttentionProjector(nn.Module):
             self.student_conv = nn.Sequential(nn.Conv2d(in_chs, in_chs, 3, padding=1, groups=in_chs, bias=False),
                                               nn.Conv2d(in_chs, in_chs, 1))
         else:
-            raise ValueError(f"CAP: student_conv must be 'full' or 'separable', got {student_conv!r}")
+            raise OptionError(f"CAP: student_conv must be 'full' or 'separable', got {student_conv!r}")
         self.student_norm = nn.BatchNorm2d(in_chs) if student_norm == 'bn' else LayerNorm2d(in_chs)
         self.pos_embed = nn.Parameter(torch.zeros(1, in_chs, *self.in_grid))
         trunc_normal_(self.pos_embed, std=0.02)
@@ -178,4 +180,4 @@ def build_projector(
         return LinearProjector(in_chs, out_chs, in_grid, out_grid)
     if kind == 'conv':
         return ConvProjector(in_chs, out_chs, in_grid, out_grid)
-    raise ValueError(f'unknown projector {kind!r}; choose one of {", ".join(PROJECTORS)}')
+    raise OptionError(f'unknown projector {kind!r}; choose one of {", ".join(PROJECTORS)}')

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from .dct import keep_dc, remove_dc
+from .errors import OptionError
 
 __all__ = ['View', 'VIEW_MODES', 'ORIGINAL_VIEWS', 'build_views']
 
@@ -47,9 +48,9 @@ def build_views(mode: str = 'dfm', original: str = 'all') -> Tuple[View, ...]:
     alternative (phi) view. ``original`` picks ``all`` features or ``dc`` only for the first path.
     """
     if mode not in VIEW_MODES:
-        raise ValueError(f'unknown view mode {mode!r}; choose one of {", ".join(VIEW_MODES)}')
+        raise OptionError(f'unknown view mode {mode!r}; choose one of {", ".join(VIEW_MODES)}')
     if original not in ORIGINAL_VIEWS:
-        raise ValueError(f'unknown original view {original!r}; choose one of {", ".join(ORIGINAL_VIEWS)}')
+        raise OptionError(f'unknown original view {original!r}; choose one of {", ".join(ORIGINAL_VIEWS)}')
     ori = View('ori', original)
     if mode == 'single':
         return (ori,)

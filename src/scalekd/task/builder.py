@@ -7,6 +7,7 @@ import torch.nn as nn
 from ..adapters import LogitsTeacher, ScaleKDTeacher
 from ..adapters.common import model_label
 from ..adapters.models import classes_kwargs, create_timm_model, default_img_size
+from ..method.errors import OptionError
 from ..method.options import DistillOptions
 from .distiller import Distiller
 from .kernels import use_cpu_kernels
@@ -106,7 +107,7 @@ def build_distiller(
     teacher_adapter = None
     if opts.kd or opts.uses_features:
         if teacher is None:
-            raise ValueError(f'method {method!r} needs a teacher')
+            raise OptionError(f'method {method!r} needs a teacher')
         teacher_model = _model(teacher, size, 'teacher', teacher_kwargs, in_chans=in_chans,
                                pretrained=teacher_pretrained, **classes_kwargs('teacher', teacher_pretrained, num_classes))
         if device is not None:
@@ -135,5 +136,5 @@ def _check_classes(teacher: nn.Module, student: nn.Module, kd: bool) -> None:
              f'image-tower model)' if t == 0 else
              f'the teacher {model_label(teacher)} predicts {t} classes, the student {s}')
     fix = 'distill.kd: false in a config, --option kd=false on the command line, kd=False in build_distiller'
-    raise ValueError(f'logit KD cannot be used: {cause}. Distil features only (the kd option off: {fix}), '
-                     f'or give the teacher a classifier for these {s} classes (fine-tuned weights)')
+    raise OptionError(f'logit KD cannot be used: {cause}. Distil features only (the kd option off: {fix}), '
+                      f'or give the teacher a classifier for these {s} classes (fine-tuned weights)')

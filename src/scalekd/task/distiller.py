@@ -23,6 +23,7 @@ from timm.utils import unwrap_model
 from ..adapters import LogitsOnly, ScaleKDTeacher, StudentAdapter, TeacherFeatures
 from ..adapters.teacher import FrozenTeacher
 from ..adapters.common import Shape, input_normalization
+from ..method.errors import OptionError, UserError
 from ..method.losses import logit_kd_loss
 from ..method.mimicking import FeatureMimicking
 from ..method.options import DistillOptions
@@ -35,7 +36,7 @@ __all__ = ['Distiller', 'DistillationModule', 'TaskStateMismatchError']
 Views = Dict[str, torch.Tensor]  # view name (``ori`` / ``alt``) -> projected map
 
 
-class TaskStateMismatchError(ValueError):
+class TaskStateMismatchError(UserError):
     """A distillation state from another configuration (a checkpoint of another run)."""
 
 
@@ -84,9 +85,9 @@ class DistillationModule(nn.Module):
         def projector_factory(src: Shape, dst: Shape, option: str, query_chs: Optional[int] = None):
             heads = getattr(options, option)
             if options.projector == 'cap' and dst[0] % heads:
-                raise ValueError(f'distill.{option}={heads} does not divide the teacher width {dst[0]} that its CAP '
-                                 f'projects to: set distill.{option} to a divisor of {dst[0]} '
-                                 f'(e.g. {fitting_heads(dst[0], heads)})')
+                raise OptionError(f'distill.{option}={heads} does not divide the teacher width {dst[0]} that its CAP '
+                                  f'projects to: set distill.{option} to a divisor of {dst[0]} '
+                                  f'(e.g. {fitting_heads(dst[0], heads)})')
             cap_kwargs = dict(num_heads=heads, softmax_scale=options.softmax_scale,
                               student_norm=taps.projector_norm, query_chs=query_chs, student_conv=options.cap_conv)
             kwargs = cap_kwargs if options.projector == 'cap' else {}
@@ -204,7 +205,7 @@ class Distiller(TrainingTask):
         self.in_chans = in_chans
         self.needs_teacher = self.options.kd or self.options.uses_features
         if self.needs_teacher and teacher is None:
-            raise ValueError(f'method {self.options.method!r} needs a teacher')
+            raise OptionError(f'method {self.options.method!r} needs a teacher')
         self.teacher = teacher if self.needs_teacher else None
         self.teacher_dtype = teacher_dtype
         taps = StudentAdapter(student, img_size, in_chans, self.options.student_s3_block) \
@@ -317,10 +318,10 @@ class Distiller(TrainingTask):
         except ValueError as e:
             if 'Expected more than 1 value per channel' not in str(e):
                 raise
-            raise ValueError(f'a BatchNorm layer of the student or its projectors got one value per channel: '
-                             f'{input.shape[0]} image(s) per step and process with a 1x1 map. Train with more '
-                             f'images per process (train.batch_size / processes / accum_steps) or with a larger '
-                             f'map (data.img_size, or a lower student output_stride)') from None
+            raise UserError(f'a BatchNorm layer of the student or its projectors got one value per channel: '
+                            f'{input.shape[0]} image(s) per step and process with a 1x1 map. Train with more '
+                            f'images per process (train.batch_size / processes / accum_steps) or with a larger '
+                            f'map (data.img_size, or a lower student output_stride)') from None
         terms = {'task_loss': self.criterion(logits, target), **terms}
         if self.options.kd:
             terms['kd_loss'] = logit_kd_loss(logits, teacher.logits, self.options.kd_temperature)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..engine.config import RunConfig
+from ..engine.errors import RunError, UserError
 from ..engine.run_folder import holding
 from ..engine.run_logger import write_text_atomic
 from ..method.options import ablation
@@ -86,8 +87,8 @@ def _finished(cfg: RunConfig, label: str) -> Optional[Dict[str, Any]]:
     studies); ``None`` when there is none; an error when the folder holds another config's run."""
     result = earlier_result(cfg)
     if result is not None and result['config'] != decisive(cfg):
-        raise ValueError(f'{cfg.output} holds a run of another config (other settings for the label {label!r}): '
-                         f'move it away or use another --output')
+        raise RunError(f'{cfg.output} holds a run of another config (other settings for the label {label!r}): '
+                       f'move it away or use another --output')
     return result
 
 
@@ -131,7 +132,7 @@ def run_study(study: Study, settings: DemoSettings, seeds: Sequence[int] = (0, 1
     students = tuple(students or study.students)
     unknown = [s for s in students if s not in STUDENTS]
     if unknown:
-        raise ValueError(f'unknown demo student(s) {", ".join(unknown)}; choose from {", ".join(STUDENTS)}')
+        raise UserError(f'unknown demo student(s) {", ".join(unknown)}; choose from {", ".join(STUDENTS)}')
     with holding(settings.output):  # a second command on this output is refused, not met in a run folder
         return _run_study(study, settings, seeds, students, say, jobs, start)
 

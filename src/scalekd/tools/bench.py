@@ -19,7 +19,7 @@ import torch
 from timm.utils import unwrap_model
 
 from ..engine.allocator import keep_freed_memory
-from ..engine.errors import USER_ERRORS
+from ..engine.errors import UserError, error_line
 from ..engine.memory import peak_memory_mb, reset_peak_memory
 from ..engine.precision import autocast, cpu_has_fast_bf16, resolve_precision, resolve_teacher_dtype
 from ..engine.synthetic_step import synthetic_batch, training_step
@@ -162,7 +162,7 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
     names = list(variants or ABLATIONS)
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
-        raise ValueError(f'unknown bench variant(s) {", ".join(unknown)}; choose from {", ".join(ABLATIONS)}')
+        raise UserError(f'unknown bench variant(s) {", ".join(unknown)}; choose from {", ".join(ABLATIONS)}')
     rows: List[Dict[str, Any]] = []
     for name in names:
         spec = dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,
@@ -187,10 +187,10 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
 
 
 def _check_child(name: str, result: subprocess.CompletedProcess) -> None:
-    """A variant's process that stopped on a user error (exit 2): that one line as a ValueError; one
-    that crashed: a RuntimeError with its traceback."""
+    """A variant's process that stopped on a user error (exit 2): that one line as a :class:`UserError`;
+    one that crashed: a RuntimeError with its traceback."""
     if result.returncode == 2:
-        raise ValueError(f'bench variant {name}: {result.stderr.strip()}')
+        raise UserError(f'bench variant {name}: {result.stderr.strip()}')
     if result.returncode != 0:
         raise RuntimeError(f'bench variant {name} failed (exit code {result.returncode}):\n{result.stderr.strip()}')
 
@@ -200,8 +200,8 @@ def _measure_in_child(spec_json: str) -> int:
     option) as one line on stderr and exit 2, as ``scalekd`` reports it."""
     try:
         print(json.dumps(measure_variant(json.loads(spec_json))))
-    except USER_ERRORS as e:
-        print(f'{type(e).__name__}: {e}', file=sys.stderr)
+    except UserError as e:
+        print(f'{type(e).__name__}: {error_line(e)}', file=sys.stderr)
         return 2
     return 0
 

@@ -23,6 +23,7 @@ from ..engine.config import RunConfig, config_from_dict, config_to_dict, validat
 from ..engine.data import build_datasets
 from ..engine.devices import resolve_device
 from ..engine.distributed import DistEnv
+from ..engine.errors import UserError
 from ..engine.precision import resolve_precision
 from ..engine.run_folder import holding
 from ..engine.run_logger import write_text_atomic
@@ -151,7 +152,7 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> Dict
     """Train every student alone and with ScaleKD (and KD); write ``results.json`` and ``accuracy.png``."""
     unknown = [s for s in settings.students if s not in STUDENTS]
     if unknown:
-        raise ValueError(f'unknown demo student(s) {", ".join(unknown)}; choose from {", ".join(STUDENTS)}')
+        raise UserError(f'unknown demo student(s) {", ".join(unknown)}; choose from {", ".join(STUDENTS)}')
     with holding(settings.output):  # a second command on this output is refused, not met in a run folder
         return _train_demo(settings, say)
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from ..adapters import ScaleKDTeacher
-from ..adapters.common import UnsupportedModelError
 from ..adapters.models import create_timm_model, default_img_size
+from ..method.errors import UserError
 from ..method.projectors import fitting_heads
 from ..task.builder import build_distiller
 
@@ -131,7 +131,7 @@ def _one_step(teacher: nn.Module, student: nn.Module, img: int) -> None:
 
 def _reason(error: BaseException) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text if isinstance(error, (UnsupportedModelError, ValueError)) else f'{type(error).__name__}: {text}'
+    return text if isinstance(error, (UserError, ValueError)) else f'{type(error).__name__}: {text}'
 
 
 def _try(module: str, model: str, role: str, partners: Sequence[str]) -> MatrixRow:
@@ -159,7 +159,7 @@ def run_matrix(roles: Sequence[str] = ('student', 'teacher'), modules: Optional[
     """Every (or the given) module's representative in each role; ``progress`` is called per row."""
     unknown = sorted(set(modules or ()) - set(REPRESENTATIVES))
     if unknown:
-        raise ValueError(f'unknown timm model module(s) {", ".join(unknown)}; known: {", ".join(REPRESENTATIVES)}')
+        raise UserError(f'unknown timm model module(s) {", ".join(unknown)}; known: {", ".join(REPRESENTATIVES)}')
     rows = []
     for role in roles:
         partners = tuple(PARTNER_TEACHERS) if role == 'student' else ('resnet',)

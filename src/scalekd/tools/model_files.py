@@ -17,6 +17,7 @@ from timm.data import resolve_data_config
 from ..adapters.models import create_timm_model, default_img_size, input_normalization
 from ..engine.checkpoint import is_training_checkpoint, migrate
 from ..engine.config import RunConfig, config_from_dict
+from ..engine.errors import UserError
 from ..engine.weights import WeightsError, load_state_dict_checked, read_state_dict, read_torch_file, state_dict_of
 
 __all__ = ['LoadedModel', 'load_model', 'run_data_config', 'export_folder_of']
@@ -98,7 +99,7 @@ def load_model(path: Optional[Union[str, Path]] = None, name: Optional[str] = No
     NaN or infinite values load with a warning naming them."""
     if path is None:
         if not name:
-            raise ValueError('give --model NAME or --checkpoint PATH')
+            raise UserError('give --model NAME or --checkpoint PATH')
         return _from_name(name, None, None, **kwargs)
     path = Path(path)
     return _warn_non_finite(_from_file(path, name, use_ema, **kwargs), path)

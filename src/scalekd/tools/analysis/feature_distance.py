@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from ...engine.checkpoint import read_training_checkpoint
 from ...engine.config import config_from_dict
 from ...engine.devices import model_device
+from ...engine.errors import UserError
 from ...method.dct import keep_dc, remove_dc
 from ...method.losses import feature_distance
 from ...task.distiller import Distiller
@@ -35,11 +36,11 @@ def task_from_checkpoint(path: Union[str, Path], teacher_weights: Optional[str] 
     state = read_training_checkpoint(path)
     cfg = config_from_dict(state['config'], where=str(path))
     if 'task_state' not in state:
-        raise ValueError(f'{path} holds the student alone (best.pth); give a checkpoint-*.pth of the run, which '
-                         f'also holds its projectors')
+        raise UserError(f'{path} holds the student alone (best.pth); give a checkpoint-*.pth of the run, which '
+                        f'also holds its projectors')
     if not cfg.distill_options().uses_features:
-        raise ValueError(f'{path} was trained with method {cfg.distill.method!r}: it has no projector to compare '
-                         f'features through')
+        raise UserError(f'{path} was trained with method {cfg.distill.method!r}: it has no projector to compare '
+                        f'features through')
     if teacher_weights:
         cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, checkpoint=teacher_weights,
                                                                    pretrained=False))

@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ...engine.devices import model_device
+from ...engine.errors import UserError
 
 __all__ = ['pre_logits', 'few_shot_indices', 'fit_linear', 'linear_probe']
 
@@ -30,7 +31,7 @@ def few_shot_indices(labels: torch.Tensor, shots: int, seed: int = 0) -> torch.T
     for c in labels.unique().tolist():
         where = (labels == c).nonzero().flatten()
         if len(where) < shots:
-            raise ValueError(f'class {c} has {len(where)} training examples, fewer than --shots {shots}')
+            raise UserError(f'class {c} has {len(where)} training examples, fewer than --shots {shots}')
         picked.append(where[torch.randperm(len(where), generator=generator)[:shots]])
     return torch.cat(picked).sort().values
 

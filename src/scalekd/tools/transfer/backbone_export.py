@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ...adapters import families
+from ...engine.errors import UserError
 from .key_rules import rename
 from .openmmlab import OpenMMLabKeyError, family_of, to_openmmlab
 
@@ -33,7 +34,7 @@ _VIT_TORCHVISION = [  # timm -> torchvision templates (.key_rules)
 ]
 
 
-class ExportFormatError(ValueError):
+class ExportFormatError(UserError):
     """A student that the asked format has no model for."""
 
 

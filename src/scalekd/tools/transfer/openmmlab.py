@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ...adapters import families
+from ...engine.errors import UserError
 from .key_rules import Rule, rename
 
 __all__ = ['TOOLKITS', 'OpenMMLabKeyError', 'family_of', 'to_openmmlab', 'from_openmmlab']
@@ -56,7 +57,7 @@ _RESNET_AVG_DOWN_MMCLS = [  # mmcls puts no pooling before layer1's shortcut con
 _RESNET = [('conv1.*', 'conv1.*'), ('bn1.*', 'bn1.*'), ('layer{s}.*', 'layer{s}.*')]
 
 
-class OpenMMLabKeyError(ValueError):
+class OpenMMLabKeyError(UserError):
     """A model or state dict that the OpenMMLab key mapping cannot carry over whole."""
 
 
