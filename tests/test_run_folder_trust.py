@@ -142,9 +142,12 @@ def test_retention_leaves_what_a_marker_lists_besides_its_own_checkpoints(tmp_pa
     (run / 'notes.txt').write_text('mine too')
     (tmp_path / 'kept.pth').write_text('a checkpoint kept elsewhere')
     (run / 'checkpoint-0000-000001.pth').symlink_to(tmp_path / 'kept.pth')
+    (run / 'checkpoint-0000-000003.pth').mkdir()
+    (run / 'checkpoint-0000-000003.pth' / 'notes.txt').write_text('a folder of mine')
     marker = json.loads((run / MARKER).read_text())
     marker['checkpoints'] = [dict(file='../../notes.txt', step=0), dict(file='notes.txt', step=1),
-                             dict(file='checkpoint-0000-000001.pth', step=1)]
+                             dict(file='checkpoint-0000-000001.pth', step=1),
+                             dict(file='checkpoint-0000-000003.pth', step=1)]
     (run / MARKER).write_text(json.dumps(marker))
     deleted = []
     for step, name in enumerate(['checkpoint-0000-000002.pth', 'checkpoint-0001.pth', 'checkpoint-0001-000001.pth'],
@@ -156,6 +159,7 @@ def test_retention_leaves_what_a_marker_lists_besides_its_own_checkpoints(tmp_pa
     assert deleted == ['checkpoint-0000-000002.pth', 'checkpoint-0001.pth']
     assert (tmp_path / 'notes.txt').read_text() == 'mine' and (run / 'notes.txt').read_text() == 'mine too'
     assert (run / 'checkpoint-0000-000001.pth').is_symlink() and (tmp_path / 'kept.pth').is_file()
+    assert (run / 'checkpoint-0000-000003.pth' / 'notes.txt').is_file()
 
 
 def test_what_a_marker_lists_besides_the_runs_files_is_reported(straight, tmp_path):

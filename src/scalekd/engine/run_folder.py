@@ -245,7 +245,8 @@ class RunFolder:
         os.replace(tmp, self.path / MARKER)
 
     def rebuild(self, series: Sequence[Dict[str, Any]]) -> None:
-        """Replace a damaged marker by one listing ``series`` (``file``, ``step``) and no files."""
+        """Replace a damaged marker by one listing ``series`` (``file``, ``step``) and no files (read as
+        :data:`RUN_FILES`, as a marker from before the list)."""
         self._write_marker(dict(created=time.strftime('%Y-%m-%d %H:%M:%S'), checkpoints=sorted(
             series, key=lambda e: e['step'])))
 
@@ -261,10 +262,12 @@ class RunFolder:
 
     def _own_checkpoint(self, entry: Any) -> bool:
         """Whether a marker entry names a checkpoint this run may delete: its name pattern, in the
-        folder, not a link."""
-        return isinstance(entry, dict) and isinstance(entry.get('file'), str) and \
-            isinstance(entry.get('step'), int) and checkpoint_position(entry['file']) is not None and \
-            not (self.path / entry['file']).is_symlink()
+        folder, neither a link nor a folder."""
+        if not (isinstance(entry, dict) and isinstance(entry.get('file'), str) and isinstance(entry.get('step'), int)
+                and checkpoint_position(entry['file']) is not None):
+            return False
+        path = self.path / entry['file']
+        return not path.is_symlink() and not path.is_dir()
 
     def series(self) -> List[Dict[str, Any]]:
         """The checkpoints the run's series wrote, oldest first (``file``, ``step``)."""
