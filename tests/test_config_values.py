@@ -46,7 +46,22 @@ CASES = [
     ('data.mixup=-0.1', 'data.mixup in {cfg} (with overrides) must be >= 0, got -0.1'),
     ('optim.clip_grad=0', 'optim.clip_grad in {cfg} (with overrides) must be null or > 0, got 0.0'),
     ('optim.weight_decay=-1', 'optim.weight_decay in {cfg} (with overrides) must be >= 0, got -1.0'),
-    ('data.img_size=0', 'data.img_size in {cfg} (with overrides) must be >= 1, got 0'),
+    ('data.img_size=0', 'data.img_size in {cfg} (with overrides) must be in [1, 4096] (one 4096 x 4096 image takes '
+                        '200 MB as float32 before any activation), got 0'),
+    ('data.img_size=100000', 'data.img_size in {cfg} (with overrides) must be in [1, 4096]'),
+    ('seed=-1', 'seed in {cfg} (with overrides) must be in [0, 4294967295] (the seeds NumPy takes), got -1'),
+    ('data.mean=[]', 'data.mean in {cfg} (with overrides) is given without data.std: give both or neither'),
+    ('teacher.std=[0.2,0.2,0.2]', 'teacher.std in {cfg} (with overrides) is given without teacher.mean'),
+    ('distill.w_ori=-0.1', 'distill.w_ori in {cfg} (with overrides) must be null or >= 0 (a negative loss weight '
+                           'pushes the student away from its target), got -0.1'),
+    ('distill.w_alt=-1', 'distill.w_alt in {cfg} (with overrides) must be null or >= 0'),
+    ('distill.alpha=-2', 'distill.alpha in {cfg} (with overrides) must be null or >= 0'),
+    ('distill.beta=1.5', 'distill.beta in {cfg} (with overrides) must be null or in [0, 1], got 1.5'),
+    ('distill.kd_weight=-0.5', 'distill.kd_weight in {cfg} (with overrides) must be in [0, 1], got -0.5'),
+    ('distill.kd_temperature=0', 'distill.kd_temperature in {cfg} (with overrides) must be > 0, got 0.0'),
+    ('distill.softmax_scale=-5', 'distill.softmax_scale in {cfg} (with overrides) must be > 0, got -5.0'),
+    ('distill.s3_heads=0', 'distill.s3_heads in {cfg} (with overrides) must be >= 1, got 0'),
+    ('distill.s4_heads=-8', 'distill.s4_heads in {cfg} (with overrides) must be >= 1, got -8'),
     ('data.dataset=imagenet', 'data.dataset in {cfg} (with overrides) must be one of folder, fashion_mnist'),
     ('sched.decay_rate=0', 'sched.decay_rate in {cfg} (with overrides) must be > 0, got 0.0'),
 ]
@@ -56,6 +71,23 @@ CASES = [
 def test_a_value_out_of_range_is_one_line_before_anything_is_built(override, message, tmp_path, data_root, capsys):
     cfg = tiny_config(tmp_path, data_root)
     assert main(['train', str(cfg), '-o', override]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and message.format(cfg=cfg) in err, err
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('section,message', [
+    (dict(data=dict(mean=[], std=[])), 'data.mean in {cfg} must have one value per input channel (data.in_chans: 3), '
+                                       'got []'),
+    (dict(data=dict(mean=[0.5, 0.5, 0.5], std=[0.2, 0.2])), 'data.std in {cfg} must have one value per input channel'),
+    (dict(data=dict(mean=[0.5, 0.5, 0.5], std=[0.2, 0, 0.2])), 'data.std in {cfg} must be > 0 on every channel, '
+                                                               'got [0.2, 0.0, 0.2]'),
+    (dict(teacher=dict(mean=[0.5], std=[0.2])), 'teacher.mean in {cfg} must have one value per input channel '
+                                                '(data.in_chans: 3), got [0.5]'),
+])
+def test_an_input_normalisation_is_one_value_per_channel(section, message, tmp_path, data_root, capsys):
+    cfg = tiny_config(tmp_path, data_root, **section)
+    assert main(['train', str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [err.strip()] and message.format(cfg=cfg) in err, err
     assert not (tmp_path / 'run').exists()

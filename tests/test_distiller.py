@@ -125,6 +125,8 @@ def test_views_apply_phi_only_to_the_alternative_path():
     (dict(projector='linear'), "adaptive_queries need the cap projector, not 'linear'"),
     (dict(w_ori=0.1, beta=0.5), r'\(w_ori, w_alt\) or as \(alpha, beta\), not both'),
     (dict(beta=1.5), r'beta must be in \[0, 1\]'),
+    (dict(w_ori=-0.1), r'loss weights must be >= 0 .*, got w_ori=-0.1'),
+    (dict(alpha=-1.0, beta=0.5), r'got alpha=-1.0'),
     (dict(views='triple'), "unknown views 'triple'"),
     (dict(method='fd', stages=['s3']), 'stages must include s4'),
 ])

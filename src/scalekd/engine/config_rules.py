@@ -10,12 +10,13 @@ from timm.optim import list_optimizers
 
 from .precision import PRECISIONS
 
-__all__ = ['Rule', 'RULES', 'check_values', 'DATASETS', 'SCHEDULERS']
+__all__ = ['Rule', 'RULES', 'check_values', 'DATASETS', 'SCHEDULERS', 'MAX_IMG_SIZE']
 
 DATASETS = ('folder', 'fashion_mnist')
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'rsqrt', 'constant')  # timm's
 INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'lanczos', 'box', 'hamming', 'random')
 RE_MODES = ('const', 'rand', 'pixel')
+MAX_IMG_SIZE = 4096  # one 3 x 4096 x 4096 float32 image is 200 MB before any activation: larger is a typo
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ def _ordered(low: float, high: Optional[float]) -> Tuple[Callable[[Any], bool], 
     return (lambda v: low < v[0] <= v[1] and (high is None or v[1] <= high)), f'[min, max] with {low:g} < min <= max{top}'
 
 
+def _weight() -> Tuple[Callable[[Any], bool], str]:
+    return _optional(((lambda v: v >= 0), '>= 0 (a negative loss weight pushes the student away from its target)'))
+
+
 def _optimizer(name: str) -> bool:
     """A name timm's ``create_optimizer_v2`` knows (optionally ``lookahead_``-prefixed)."""
     base = name.lower().split('_', 1)[1] if name.lower().startswith('lookahead_') else name.lower()
@@ -59,8 +64,11 @@ def _optimizer(name: str) -> bool:
 
 
 RULES = tuple(Rule(key, *check) for key, check in (
+    ('seed', ((lambda v: 0 <= v < 2 ** 32), f'in [0, {2 ** 32 - 1}] (the seeds NumPy takes)')),
     ('data.dataset', _one_of(DATASETS)),
-    ('data.img_size', _min(1)),
+    ('data.img_size', ((lambda v: 1 <= v <= MAX_IMG_SIZE),
+                       f'in [1, {MAX_IMG_SIZE}] (one {MAX_IMG_SIZE} x {MAX_IMG_SIZE} image takes 200 MB as float32 before '
+                       f'any activation)')),
     ('data.in_chans', _min(1)),
     ('data.num_classes', _min(2)),
     ('data.train_subset', _optional(_min(1))),
@@ -102,6 +110,15 @@ RULES = tuple(Rule(key, *check) for key, check in (
     ('train.max_nan_skips', _min(0)),
     ('train.dist_timeout_s', _min(1)),
     ('log.interval', _min(1)),
+    ('distill.w_ori', _weight()),
+    ('distill.w_alt', _weight()),
+    ('distill.alpha', _weight()),
+    ('distill.beta', _optional(_unit())),
+    ('distill.kd_weight', _unit()),
+    ('distill.kd_temperature', _above(0)),
+    ('distill.softmax_scale', _above(0)),
+    ('distill.s3_heads', _min(1)),
+    ('distill.s4_heads', _min(1)),
 ))
 
 
@@ -112,15 +129,33 @@ def _get(cfg: Any, key: str) -> Any:
 
 
 def check_values(cfg: Any, where: str, error: Callable[[str], Exception]) -> None:
-    """Raise ``error(message)`` for the first value of ``cfg`` outside its rule, a warmup that does not
-    end before the run, or a sharded optimizer (``train.zero``) asked of one that wraps another."""
+    """Raise ``error(message)`` for the first value of ``cfg`` outside its rule, an input normalisation
+    that is not one value per channel, a warmup that does not end before the run, or a sharded optimizer
+    (``train.zero``) asked of one that wraps another."""
     for rule in RULES:
         value = _get(cfg, rule.key)
         if not rule.ok(value):
             raise error(f'{rule.key} in {where} must be {rule.allowed}, got {value!r}')
+    _check_normalization(cfg, where, error)
     if cfg.sched.warmup_epochs >= cfg.sched.epochs:
         raise error(f'sched.warmup_epochs in {where} must be less than sched.epochs ({cfg.sched.epochs}), '
                     f'got {cfg.sched.warmup_epochs}')
     if cfg.train.zero and cfg.optim.opt.lower().startswith('lookahead_'):
         raise error(f'train.zero in {where} shards a plain optimizer, and optim.opt {cfg.optim.opt!r} wraps one in '
                     f'Lookahead: set train.zero false or choose an optimizer without lookahead_')
+
+
+def _check_normalization(cfg: Any, where: str, error: Callable[[str], Exception]) -> None:
+    """``data`` and ``teacher`` ``mean`` / ``std``: given together, one value per input channel, stds > 0."""
+    channels = cfg.data.in_chans
+    for section in ('data', 'teacher'):
+        mean, std = _get(cfg, f'{section}.mean'), _get(cfg, f'{section}.std')
+        if (mean is None) != (std is None):
+            given, missing = ('mean', 'std') if std is None else ('std', 'mean')
+            raise error(f'{section}.{given} in {where} is given without {section}.{missing}: give both or neither')
+        for key, values in (('mean', mean), ('std', std)):
+            if values is not None and len(values) != channels:
+                raise error(f'{section}.{key} in {where} must have one value per input channel (data.in_chans: '
+                            f'{channels}), got {list(values)}')
+        if std is not None and not all(v > 0 for v in std):
+            raise error(f'{section}.std in {where} must be > 0 on every channel, got {list(std)}')

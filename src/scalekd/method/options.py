@@ -165,6 +165,10 @@ class DistillOptions:
         return self.method in FEATURE_METHODS
 
     def _weights(self) -> Tuple[float, float]:
+        negative = [f'{k}={getattr(self, k)}' for k in ('w_ori', 'w_alt', 'alpha') if (getattr(self, k) or 0) < 0]
+        if negative:
+            raise OptionError(f'loss weights must be >= 0 (a negative one pushes the student away from its target), '
+                              f'got {", ".join(negative)}')
         if self.alpha is not None or self.beta is not None:
             if self.w_ori is not None or self.w_alt is not None:
                 raise OptionError('give the DFM weights as (w_ori, w_alt) or as (alpha, beta), not both')

@@ -1,8 +1,11 @@
 """Exporting the distilled student: ``model.safetensors`` + timm's ``config.json``, or another toolkit's keys."""
+import errno
 import json
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -46,31 +49,58 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
     or ``timm.create_model('local-dir:' + out_dir, pretrained=True)``.
     """
     out_dir = Path(out_dir)
+    weights, config = out_dir / 'model.safetensors', out_dir / 'config.json'
+    partial = [weights.with_name(weights.name + '.partial'), config.with_name(config.name + '.partial')]
+    state = cast_floats({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, dtype)
+    with _export_folder(out_dir):
+        writing = weights
+        try:  # both files or neither
+            save_file(state, str(partial[0]), metadata={'format': 'pt'})
+            writing = config
+            save_config_for_hf(student, str(partial[1]), data_config=data_config)
+            _not_from_the_hub(partial[1])
+        except BaseException as e:
+            for path in partial:
+                path.unlink(missing_ok=True)
+            refusal = _write_refusal(e, writing)
+            if refusal is None:
+                raise
+            raise refusal from None
+    os.replace(partial[0], weights)
+    os.replace(partial[1], config)
+    return weights
+
+
+@contextmanager
+def _export_folder(out_dir: Path) -> Iterator[None]:
+    """``out_dir`` created for the block, and removed again when the block fails and it was not there before."""
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WeightsError(f'export folder {out_dir} cannot be created: {e.strerror or e}') from None
-    weights, config = out_dir / 'model.safetensors', out_dir / 'config.json'
-    partial = [weights.with_name(weights.name + '.partial'), config.with_name(config.name + '.partial')]
-    state = cast_floats({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}, dtype)
-    try:  # both files or neither
-        save_file(state, str(partial[0]), metadata={'format': 'pt'})
-        save_config_for_hf(student, str(partial[1]), data_config=data_config)
-        _not_from_the_hub(partial[1])
-    except BaseException as e:
-        for path in partial:
-            path.unlink(missing_ok=True)
+    try:
+        yield
+    except BaseException:
         if created:
             out_dir.rmdir()
-        if isinstance(e, (OSError, RuntimeError)) and out_of_space(e):
-            raise WeightsError(f'exporting to {out_dir} failed: the disk is full; nothing was written') from None
-        if isinstance(e, PermissionError):
-            raise WeightsError(f'export folder {out_dir} cannot be written: {e.strerror}; nothing was written') from None
         raise
-    os.replace(partial[0], weights)
-    os.replace(partial[1], config)
-    return weights
+
+
+_OS_ERROR = re.compile(r'\(os error (\d+)\)')  # how safetensors' own error names the OS error under it
+
+
+def _write_refusal(e: BaseException, path: Path) -> Optional[WeightsError]:
+    """The one-line error of a write of ``path`` that the disk refused (full, not writable); ``None`` for
+    any other failure. safetensors reports the OS error inside a ``SafetensorError`` of its own."""
+    found = None if isinstance(e, OSError) else _OS_ERROR.search(str(e))
+    number = e.errno if isinstance(e, OSError) else int(found[1]) if found else None
+    if number in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, RuntimeError) and out_of_space(e):
+        return WeightsError(f'writing {path} failed: the disk is full; nothing was written')
+    if number in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return WeightsError(f'export folder {path.parent} cannot be written: {os.strerror(number)}; nothing was '
+                            f'written')
+    return None
 
 
 def export_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], use_ema: bool = True,
@@ -87,6 +117,6 @@ def export_checkpoint(path: Union[str, Path], out_dir: Union[str, Path], use_ema
     if fmt == 'timm':
         return export_student(loaded.model, out_dir, loaded.data_config, dtype), loaded.ema
     state = cast_floats(to_format(loaded.model, fmt), dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(state, out_dir / 'model.pth')
+    with _export_folder(out_dir):
+        save_checkpoint(state, out_dir / 'model.pth')
     return out_dir / 'model.pth', loaded.ema
