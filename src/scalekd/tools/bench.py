@@ -3,11 +3,16 @@
 Each variant runs in a fresh process so that its peak memory is its own, measured from the end of
 the build (:mod:`scalekd.engine.memory`): on CUDA ``torch.cuda.max_memory_allocated``, on CPU the
 process's peak resident set (which includes the Python / torch runtime and the models' weights, the
-same for every variant, but not what building them took). Step time is the median
+same for every variant, but not what building them took). With ``isolate=False`` (``--in-process``)
+the variants run one after the other in the bench's own process: quicker to start, and on CUDA the
+same figures (the allocator's peak is reset per variant); on CPU a variant's peak then includes what
+the earlier ones left in the process. The step runs under a training run's default GPU switches
+(``train.tf32``, ``train.cudnn_benchmark``: :mod:`scalekd.engine.cuda_settings`). Step time is the median
 of ``steps`` timed training steps (forward, backward, SGD step) after one warm-up step. The variants
 are the ablation presets (:data:`scalekd.method.options.ABLATIONS`); every one but ``student`` runs the
 teacher's forward.
 """
+import gc
 import json
 import statistics
 import subprocess
@@ -19,6 +24,8 @@ import torch
 from timm.utils import unwrap_model
 
 from ..engine.allocator import keep_freed_memory
+from ..engine.config import TrainConfig
+from ..engine.cuda_settings import configure_backends
 from ..engine.errors import UserError, error_line
 from ..engine.memory import peak_memory_mb, reset_peak_memory
 from ..engine.precision import autocast, cpu_has_fast_bf16, resolve_precision, resolve_teacher_dtype
@@ -40,14 +47,15 @@ def measure_variant(spec: Dict[str, Any]) -> Dict[str, Any]:
     device = torch.device(spec['device'])
     if device.type == 'cpu':
         keep_freed_memory()
+    configure_backends(TrainConfig())
     torch.manual_seed(0)
     options = {**spec.get('options', {}), **ablation(spec['variant'])}
     precision = resolve_precision(spec['precision'], device, '--precision')
     teacher_dtype = resolve_teacher_dtype(spec.get('teacher_precision'), device, '--teacher-precision')
     task = build_distiller(spec['teacher'], spec['student'], img_size=spec['img_size'], device=device,
                            teacher_dtype=teacher_dtype, **options)
-    if spec.get('compile'):
-        task.compile()  # as train.compile: the warm-up step and round compile, the timed ones do not
+    if spec.get('compile'):  # as train.compile: the warm-up step and round compile, the timed ones do not
+        task.compile(backend=spec.get('compile_backend') or 'inductor')
     params = [p for p in task.trainable_module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     images, targets = synthetic_batch(task, spec['batch'], spec['channels_last'])
@@ -156,9 +164,12 @@ def cpu_name() -> str:
 def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, steps: int = 3,
               precision: str = 'fp32', channels_last: bool = False, device: str = 'cpu',
               variants: Optional[Sequence[str]] = None, options: Optional[Dict[str, Any]] = None,
-              progress=None, teacher_precision: Optional[str] = None, compile: bool = False) -> Dict[str, Any]:
-    """Measure every variant, each in its own process; the JSON-ready result. ``teacher_precision``: the
-    teacher forward's own precision (default: ``precision``); ``compile``: as ``train.compile``."""
+              progress=None, teacher_precision: Optional[str] = None, compile: bool = False,
+              compile_backend: str = 'inductor', isolate: bool = True) -> Dict[str, Any]:
+    """Measure every variant, each in its own process (``isolate``) or one after the other in this one;
+    the JSON-ready result. ``teacher_precision``: the teacher forward's own precision (default:
+    ``precision``); ``compile``: as ``train.compile``, with ``compile_backend`` (``eager`` only traces:
+    a check of the graphs, not of their speed)."""
     names = list(variants or ABLATIONS)
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
@@ -167,13 +178,11 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
     for name in names:
         spec = dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,
                     precision=precision, channels_last=channels_last, device=device, variant=name,
-                    options=options or {}, teacher_precision=teacher_precision, compile=compile)
+                    options=options or {}, teacher_precision=teacher_precision, compile=compile,
+                    compile_backend=compile_backend)
         if progress:
             progress(f'measuring {name} ...')
-        result = subprocess.run([sys.executable, '-m', 'scalekd.tools.bench', json.dumps(spec)],
-                                capture_output=True, text=True)
-        _check_child(name, result)
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        rows.append(_measure_in_child(name, spec) if isolate else _measure_here(spec))
     by_name = {r['name']: r for r in rows}
     if 'kd' in by_name:
         for r in rows:
@@ -182,8 +191,25 @@ def run_bench(teacher: str, student: str, img_size: int = 224, batch: int = 8, s
     device_name = torch.cuda.get_device_name(torch.device(device)) if device.startswith('cuda') else 'cpu'
     return dict(teacher=teacher, student=student, img_size=img_size, batch=batch, steps=steps,
                 precision=rows[0]['precision'] if rows else precision, teacher_precision=teacher_precision,
-                channels_last=channels_last, compile=compile, cpu=cpu_name(),
-                device=device_name, variants=rows, components=_components(by_name))
+                channels_last=channels_last, compile=compile,
+                compile_backend=compile_backend if compile else None, isolated=isolate, cpu=cpu_name(),
+                torch=torch.__version__, device=device_name, variants=rows, components=_components(by_name))
+
+
+def _measure_in_child(name: str, spec: Dict[str, Any]) -> Dict[str, Any]:
+    result = subprocess.run([sys.executable, '-m', 'scalekd.tools.bench', json.dumps(spec)],
+                            capture_output=True, text=True)
+    _check_child(name, result)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _measure_here(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """One variant in this process, whose memory is given back before the next one is built."""
+    row = measure_variant(spec)
+    gc.collect()  # the compiled pieces hold their modules in reference cycles
+    if spec['device'].startswith('cuda'):
+        torch.cuda.empty_cache()
+    return row
 
 
 def _check_child(name: str, result: subprocess.CompletedProcess) -> None:
@@ -195,7 +221,7 @@ def _check_child(name: str, result: subprocess.CompletedProcess) -> None:
         raise RuntimeError(f'bench variant {name} failed (exit code {result.returncode}):\n{result.stderr.strip()}')
 
 
-def _measure_in_child(spec_json: str) -> int:
+def _child_main(spec_json: str) -> int:
     """``python -m scalekd.tools.bench SPEC_JSON``: one variant's JSON on stdout; a user error (bad model name,
     option) as one line on stderr and exit 2, as ``scalekd`` reports it."""
     try:
@@ -220,9 +246,11 @@ def _components(rows: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, float]]:
 def format_table(report: Dict[str, Any]) -> str:
     """The report shaped like the paper's Table 15(b)."""
     teacher = f" (teacher {report['teacher_precision']})" if report.get('teacher_precision') else ''
+    backend = report.get('compile_backend')
+    compiled = ' compiled' + (f' ({backend})' if backend not in (None, 'inductor') else '') if report.get('compile') \
+        else ''
     lines = [f"{report['teacher']} -> {report['student']} at {report['img_size']}, batch {report['batch']}, "
-             f"{report['precision']}{teacher}{' channels_last' if report['channels_last'] else ''}"
-             f"{' compiled' if report.get('compile') else ''} "
+             f"{report['precision']}{teacher}{' channels_last' if report['channels_last'] else ''}{compiled} "
              f"on {report['device']}{': ' + report['cpu'] if report['device'] == 'cpu' else ''}",
              f"{'variant':<12} {'step s':>8} {'x KD':>6} {'img/s':>7} {'peak MB':>9} {'x KD':>6} {'distill params':>15}"]
     for r in report['variants']:
@@ -246,4 +274,4 @@ def format_table(report: Dict[str, Any]) -> str:
 
 
 if __name__ == '__main__':  # one variant, in its own process
-    sys.exit(_measure_in_child(sys.argv[1]))
+    sys.exit(_child_main(sys.argv[1]))
