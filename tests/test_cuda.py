@@ -119,7 +119,8 @@ def test_a_channels_last_step_in_each_precision_matches_the_cpu_fp32_step(device
         assert got['scale'] == 2.0 ** 10
 
 
-@pytest.mark.parametrize('device, backend, precision', [pytest.param('cpu', 'eager', 'fp32', marks=pytest.mark.slow), on_gpu('cuda', 'inductor', 'fp32'),
+@pytest.mark.parametrize('device, backend, precision', [pytest.param('cpu', 'eager', 'fp32', marks=pytest.mark.slow),
+                                                        on_gpu('cuda', 'inductor', 'fp32'),
                                                         on_gpu('cuda', 'inductor', 'bf16')])
 def test_a_compiled_step_equals_the_eager_step(device, backend, precision):
     """``Distiller.compile`` as ``train.compile`` calls it (inductor, the default, on the GPU; on the CPU
