@@ -4,7 +4,7 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from .errors import UserError
 from .faults import ignore_stop_signals
 
 __all__ = ['DataError', 'Datasets', 'CheckedImageDataset', 'build_datasets', 'build_loaders', 'build_mixup', 'seed_epoch', 'seeded_subset',
-           'ShardSampler', 'EpochSampler', 'SeededSamples', 'epoch_seed']
+           'ShardSampler', 'EpochSampler', 'SeededSamples', 'EndingLoader', 'epoch_seed']
 
 _CHECK_AUTO_LIMIT = 50_000
 _SEED_MASK = (1 << 63) - 1
@@ -216,15 +216,32 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+class EndingLoader(DataLoader):
+    """A DataLoader that ends its worker processes as soon as an iteration over it fails. A failed
+    iterator is kept alive by the error's traceback, and its workers (which ignore the stop signals,
+    see :func:`~scalekd.engine.faults.ignore_stop_signals`) would outlive the run and keep its process
+    from ending."""
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        try:
+            yield from batches
+        except (Exception, KeyboardInterrupt):
+            end_workers = getattr(batches, '_shutdown_workers', None)  # torch's own, as its iterator's __del__
+            if end_workers is not None:
+                end_workers()
+            raise
+
+
 def build_loaders(data: Datasets, cfg: DataConfig, batch_per_rank: int, env: DistEnv, seed: int):
     """Train loader (shuffled by seed and epoch, each sample augmented from its own seed: see
     :class:`EpochSampler`) and eval loader (this rank's shard, in order)."""
     sampler = EpochSampler(data.train, batch_per_rank, env, seed)
     common = dict(num_workers=cfg.workers, worker_init_fn=ignore_stop_signals, **loader_options(cfg, env.device))
-    train = DataLoader(SeededSamples(data.train), batch_size=batch_per_rank, sampler=sampler, drop_last=True,
-                       generator=torch.Generator(), **common)
-    val = DataLoader(data.val, batch_size=cfg.val_batch_size or batch_per_rank,
-                     sampler=ShardSampler(len(data.val), env), **common)
+    train = EndingLoader(SeededSamples(data.train), batch_size=batch_per_rank, sampler=sampler, drop_last=True,
+                         generator=torch.Generator(), **common)
+    val = EndingLoader(data.val, batch_size=cfg.val_batch_size or batch_per_rank,
+                       sampler=ShardSampler(len(data.val), env), **common)
     if len(train) == 0:
         raise DataError(f'{len(sampler)} training images per process is less than one batch of {batch_per_rank}')
     return train, val

@@ -7,13 +7,14 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Optional, TextIO, Tuple
 
 from tqdm import tqdm
 
 from .config import LogConfig
-from .errors import ConfigError
+from .errors import ConfigError, UserError, error_line
 
 __all__ = ['RunLogger', 'ProgressLines', 'rewind_metrics', 'write_text_atomic']
 
@@ -77,6 +78,7 @@ class RunLogger:
         self.log.handlers.clear()
         self.log.propagate = False
         self.metrics_file = None
+        self.file_handler: Optional[logging.Handler] = None
         self.tb = None
         self.wandb = None
         if not enabled:
@@ -87,9 +89,9 @@ class RunLogger:
             self.log.addHandler(handler)
         if out_dir is None:
             return
-        file_handler = logging.FileHandler(out_dir / 'train.log')
-        file_handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
-        self.log.addHandler(file_handler)
+        self.file_handler = logging.FileHandler(out_dir / 'train.log')
+        self.file_handler.setFormatter(logging.Formatter('%(asctime)s %(message)s'))
+        self.log.addHandler(self.file_handler)
         rewind_metrics(out_dir / 'metrics.jsonl', start_step)
         self.metrics_file = open(out_dir / 'metrics.jsonl', 'a')
         if cfg.tensorboard:
@@ -112,6 +114,15 @@ class RunLogger:
     def info(self, message: str) -> None:
         if self.enabled:
             self.log.info(message)
+
+    def failed(self, error: BaseException) -> None:
+        """The error that ended the run, in ``train.log`` alone (the command prints it): its one line, with
+        the traceback of an error that is not a user's mistake."""
+        if self.file_handler is None:
+            return
+        text = error_line(error) if isinstance(error, UserError) else ''.join(traceback.format_exception(error))
+        self.file_handler.handle(self.log.makeRecord(self.log.name, logging.ERROR, __file__, 0,
+                                                     f'stopped by an error: {text.rstrip()}', None, None))
 
     def progress(self, iterable: Iterable, total: int, desc: str):
         """The main process's progress over ``iterable`` on standard error: a bar on a terminal, a

@@ -374,6 +374,11 @@ class Trainer:
         try:
             with self.stop.installed():
                 return self._fit()
+        except RunInterrupted:  # logged where the stop is taken
+            raise
+        except Exception as e:
+            self.logger.failed(e)
+            raise
         finally:
             self.logger.close()
             if self.output is not None:

@@ -1,0 +1,60 @@
+"""Every error path ends the run's process and its loader workers, and the error is in ``train.log``."""
+import multiprocessing
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from engine_fixtures import make_image_folder, tiny_config
+from scalekd.engine.data import EndingLoader
+from scalekd.engine.faults import ignore_stop_signals
+
+
+class _UnreadableAt(Dataset):
+    """Eight samples; the fourth cannot be read."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == 3:
+            raise OSError('cannot identify image file 3.png')
+        return torch.zeros(2)
+
+
+def _batches(loader) -> None:
+    for _ in loader:
+        pass
+
+
+def test_a_failed_iteration_ends_the_loader_workers_at_once():
+    """The workers ignore SIGTERM (a scheduler's stop is the trainer's to act on), so workers left to
+    the interpreter's exit are joined forever: the failed iteration ends them itself."""
+    before = set(multiprocessing.active_children())
+    loader = EndingLoader(_UnreadableAt(), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals)
+    try:
+        with pytest.raises(OSError, match='cannot identify image file 3.png'):
+            _batches(loader)
+        deadline = time.monotonic() + 10
+        while set(multiprocessing.active_children()) - before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(multiprocessing.active_children()) - before == set()
+    finally:
+        for worker in set(multiprocessing.active_children()) - before:
+            worker.kill()
+
+
+@pytest.mark.slow
+def test_a_run_that_meets_an_unreadable_image_in_a_worker_ends_and_logs_it(tmp_path):
+    data = make_image_folder(tmp_path / 'data', train_per_class=8, val_per_class=4)
+    (data / 'train' / 'red' / '3.png').write_bytes(b'\x89PNG\r\n\x1a\n not an image')
+    cfg = tiny_config(tmp_path, data, data=dict(workers=2, check_images=False))
+    run = subprocess.run([sys.executable, '-m', 'scalekd.cli', 'train', str(cfg)], capture_output=True, text=True,
+                         timeout=240)
+    line = f"unreadable image {data / 'train' / 'red' / '3.png'}"
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith(f'scalekd train: error: {line}')
+    assert f'stopped by an error: {line}' in (tmp_path / 'run' / 'train.log').read_text()
