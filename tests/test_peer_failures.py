@@ -35,6 +35,7 @@ def _two_ranks(*args: str):
             p.kill()
 
 
+@pytest.mark.slow  # two processes start torch
 def test_every_rank_raises_at_once_when_the_main_process_refuses_or_fails(tmp_path):
     """A user error on the main process reaches the other ranks as its message; any other error (here a
     FileNotFoundError, once taken for a user error and never sent) as a line naming its type; no rank
@@ -50,6 +51,7 @@ def test_every_rank_raises_at_once_when_the_main_process_refuses_or_fails(tmp_pa
     assert max(e['seconds'] for e in other) < 10
 
 
+@pytest.mark.slow  # two processes start torch
 def test_a_lost_peer_is_one_line_naming_it():
     (code, err), _ = _two_ranks('lost')
     assert code == 1 and 'Traceback' not in err, err
