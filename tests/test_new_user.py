@@ -41,6 +41,12 @@ def test_inspect_says_the_size_it_builds_at_when_none_is_given(capsys):
     assert out.startswith('method scalekd at 160x160')
 
 
+def test_inspect_refuses_a_bad_option_in_one_line_before_saying_the_size(capsys):
+    assert main(['inspect', '--teacher', 'test_vit', '--student', 'test_resnet', '--option', 'betta=0.5']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'unknown distillation option(s) betta' in err[0]
+
+
 def test_config_show_prints_the_resolved_config_a_run_would_use(tmp_path, capsys):
     config = ROOT / 'configs' / 'table3' / 'swin_l-resnet50.yaml'  # base: a recipe and a teacher
     overrides = ['train.batch_size=512', 'distill.kd=false']

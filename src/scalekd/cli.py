@@ -13,7 +13,7 @@ from .engine.config import parse_key_value
 from .engine.devices import DEVICE_HELP, resolve_device
 from .engine.distributed import PeerFailure, RankError, lost_peer
 from .engine.errors import TRACEBACK_ENV, UserError, error_line, traceback_wanted
-from .method.options import ABLATIONS, METHODS
+from .method.options import ABLATIONS, METHODS, DistillOptions
 from .task.builder import build_distiller, resolve_img_size
 from .tools.inspection import format_report, inspect_distiller
 from .tools.paper_pairs import PAPER_PAIRS
@@ -82,10 +82,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
         raise UserError('give --pair NAME, or both --teacher and --student')
     if args.method:
         options['method'] = args.method
-    if img_size is None:  # a large default (DINOv2's 518) makes a slow build: say it before
+    if img_size is None:
         img_size = resolve_img_size(None, teacher, student)[0]
-        print(f'scalekd inspect: building at {img_size}x{img_size}, the pretrained input size of the models '
-              f'(--img-size N for another)', file=sys.stderr)
+        if img_size != 224:  # an unexpected size (DINOv2's 518 builds slowly): said before the build
+            DistillOptions.from_kwargs(**options).resolve()  # a bad option is refused first, in one line
+            print(f'scalekd inspect: building at {img_size}x{img_size}, the pretrained input size of the models '
+                  f'(--img-size N for another)', file=sys.stderr)
     distiller = build_distiller(
         teacher, student, img_size=img_size, num_classes=args.num_classes, in_chans=args.in_chans,
         teacher_kwargs=_key_values(args.teacher_kwarg, '--teacher-kwarg'), student_kwargs=student_kwargs,
