@@ -227,7 +227,8 @@ def _add_bench(sub) -> None:
     p.add_argument('--teacher', default='swin_small_patch4_window7_224', help='timm teacher name (default %(default)s)')
     p.add_argument('--student', default='resnet50', help='timm student name (default %(default)s)')
     p.add_argument('--img-size', type=int, default=224, help='input resolution (default 224)')
-    p.add_argument('--batch', type=int, default=8, help='images per training step (default 8)')
+    p.add_argument('--batch', type=int, help="images per training step (default 8; with --loader: the config's "
+                                             'batch per process on one process)')
     p.add_argument('--steps', type=int, default=3, help='timed steps per variant, after one warm-up step')
     p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16', 'auto'),
                    help='the step\'s precision, as train.precision (default fp32)')
@@ -235,9 +236,22 @@ def _add_bench(sub) -> None:
                    help="the teacher forward's own precision (train.teacher_precision; default: --precision)")
     p.add_argument('--channels-last', action='store_true', help='channels-last memory format, as train.channels_last')
     p.add_argument('--compile', action='store_true', help='compile as train.compile does (teacher and each piece)')
+    p.add_argument('--compile-backend', default='inductor', help='torch.compile backend of --compile (default '
+                                                                 'inductor; eager only traces: a check of the graphs)')
     _add_device(p)
     p.add_argument('--variants', help=f'comma-separated subset of: {", ".join(ABLATIONS)}')
     p.add_argument('--option', action='append', metavar='KEY=VALUE', help='distillation option for every variant')
+    p.add_argument('--in-process', action='store_true', help='measure the variants one after the other in this '
+                   'process, not each in its own (quicker to start; the same peak memory on CUDA, but on CPU a '
+                   "variant's peak then includes what the earlier ones left)")
+    p.add_argument('--loader', metavar='CONFIG', help='time the training data loader of this run config alone, in '
+                                                      'images/s for each number of --workers, instead of the step')
+    p.add_argument('-o', '--override', action='append', metavar='KEY=VALUE',
+                   help='with --loader: dotted override of the config, repeatable (e.g. data.root=/data/imagenet)')
+    p.add_argument('--workers', help='with --loader: comma-separated numbers of loader workers (default 0, then '
+                                     'powers of two up to the CPU count)')
+    p.add_argument('--batches', type=int, default=20, help='with --loader: batches timed per number of workers, '
+                                                           'after the first (default 20)')
     p.add_argument('--json', action='store_true', help='print one JSON object')
     p.set_defaults(func=_run_bench)
 
@@ -491,14 +505,31 @@ def _run_feature_distance(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.loader:
+        return _run_loader_bench(args)
     from .tools.bench import format_table, run_bench
     device = resolve_device(args.device)
-    report = run_bench(args.teacher, args.student, args.img_size, args.batch, args.steps, args.precision,
+    report = run_bench(args.teacher, args.student, args.img_size, args.batch or 8, args.steps, args.precision,
                        args.channels_last, str(device), args.variants.split(',') if args.variants else None,
                        _key_values(args.option, '--option'),
                        progress=None if args.json else lambda m: print(m, file=sys.stderr),
-                       teacher_precision=args.teacher_precision, compile=args.compile)
+                       teacher_precision=args.teacher_precision, compile=args.compile,
+                       compile_backend=args.compile_backend, isolate=not args.in_process)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+def _run_loader_bench(args: argparse.Namespace) -> int:
+    from .engine.config import load_config
+    from .tools.loader_bench import default_worker_counts, format_loader_table, run_loader_bench
+    try:
+        workers = [int(w) for w in args.workers.split(',')] if args.workers else default_worker_counts()
+    except ValueError:
+        raise UserError(f'--workers takes comma-separated numbers of workers, got {args.workers!r}') from None
+    report = run_loader_bench(load_config(args.loader, args.override), workers, args.batches, args.batch,
+                              str(resolve_device(args.device)),
+                              progress=None if args.json else lambda m: print(m, file=sys.stderr))
+    print(json.dumps(report, indent=2) if args.json else format_loader_table(report))
     return 0
 
 
