@@ -120,12 +120,12 @@ def test_a_channels_last_step_in_each_precision_matches_the_cpu_fp32_step(device
 
 
 @pytest.mark.parametrize('device, backend, precision', [pytest.param('cpu', 'eager', 'fp32', marks=pytest.mark.slow),
-                                                        on_gpu('cuda', 'inductor', 'fp32'),
-                                                        on_gpu('cuda', 'inductor', 'bf16')])
+                                                        on_gpu('cuda', 'inductor', 'fp32')])
 def test_a_compiled_step_equals_the_eager_step(device, backend, precision):
     """``Distiller.compile`` as ``train.compile`` calls it (inductor, the default, on the GPU; on the CPU
     dynamo's graphs run eagerly, as inductor's code generation there takes minutes): one channels_last
-    step equals the eager one within the precision's tolerance."""
+    step equals the eager one within the precision's tolerance. (The GPU check's bench runs the bf16
+    compiled step at full size.)"""
     eager = _step(_pair(device), device, precision, channels_last=True)
     task = _pair(device)
     task.compile(backend=backend)
@@ -138,20 +138,24 @@ def test_a_compiled_step_equals_the_eager_step(device, backend, precision):
 
 @pytest.mark.parametrize('device', ['cpu', on_gpu('cuda')])
 def test_peak_memory_is_read_from_the_devices_allocator(device):
-    """The peak since a reset covers a 64 MiB tensor; on CUDA it is the caching allocator's figure, and a
-    reset after the tensor is freed drops it."""
+    """On CUDA the peak since a reset is the caching allocator's: it covers a 64 MiB tensor and drops
+    once the tensor is freed and the peak reset. On the CPU it is the resident set's high-water mark
+    (a freed block may be reused there, so only its presence is checked)."""
     device = torch.device(device)
     if not reset_peak_memory(device):
         pytest.skip('this system cannot reset the CPU peak resident set')
     before = peak_memory_mb(device)
     block = torch.ones(16 * 2 ** 20, device=device)  # 64 MiB, every page written
     peak = peak_memory_mb(device)
-    assert peak >= before + 63
     if device.type == 'cuda':
-        assert peak == torch.cuda.max_memory_allocated(device) / 2 ** 20
+        assert peak >= before + 63 and peak == torch.cuda.max_memory_allocated(device) / 2 ** 20
         del block
         reset_peak_memory(device)
         assert peak_memory_mb(device) <= peak - 63
+    else:
+        status = Path('/proc/self/status').read_text()
+        rss_mb = int(next(line for line in status.splitlines() if line.startswith('VmRSS:')).split()[1]) / 1024
+        assert peak >= rss_mb - 1 and rss_mb >= block.numel() * 4 / 2 ** 20
 
 
 def _two_step_config(tmp: Path, data_root: Path, **train) -> Path:
