@@ -95,7 +95,7 @@ def _checkpoint(tmp_path, data_root, name, **distill):
     from safetensors.torch import save_file
     from engine_fixtures import tiny_config
     from scalekd.engine.config import config_to_dict, load_config
-    from scalekd.engine.trainer import build_task
+    from scalekd.engine.task_build import build_task
     (tmp_path / name).mkdir()
     cfg = load_config(tiny_config(tmp_path / name, data_root, distill=dict(method='scalekd', **distill)))
     task = build_task(cfg, torch.device('cpu'), random_weights=True)

@@ -64,14 +64,15 @@ def test_migration_fills_what_format_1_lacks():
     state = read_training_checkpoint(FIXTURE)
     progress = state['progress']
     assert state['format_version'] == FORMAT_VERSION
-    assert progress['best_step'] == 3 and progress['batches'] == 0 and 'seen' not in progress
+    assert progress['best_step'] == 3 and progress['loss_updates'] == 0 and 'seen' not in progress
     mid_epoch = dict(progress=dict(seen=12, totals={'loss': 1.5}, history=[], best_epoch=-1), world_size=2,
                      config=dict(train=dict(batch_size=8, accum_steps=1)))
-    migrated = migrate(mid_epoch)['progress']  # rank 0 saw 12 images in batches of 4: 3 of 6 batches
-    assert migrated['batches'] == 6 and migrated['totals'] == {'loss': 3.0}
+    migrated = migrate(mid_epoch)['progress']  # rank 0 saw 12 images in batches of 4: 3 updates of loss 0.5
+    assert migrated['loss_updates'] == 3 and migrated['loss_sums'] == {'loss': 1.5}
 
 
 def test_a_newer_format_is_refused_with_the_remedy(tmp_path):
     save_checkpoint(dict(format_version=FORMAT_VERSION + 1, config={}, student={}), tmp_path / 'new.pth')
-    with pytest.raises(CheckpointError, match=r'has format 3, newer than this scalekd reads \(2\): upgrade scalekd'):
+    with pytest.raises(CheckpointError, match=rf'has format {FORMAT_VERSION + 1}, newer than this scalekd reads '
+                                              rf'\({FORMAT_VERSION}\): upgrade scalekd'):
         read_training_checkpoint(tmp_path / 'new.pth')

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import scalekd.engine.trainer as engine
+import scalekd.engine.task_build as task_build
 from scalekd.engine.config import load_config
+from scalekd.engine.dry_run import dry_run
 from scalekd.method.errors import OptionError
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
@@ -26,7 +27,7 @@ def test_every_paper_experiment_has_a_config():
 @pytest.fixture(scope='module')
 def shared_teachers():
     """Teachers are frozen, so one random-weight build per architecture serves every config."""
-    create = engine._create
+    create = task_build._create
 
     @functools.lru_cache(maxsize=2)
     def teacher(name, kwargs, img_size, num_classes, in_chans):
@@ -45,9 +46,9 @@ def shared_teachers():
 # sorted by teacher so the cache holds while one teacher's configs run
 @pytest.mark.parametrize('name', sorted(EXPERIMENTS, key=lambda p: (load_config(CONFIGS / p).teacher.model, p)))
 def test_config_dry_runs(name, shared_teachers, monkeypatch):
-    monkeypatch.setattr(engine, '_create', shared_teachers)
+    monkeypatch.setattr(task_build, '_create', shared_teachers)
     cfg = load_config(CONFIGS / name)
-    report = engine.dry_run(cfg, torch.device('cpu'), batch=1)
+    report = dry_run(cfg, torch.device('cpu'), batch=1)
     assert report['finite'], report['losses']
     options = cfg.distill_options()
     assert ('kd_loss' in report['losses']) == options.kd
@@ -64,9 +65,9 @@ def test_feature_only_configs_dry_run_with_their_headless_teachers(name):
                'data.img_size=112']
     cfg = load_config(CONFIGS / FEATURE_ONLY / name, shallow)
     assert cfg.teacher.pretrained and not cfg.distill_options().kd
-    report = engine.dry_run(cfg, torch.device('cpu'), batch=1)
+    report = dry_run(cfg, torch.device('cpu'), batch=1)
     assert report['finite'], report['losses']
     assert 'kd_loss' not in report['losses'] and {'proxy_alt', 's4_alt'} <= set(report['losses'])
     with pytest.raises(OptionError, match='logit KD cannot be used: the teacher .* has no classifier'):
-        engine.dry_run(load_config(CONFIGS / FEATURE_ONLY / name, shallow + ['distill.kd=true']),
+        dry_run(load_config(CONFIGS / FEATURE_ONLY / name, shallow + ['distill.kd=true']),
                        torch.device('cpu'), batch=1)

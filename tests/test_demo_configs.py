@@ -33,7 +33,7 @@ def test_the_files_are_what_the_script_writes():
 
 def test_a_dry_run_of_a_demo_config_loads_the_shipped_teacher(monkeypatch):
     import torch
-    from scalekd.engine.trainer import dry_run
+    from scalekd.engine.dry_run import dry_run
     monkeypatch.chdir(ROOT)  # the teacher's path is relative to the repository root
     report = dry_run(load_config(ROOT / 'configs' / 'demo' / 'cnn-scalekd.yaml'), torch.device('cpu'))
     assert report['weights'] == {'teacher': f'loaded {SCRIPT["TEACHER"]}', 'student': 'random'}

@@ -77,6 +77,33 @@ def test_mid_epoch_resume_from_two_processes_on_one(straight2, data_root, tmp_pa
     _assert_continues(straight2, tmp_path / 'run', 3, ref_batch=4, resumed_batch=8)
 
 
+def _assert_epoch_1_means_its_steps(reference: Path, resumed: Path, resumed_at: int) -> None:
+    """The resumed run's epoch-1 ``train_*`` means are the means of the epoch's 3 logged steps (those up to
+    ``resumed_at`` logged by ``reference``), whatever number of processes ran each."""
+    steps = {r['step']: r for r in step_lines(reference) if r['step'] <= resumed_at}
+    steps.update({r['step']: r for r in step_lines(resumed) if resumed_at < r['step'] <= 3})
+    assert sorted(steps) == [1, 2, 3]
+    epoch = epoch_lines(resumed)[0]
+    for key in ('loss', 'task_loss', 'kd_loss', 'proxy_ori', 's4_ori'):
+        assert epoch[f'train_{key}'] == pytest.approx(sum(s[key] for s in steps.values()) / 3, rel=1e-6), key
+
+
+@pytest.mark.slow
+def test_an_epoch_resumed_on_two_processes_means_its_steps(straight, data_root, tmp_path):
+    _resume_folder(tmp_path, straight / 'checkpoint-0000-000001.pth')
+    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=1))
+    finish(start_torchrun(cfg, '--resume', 'auto', port=29571))
+    _assert_epoch_1_means_its_steps(straight, tmp_path / 'run', resumed_at=1)
+
+
+@pytest.mark.slow
+def test_an_epoch_resumed_on_one_process_means_its_steps(straight2, data_root, tmp_path):
+    _resume_folder(tmp_path, straight2 / 'checkpoint-0000-000002.pth')
+    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=1))
+    assert main(['train', str(cfg), '--resume', 'auto']) == 0
+    _assert_epoch_1_means_its_steps(straight2, tmp_path / 'run', resumed_at=2)
+
+
 def test_another_global_batch_is_refused_on_resume(straight, data_root, tmp_path, capsys):
     _resume_folder(tmp_path, straight / 'checkpoint-0000-000001.pth')
     cfg = tiny_config(tmp_path, data_root, train=dict(batch_size=6))

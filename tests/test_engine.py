@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from engine_fixtures import tiny_config
-from scalekd.engine.checkpoint import load_checkpoint
+from scalekd.engine.checkpoint import checkpoints_by_age, load_checkpoint
 from scalekd.cli import main
-from scalekd.engine.trainer import build_task
+from scalekd.engine.task_build import build_task
 from scalekd.engine.config import load_config
 from scalekd.tools.model_files import load_model
 from scalekd.engine.weights import WeightsError
+from scalekd.task.distiller import Distiller
 
 
 
@@ -206,3 +208,57 @@ def test_a_mixed_precision_run_says_its_val_top1_is_not_eval_s(data_root, tmp_pa
     fp32 = tiny_config(tmp_path / 'fp32', data_root, sched=dict(epochs=1), data=dict(train_subset=8, val_subset=3))
     assert main(['train', str(fp32)]) == 0
     assert 'autocast' not in (tmp_path / 'fp32' / 'run' / 'train.log').read_text()
+
+
+# -- accumulation windows: 3 updates of 2 micro-batches of 4 images an epoch -------------------------
+@contextmanager
+def _nan_at_the_fourth_forward():
+    """The 4th training forward (the second window's second micro-batch) has a NaN loss; yields the
+    student's bn1 statistics as they were when that window began."""
+    forward, calls, window_start = Distiller.forward, [0], {}
+
+    def poisoned(self, input, target):
+        calls[0] += 1
+        if calls[0] == 3:
+            window_start.update({k: v.clone() for k, v in self.student.bn1.state_dict().items()})
+        out = forward(self, input, target)
+        return dict(out, loss=out['loss'] * float('nan')) if calls[0] == 4 else out
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Distiller, 'forward', poisoned)
+        yield window_start
+
+
+@pytest.fixture(scope='module')
+def accumulated_with_a_skip(tmp_path_factory, data_root):
+    """One epoch at ``accum_steps: 2`` with a checkpoint after every update; its second window skipped."""
+    tmp = tmp_path_factory.mktemp('accumulated')
+    cfg = tiny_config(tmp, data_root, sched=dict(epochs=1),
+                      train=dict(accum_steps=2, max_nan_skips=1, checkpoint_every_steps=1, keep_checkpoints=0))
+    with _nan_at_the_fourth_forward():
+        assert main(['train', str(cfg)]) == 0
+    return tmp / 'run'
+
+
+def test_checkpoints_are_named_by_updates_not_micro_batches(accumulated_with_a_skip):
+    run = accumulated_with_a_skip
+    assert [p.name for p in checkpoints_by_age(run)] == ['checkpoint-0000-000001.pth', 'checkpoint-0000-000002.pth',
+                                                         'checkpoint-0001.pth']
+    progress = load_checkpoint(run / 'checkpoint-0000-000002.pth')['progress']
+    assert (progress['updates'], progress['step'], progress['nan_skips']) == (2, 2, 1)  # the skipped one counts
+
+
+def test_a_skipped_window_leaves_none_of_its_micro_batches_in_the_norm_statistics(accumulated_with_a_skip):
+    student = load_checkpoint(accumulated_with_a_skip / 'checkpoint-0001.pth')['student']
+    assert int(student['bn1.num_batches_tracked']) == 4  # 6 micro-batches, the skipped window's 2 not counted
+
+
+def test_a_stop_in_an_accumulation_window_saves_the_norm_statistics_from_before_it(data_root, tmp_path, capsys):
+    cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=1), train=dict(accum_steps=2))
+    with _nan_at_the_fourth_forward() as window_start:
+        assert main(['train', str(cfg)]) == 2
+    assert 'non-finite loss at epoch 1, step 2 in term(s) loss' in capsys.readouterr().err
+    state = load_checkpoint(tmp_path / 'run' / 'checkpoint-0000-000001.pth')
+    assert (state['progress']['updates'], state['progress']['step']) == (1, 1)
+    assert int(window_start['num_batches_tracked']) == 2
+    for key, value in window_start.items():
+        assert torch.equal(state['student'][f'bn1.{key}'], value), key

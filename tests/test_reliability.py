@@ -22,7 +22,7 @@ from scalekd.engine.config import DataConfig, load_config
 from scalekd.engine.data import Datasets, build_loaders, seed_epoch
 from scalekd.engine.distributed import DistEnv
 from scalekd.engine.optimizer import optimizer_step
-from scalekd.engine.trainer import enable_determinism
+from scalekd.engine.determinism import enable_determinism
 from scalekd.task.distiller import Distiller
 from scalekd.tools.export import export_student
 from scalekd.adapters.models import create_timm_model

@@ -136,7 +136,7 @@ def test_pruning_keeps_good_checkpoints_when_damaged_ones_are_numbered_above(str
     monkeypatch.setattr(engine, 'save_checkpoint', save)
     assert main(['train', str(cfg), '--resume', 'auto', '--deterministic']) == 0
     log = (run / 'train.log').read_text()
-    assert f'resumed from {run / "checkpoint-0001-000002.pth"} at epoch 1 + 2 batches, step 5' in log
+    assert f'resumed from {run / "checkpoint-0001-000002.pth"} at epoch 1 + 2 updates, step 5' in log
     assert 'checkpoint-0009.pth cannot be loaded safely' in log  # passed over, named, set aside
     assert [p.name for p in checkpoints_by_age(run)] == [  # the copied one, the resumed-from one, the newest
         'checkpoint-0001.pth', 'checkpoint-0001-000002.pth', 'checkpoint-0002.pth']

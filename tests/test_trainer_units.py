@@ -1,9 +1,11 @@
 """The units the Trainer wires together, each driven alone (no training run): the fault policy
-(faults.py), the output folder policy (run_output.py), what a checkpoint holds (training_state.py)
-and the epoch's loss sums (epoch_losses.py)."""
+(faults.py), the output folder policy (run_output.py), what a checkpoint holds (training_state.py) and
+how older ones migrate, the epoch's loss sums (epoch_losses.py) and the per-sample seeding (data.py)."""
+import random
 import signal
 import threading
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -11,16 +13,17 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 from engine_fixtures import tiny_config
-from scalekd.engine.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, load_checkpoint,
+from scalekd.engine.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, load_checkpoint, migrate,
                                        read_training_checkpoint, save_checkpoint)
 from scalekd.engine.config import RunConfig, config_to_dict, load_config
+from scalekd.engine.data import SeededSamples
 from scalekd.engine.distributed import DistEnv
 from scalekd.engine.epoch_losses import EpochLosses
 from scalekd.engine.faults import NormStatistics, StopSignal, judge_non_finite, non_finite_flags
 from scalekd.engine.errors import LossNotFinite, RunError, UserError
 from scalekd.engine.run_folder import RunFolderError
 from scalekd.engine.run_output import RunOutput, check_resume_request
-from scalekd.engine.trainer import build_task
+from scalekd.engine.task_build import build_task
 from scalekd.engine.training_state import (Progress, TrainingState, best_state, changed_settings, gather_rng_states,
                                            restore_rng_states)
 
@@ -39,6 +42,14 @@ def test_norm_statistics_undo_a_forward_that_went_non_finite():
     norm.restore(snapshot)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_norm_statistics_are_the_running_statistics_of_norm_layers_only():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.LayerNorm(6), nn.InstanceNorm2d(4))
+    model.register_buffer('dct', torch.randn(4, 4))  # a constant table (DCT matrix, position table): never copied
+    bn = model[1]
+    assert list(map(id, NormStatistics(model).buffers)) == list(map(id, (bn.running_mean, bn.running_var,
+                                                                         bn.num_batches_tracked)))
 
 
 def test_non_finite_losses_are_skipped_until_the_budget_is_spent_then_stop(tmp_path):
@@ -89,10 +100,10 @@ def test_a_stop_signal_outside_the_main_thread_installs_nothing():
 
 
 # -- run_output.py ---------------------------------------------------------------------------------
-def _fake_state(step: int, best_step: int = -1, epoch: int = 0, batch: int = 0):
+def _fake_state(step: int, best_step: int = -1, epoch: int = 0, updates: int = 0):
     """A minimal training checkpoint: what the output policy reads of one (progress, config)."""
     return dict(format_version=FORMAT_VERSION, config=config_to_dict(RunConfig()), student={}, ema=None,
-                progress=dict(epoch=epoch, batch=batch, step=step, best_step=best_step, best_epoch=1,
+                progress=dict(epoch=epoch, updates=updates, step=step, best_step=best_step, best_epoch=1,
                               best_top1=50.0, best_top5=90.0))
 
 
@@ -113,7 +124,7 @@ def test_resume_auto_takes_the_newest_checkpoint_that_loads(tmp_path):
     run = tmp_path / 'run'
     run.mkdir()
     save_checkpoint(_fake_state(3, epoch=1), run / 'checkpoint-0001.pth')
-    save_checkpoint(_fake_state(5, epoch=1, batch=2), run / 'checkpoint-0001-000002.pth')
+    save_checkpoint(_fake_state(5, epoch=1, updates=2), run / 'checkpoint-0001-000002.pth')
     (run / 'checkpoint-0002.pth').write_bytes(b'damaged')
     out, path, notes = _open(tmp_path, 'auto')
     out.release()
@@ -184,7 +195,7 @@ def test_writes_prune_by_step_and_keep_the_checkpoint_resumed_from(tmp_path):
     def write(out, step, is_best=False):
         epoch, updates = divmod(step, 3)
         name = checkpoint_name(epoch, updates)
-        assert out.write(_fake_state(step, epoch=epoch, batch=updates), name, step, is_best) == run / name
+        assert out.write(_fake_state(step, epoch=epoch, updates=updates), name, step, is_best) == run / name
 
     run = tmp_path / 'run'
     first, _, _ = _open(tmp_path, keep=0)
@@ -218,8 +229,8 @@ def test_best_pth_is_rewritten_from_the_resumed_best_epoch(tmp_path):
 def test_a_best_epoch_that_cannot_be_restored_is_tracked_afresh(tmp_path):
     out, _, notes = _open(tmp_path)
     (tmp_path / 'run' / 'best.pth').write_bytes(b'damaged')
-    progress = Progress(epoch=1, batch=2, step=5, best_step=3, best_epoch=1, best_top1=50.0, best_top5=90.0)
-    out.reconcile_best(progress, _fake_state(5, best_step=3, epoch=1, batch=2))
+    progress = Progress(epoch=1, updates=2, step=5, best_step=3, best_epoch=1, best_top1=50.0, best_top5=90.0)
+    out.reconcile_best(progress, _fake_state(5, best_step=3, epoch=1, updates=2))
     out.release()
     assert (progress.best_top1, progress.best_top5, progress.best_epoch, progress.best_step) == (-1.0, 0.0, -1, -1)
     assert notes[0].startswith('best.pth is unreadable (checkpoint ')
@@ -270,7 +281,7 @@ def _assert_equal_states(a, b):
 def test_a_checkpoint_loads_into_a_fresh_run_bit_exactly(tmp_path):
     _, saved = _run_parts(tmp_path, seed=1)
     _train_a_step(saved)
-    progress = Progress(epoch=1, batch=2, step=5, best_step=3, best_epoch=1, best_top1=40.0, nan_skips=1,
+    progress = Progress(epoch=1, updates=2, step=5, best_step=3, best_epoch=1, best_top1=40.0, nan_skips=1,
                         history=[dict(epoch=1, step=3)])
     state = saved.state_dict(progress, dict(loss=1.5), 4, gather_rng_states(ENV))
     save_checkpoint(state, tmp_path / 'checkpoint.pth')
@@ -282,21 +293,21 @@ def test_a_checkpoint_loads_into_a_fresh_run_bit_exactly(tmp_path):
     _assert_equal_states(fresh.optimizer.state_dict(), saved.optimizer.state_dict())
     _assert_equal_states(fresh.ema.module.state_dict(), saved.ema.module.state_dict())
     assert fresh.scaler.get_scale() == saved.scaler.get_scale() == 32.0
-    assert (resumed.totals, resumed.batches, resumed.config.train.accum_steps) == (dict(loss=1.5), 4, 1)
-    assert resumed.progress == Progress(epoch=1, batch=2, step=5, best_step=3, best_epoch=1, best_top1=40.0,
+    assert (resumed.loss_sums, resumed.loss_updates, resumed.config.train.accum_steps) == (dict(loss=1.5), 4, 1)
+    assert resumed.progress == Progress(epoch=1, updates=2, step=5, best_step=3, best_epoch=1, best_top1=40.0,
                                         nan_skips=1, history=[dict(epoch=1, step=3)])
     assert state['world_size'] == 1 and best_state(state)['student'] is state['student']
 
 
-def test_loading_keeps_the_configs_optimizer_settings_and_this_runs_accumulation(tmp_path):
+def test_loading_keeps_the_configs_optimizer_settings_and_the_position_in_updates(tmp_path):
     _, saved = _run_parts(tmp_path, seed=1, accum_steps=1)
-    state = saved.state_dict(Progress(epoch=0, batch=3, step=3), {}, 0, gather_rng_states(ENV))
+    state = saved.state_dict(Progress(epoch=0, updates=3, step=3), {}, 0, gather_rng_states(ENV))
     _, fresh = _run_parts(tmp_path, seed=1, accum_steps=2)
     for group in fresh.optimizer.param_groups:
         group['lr'] = 0.007  # the config of the resumed run
     resumed = fresh.load(state, tmp_path / 'checkpoint.pth')
     assert all(group['lr'] == 0.007 for group in fresh.optimizer.param_groups)
-    assert resumed.progress.batch == 6  # 3 updates of one batch of 8 = 6 batches of 4 at 2 accumulation steps
+    assert resumed.progress.updates == 3  # the same global image position at any accumulation
 
 
 def test_loading_refuses_another_global_batch_and_an_eval_only_file(tmp_path):
@@ -307,6 +318,21 @@ def test_loading_refuses_another_global_batch_and_an_eval_only_file(tmp_path):
         other.load(state, tmp_path / 'c.pth')
     with pytest.raises(CheckpointError, match='holds a student for eval / export, not a training state'):
         saved.load(best_state(state), tmp_path / 'best.pth')
+
+
+def test_older_formats_migrate_to_positions_and_loss_sums_counted_in_updates():
+    """Mid-epoch after 3 of 6 updates on 2 processes x 2 accumulation steps (batch 8): every micro-batch's
+    loss was 0.25. Format 1 kept rank 0's sums and images (12: 6 micro-batches of 2), format 2 every rank's
+    sums and micro-batches; both give 3 updates of mean 0.25."""
+    config = dict(train=dict(batch_size=8, accum_steps=2))
+    one = dict(progress=dict(epoch=0, batch=6, step=3, seen=12, totals={'loss': 1.5}, history=[], best_epoch=-1),
+               world_size=2, config=config)
+    two = dict(format_version=2, progress=dict(epoch=0, batch=6, step=3, totals={'loss': 3.0}, batches=12, history=[],
+                                               best_epoch=-1, best_step=-1), world_size=2, config=config)
+    for state in (one, two):
+        progress = migrate(state)['progress']
+        assert (progress['updates'], progress['loss_updates'], progress['loss_sums']) == (3, 3, {'loss': 0.75})
+        assert not {'batch', 'batches', 'totals', 'seen'} & set(progress)
 
 
 def test_rng_streams_come_back_on_the_same_number_of_processes():
@@ -329,18 +355,19 @@ def test_changed_settings_name_what_changes_the_computation_only(tmp_path):
 
 
 # -- epoch_losses.py -------------------------------------------------------------------------------
-def test_epoch_losses_count_committed_windows_only():
-    losses = EpochLosses(torch.device('cpu'))
-    losses.load(dict(loss=1.0, kd=0.5), 2)  # carried over from a checkpoint
+def test_epoch_losses_sum_the_mean_of_each_committed_window():
+    losses = EpochLosses(torch.device('cpu'), micro_batches_per_update=2)  # 2 accumulation steps, 1 process
+    losses.load(dict(loss=1.0, kd=0.5), 2)  # carried over from a checkpoint: 2 updates
     losses.add(dict(loss=torch.tensor(2.0), kd=torch.tensor(1.0)))
     losses.add(dict(loss=torch.tensor(4.0), kd=torch.tensor(2.0)))
     losses.commit()
     losses.add(dict(loss=torch.tensor(100.0), kd=torch.tensor(100.0)))
     losses.discard()  # a skipped window leaves no trace
     losses.commit()
-    assert losses.global_sums(ENV) == (dict(kd=3.5, loss=7.0), 4)
+    assert losses.global_sums(ENV) == (dict(kd=2.0, loss=4.0), 3)
+    assert losses.means(ENV) == dict(kd=2.0 / 3, loss=4.0 / 3)
     losses.reset()
-    assert losses.global_sums(ENV) == (dict(kd=0.0, loss=0.0), 0)
+    assert losses.global_sums(ENV) == ({}, 0) and losses.means(ENV) == {}
 
 
 def test_a_checkpoint_estimate_matches_a_written_checkpoint_and_a_full_disk_is_refused_before_training(
@@ -381,3 +408,28 @@ def test_a_full_disk_during_a_write_is_named_and_leaves_the_previous_checkpoint(
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(tmp_path / 'c.pth')['w'], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ['c.pth']
+
+
+# -- data.py ---------------------------------------------------------------------------------------
+class _Noise(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return torch.rand(2)
+
+
+def test_a_samples_seed_is_set_on_the_cpu_generators_only_and_they_come_back(monkeypatch):
+    """With ``data.workers: 0`` the training process itself seeds each sample's augmentation: the GPU
+    generators (dropout and drop path in the step) are never reseeded, the CPU ones come back as they were."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, 'manual_seed_all', reseeded.append)  # what torch.manual_seed calls for the GPUs
+    monkeypatch.setattr(torch.cuda, 'manual_seed', reseeded.append)
+    samples = SeededSamples(_Noise())
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    drawn = samples[(0, 7)]
+    assert reseeded == []
+    assert torch.equal(drawn, torch.rand(2, generator=torch.Generator().manual_seed(7)))  # the seed's CPU stream
+    assert torch.equal(samples[(1, 7)], drawn) and not torch.equal(samples[(0, 8)], drawn)
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2][1])

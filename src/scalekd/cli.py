@@ -119,7 +119,9 @@ def _run_train(args: argparse.Namespace) -> int:
     from .engine.allocator import keep_freed_memory
     from .engine.config import load_config
     from .engine.distributed import barrier, cleanup, init_distributed
-    from .engine.trainer import RunInterrupted, Trainer, dry_run
+    from .engine.dry_run import dry_run
+    from .engine.errors import RunInterrupted
+    from .engine.trainer import Trainer
     overrides = list(args.override or [])
     if args.deterministic:
         overrides.append('train.deterministic=true')

@@ -104,8 +104,8 @@ def dummy_input(model: nn.Module, img_size: Tuple[int, int], in_chans: int, batc
     return torch.zeros(batch, in_chans, *img_size, device=p.device, dtype=p.dtype)
 
 
-def input_normalization(pretrained_cfg: Optional[Mapping[str, Any]], in_chans: int,
-                        mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
+def normalization_from_pretrained_cfg(pretrained_cfg: Optional[Mapping[str, Any]], in_chans: int,
+                                       mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
                         ) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """The per-channel mean / std images are normalised with: ``mean`` / ``std`` when both are given,
     else the model's pretrained cfg's, else ImageNet's; one value per input channel (RGB statistics

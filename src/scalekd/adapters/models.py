@@ -8,9 +8,9 @@ from timm.layers import to_2tuple
 from timm.models import get_pretrained_cfg_value, split_model_name_tag
 
 from ..method.errors import UserError
-from .common import input_normalization as normalization_of
+from .common import normalization_from_pretrained_cfg
 
-__all__ = ['create_timm_model', 'default_img_size', 'input_normalization', 'classes_kwargs', 'ModelError',
+__all__ = ['create_timm_model', 'default_img_size', 'normalization_from_model_name', 'classes_kwargs', 'ModelError',
            'UnknownModelError']
 
 
@@ -94,9 +94,9 @@ def _check_patches(model: nn.Module, name: str, role: str, img_size: Tuple[int, 
                              f'{lower} or {upper})')
 
 
-def input_normalization(name: Optional[str], in_chans: int, mean: Optional[Sequence[float]] = None,
-                        std: Optional[Sequence[float]] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """:func:`scalekd.adapters.common.input_normalization` of the timm model ``name`` (its
+def normalization_from_model_name(name: Optional[str], in_chans: int, mean: Optional[Sequence[float]] = None,
+                                   std: Optional[Sequence[float]] = None) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """:func:`scalekd.adapters.common.normalization_from_pretrained_cfg` of the timm model ``name`` (its
     pretrained cfg without building it)."""
     cfg = {k: get_pretrained_cfg_value(name, k) for k in ('mean', 'std')} if name else None
-    return normalization_of(cfg, in_chans, mean, std)
+    return normalization_from_pretrained_cfg(cfg, in_chans, mean, std)

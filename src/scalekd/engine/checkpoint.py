@@ -26,7 +26,7 @@ __all__ = ['FORMAT_VERSION', 'save_checkpoint', 'load_checkpoint', 'is_training_
            'latest_checkpoint', 'checkpoints_by_age', 'checkpoint_name', 'checkpoint_position', 'rng_state', 'set_rng_state',
            'CheckpointError']
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # checkpoint-EEEE.pth after E epochs; checkpoint-EEEE-UUUUUU.pth after E epochs and U updates of the next
 _CHECKPOINT_FILE = re.compile(r'^checkpoint-(\d+)(?:-(\d+))?\.pth$')
@@ -133,8 +133,21 @@ def _from_format_1(state: Dict[str, Any]) -> Dict[str, Any]:
     return dict(state, progress=progress)
 
 
+def _from_format_2(state: Dict[str, Any]) -> Dict[str, Any]:
+    """Format 2 counted the position in an epoch in micro-batches per process (``batch``) and summed
+    the loss terms of every rank's micro-batches (``totals``, ``batches``); format 3 counts updates
+    (``updates``) and sums each update's mean terms (``loss_sums`` over ``loss_updates``)."""
+    progress = dict(state.get('progress', {}))
+    accum = state.get('config', {}).get('train', {}).get('accum_steps', 1)
+    per_update = accum * state.get('world_size', 1)  # the micro-batches of every rank in one update
+    progress['updates'] = progress.pop('batch', 0) // accum
+    progress['loss_sums'] = {k: v / per_update for k, v in progress.pop('totals', {}).items()}
+    progress['loss_updates'] = progress.pop('batches', 0) // per_update
+    return dict(state, progress=progress)
+
+
 # format N -> N + 1; a release that renames a config field adds the rename here
-_MIGRATIONS: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]] = {1: _from_format_1}
+_MIGRATIONS: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]] = {1: _from_format_1, 2: _from_format_2}
 
 
 def migrate(state: Dict[str, Any], where: str = 'checkpoint') -> Dict[str, Any]:

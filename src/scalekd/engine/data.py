@@ -255,10 +255,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 @contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed torch, ``random`` and NumPy for the body, then restore their states (the main process
-    draws from them too when there are no workers)."""
+    """Seed torch's CPU generator, ``random`` and NumPy for the body, then restore their states (the
+    main process draws from them too when there are no workers). The GPU generators are left alone:
+    the training step's dropout and drop path draw from them."""
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed([seed & 0xFFFFFFFF, seed >> 32, 1])  # not random's init array: another stream
     try:

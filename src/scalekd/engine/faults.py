@@ -20,15 +20,19 @@ from .errors import LossNotFinite, RunInterrupted
 __all__ = ['NormStatistics', 'NonFiniteLoss', 'judge_non_finite', 'non_finite_flags', 'StopSignal', 'STOP_SIGNALS', 'ignore_stop_signals', 'handling']
 
 
+NORM_STATISTICS = ('running_mean', 'running_var', 'num_batches_tracked')
+
+
 class NormStatistics:
-    """The buffers of ``module`` (running statistics a training forward updates), to undo a forward
-    whose loss is not finite."""
+    """The running statistics of ``module``'s norm layers (:data:`NORM_STATISTICS`, the buffers a
+    training forward updates), to undo the forwards of an accumulation window whose loss is not finite."""
 
     def __init__(self, module: nn.Module):
-        self.buffers = list(module.buffers())
+        self.buffers = [b for m in module.modules() for name, b in m.named_buffers(recurse=False)
+                        if name in NORM_STATISTICS]
 
     def snapshot(self) -> List[torch.Tensor]:
-        """Copies of the buffers as they are now (taken before each forward)."""
+        """Copies of the statistics as they are now (taken before a window's first forward)."""
         return [b.clone() for b in self.buffers]
 
     def restore(self, snapshot: Sequence[torch.Tensor]) -> None:

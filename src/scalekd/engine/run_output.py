@@ -132,8 +132,8 @@ class RunOutput:
         """Resuming from an older checkpoint of this folder (named, or the newest that loads) abandons
         the history after it: its later checkpoints and a best.pth from after it move aside, so that no
         later resume mixes them in."""
-        progress, train = state['progress'], state['config']['train']
-        resumed = (progress['epoch'], progress['batch'] // train.get('accum_steps', 1))
+        progress = state['progress']
+        resumed = (progress['epoch'], progress['updates'])
         later = [p for p in checkpoints_by_age(self.path) if checkpoint_position(p.name) > resumed]
         step = progress['step']
         if self.best.is_file() and self.best_step_on_disk() > step:
@@ -158,7 +158,7 @@ class RunOutput:
         p = progress
         if p.best_step < 0 or (self.best.is_file() and self.best_step_on_disk() == p.best_step):
             return
-        if p.best_step == p.step and p.batch == 0:
+        if p.best_step == p.step and p.updates == 0:
             save_checkpoint(best_state(state), self.best)
             self._note(f'best.pth rewritten from the resumed checkpoint (epoch {p.best_epoch})')
             return

@@ -23,10 +23,12 @@ __all__ = ['Progress', 'Resumed', 'TrainingState', 'best_state', 'changed_settin
 
 @dataclass
 class Progress:
-    """Where a run stands; saved in every checkpoint (with the epoch's loss sums of every rank)."""
+    """Where a run stands; saved in every checkpoint (with the epoch's loss sums). A position in an epoch
+    counts updates (accumulation windows, skipped ones too): the same global image position on any
+    number of processes and accumulation steps."""
     epoch: int = 0     # epochs completed
-    batch: int = 0     # batches of the current epoch consumed, per process (mid-epoch checkpoints)
-    step: int = 0      # optimizer updates done
+    updates: int = 0   # updates of the current epoch done (mid-epoch checkpoints)
+    step: int = 0      # updates done in all
     best_top1: float = -1.0
     best_top5: float = 0.0
     best_epoch: int = -1
@@ -93,10 +95,11 @@ def best_state(state: Dict[str, Any]) -> Dict[str, Any]:
 @dataclass
 class Resumed:
     """What a checkpoint gives back besides the weights: where the run stands, the epoch's loss sums
-    (of every rank), the checkpoint's config and RNG streams."""
+    and the updates they count (see :class:`~scalekd.engine.epoch_losses.EpochLosses`), the
+    checkpoint's config and RNG streams."""
     progress: Progress
-    totals: Dict[str, float]
-    batches: int
+    loss_sums: Dict[str, float]
+    loss_updates: int
     config: RunConfig
     rngs: List[Dict[str, Any]]
 
@@ -119,14 +122,14 @@ class TrainingState:
         ema = size(self.ema.module.state_dict().values()) if self.ema is not None else 0
         return size(self.task.trainable_module.state_dict().values()) + slots * weights + ema
 
-    def state_dict(self, progress: Progress, totals: Dict[str, float], batches: int,
+    def state_dict(self, progress: Progress, loss_sums: Dict[str, float], loss_updates: int,
                    rngs: List[Dict[str, Any]], optimizer_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """A checkpoint: ``progress`` with the epoch's loss sums of every rank, ``rngs`` of every rank, and
-        the whole optimizer state (``optimizer_state``, gathered from a sharded optimizer; default: the
-        optimizer's own)."""
+        """A checkpoint: ``progress`` with the epoch's loss sums and the updates they count, ``rngs`` of
+        every rank, and the whole optimizer state (``optimizer_state``, gathered from a sharded
+        optimizer; default: the optimizer's own)."""
         return dict(
             format_version=FORMAT_VERSION,
-            progress=dict(dataclasses.asdict(progress), totals=totals, batches=batches),
+            progress=dict(dataclasses.asdict(progress), loss_sums=loss_sums, loss_updates=loss_updates),
             world_size=len(rngs),
             student=self.task.student.state_dict(), task_state=self.task.get_task_state(),
             optimizer=optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
@@ -136,8 +139,7 @@ class TrainingState:
 
     def load(self, state: Dict[str, Any], path: Path) -> Resumed:
         """Load a checkpoint into this run's objects, keeping the config's optimizer settings (they
-        apply from the resumed step on); another global batch is refused. The progress is that of
-        this run's accumulation steps (the same global image position)."""
+        apply from the resumed step on); another global batch is refused."""
         if 'optimizer' not in state:
             raise CheckpointError(f'{path} holds a student for eval / export, not a training state; resume from a '
                                   f'checkpoint-*.pth')
@@ -167,7 +169,5 @@ class TrainingState:
         if self.ema is not None and state.get('ema'):
             self.ema.module.load_state_dict(state['ema'])
         progress = dict(state['progress'])
-        totals, batches = progress.pop('totals', {}), progress.pop('batches', 0)
-        progress = Progress(**progress)
-        progress.batch = progress.batch // old.train.accum_steps * cfg.train.accum_steps
-        return Resumed(progress, totals, batches, old, state['rng'])
+        loss_sums, loss_updates = progress.pop('loss_sums', {}), progress.pop('loss_updates', 0)
+        return Resumed(Progress(**progress), loss_sums, loss_updates, old, state['rng'])

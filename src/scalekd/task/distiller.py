@@ -22,7 +22,7 @@ from timm.utils import unwrap_model
 
 from ..adapters import LogitsOnly, ScaleKDTeacher, StudentAdapter, TeacherFeatures
 from ..adapters.teacher import FrozenTeacher
-from ..adapters.common import Shape, input_normalization
+from ..adapters.common import Shape, normalization_from_pretrained_cfg
 from ..method.errors import OptionError, UserError
 from ..method.losses import logit_kd_loss
 from ..method.mimicking import FeatureMimicking
@@ -212,7 +212,8 @@ class Distiller(TrainingTask):
             if self.options.uses_features else LogitsOnly(student, img_size, in_chans)  # none / kd: any classifier
         self.trainable_module = DistillationModule(student, taps, self.options, self.teacher)
         self.criterion = resolve_classification_loss(criterion, self.device)
-        mean, std = input_normalization(getattr(student, 'pretrained_cfg', None), in_chans, input_mean, input_std)
+        mean, std = normalization_from_pretrained_cfg(getattr(student, 'pretrained_cfg', None), in_chans, input_mean,
+                                                      input_std)
         self.register_buffer('student_mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('student_std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.train()

@@ -27,7 +27,8 @@ from ..engine.errors import UserError
 from ..engine.precision import resolve_precision
 from ..engine.run_folder import holding
 from ..engine.run_logger import write_text_atomic
-from ..engine.trainer import Trainer, evaluate
+from ..engine.evaluation import evaluate
+from ..engine.trainer import Trainer
 from ..engine.weights import load_weights
 from .plots import plot_curves
 

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from ..engine.data import CheckedImageDataset, DataError
 from ..engine.distributed import DistEnv
-from ..engine.trainer import evaluate
+from ..engine.evaluation import evaluate
 from .analysis.inputs import image_dataset
 from .model_files import load_model
 

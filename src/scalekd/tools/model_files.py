@@ -14,7 +14,7 @@ import timm
 import torch.nn as nn
 from timm.data import resolve_data_config
 
-from ..adapters.models import create_timm_model, default_img_size, input_normalization
+from ..adapters.models import create_timm_model, default_img_size, normalization_from_model_name
 from ..engine.checkpoint import is_training_checkpoint, migrate
 from ..engine.config import RunConfig, config_from_dict
 from ..engine.errors import UserError
@@ -36,7 +36,7 @@ class LoadedModel:
 def run_data_config(cfg: RunConfig) -> Dict[str, Any]:
     """A run's eval preprocessing as a timm data config (input size, interpolation, crop, mean, std)."""
     d = cfg.data
-    mean, std = input_normalization(cfg.student.model, d.in_chans, d.mean, d.std)
+    mean, std = normalization_from_model_name(cfg.student.model, d.in_chans, d.mean, d.std)
     return dict(input_size=(d.in_chans, d.img_size, d.img_size), interpolation=d.interpolation, crop_pct=d.crop_pct,
                 mean=mean, std=std)
 

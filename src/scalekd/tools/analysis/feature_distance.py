@@ -32,7 +32,7 @@ def task_from_checkpoint(path: Union[str, Path], teacher_weights: Optional[str] 
                          device: torch.device = torch.device('cpu')) -> Tuple[Distiller, Dict[str, Any]]:
     """The distiller of a training checkpoint on ``device`` (student and projectors loaded; the teacher
     from the run's config, or from ``teacher_weights``), and the run's eval data config."""
-    from ...engine.trainer import build_task
+    from ...engine.task_build import build_task
     state = read_training_checkpoint(path)
     cfg = config_from_dict(state['config'], where=str(path))
     if 'task_state' not in state:
