@@ -13,7 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from scalekd.engine.allocator import keep_freed_memory
+from scalekd.engine.runtime.allocator import keep_freed_memory
 from scalekd.cli import _key_values
 from scalekd.tools.demo import DemoSettings, format_table, run_demo
 

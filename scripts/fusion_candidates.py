@@ -22,7 +22,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from scalekd.engine.precision import autocast, resolve_precision
+from scalekd.engine.runtime.precision import autocast, resolve_precision
 from scalekd.method.projectors import CrossAttentionProjector
 from scalekd.task.kernels import use_cpu_kernels
 from scalekd.tools.bench import cpu_name, time_interleaved

@@ -4,7 +4,7 @@ Layout: ``recipes/`` (Table 10 training strategies) and ``teachers/`` are partia
 experiment row is a short file ``base: [recipe, teacher]`` + student + distill + output, or
 ``base:`` another row that is the same experiment (e.g. Table 9's CAP+DFM+TPP = Table 1's ScaleKD).
 Table 3 pairs come from ``scalekd.tools.paper_pairs.PAPER_PAIRS``. After writing, every file is
-validated with ``scalekd.engine.config.load_config``.
+validated with ``scalekd.engine.inputs.config.load_config``.
 
     python scripts/make_configs.py
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from scalekd.engine.config import load_config
+from scalekd.engine.inputs.config import load_config
 from scalekd.method.options import DistillOptions, ablation
 from scalekd.tools.paper_pairs import PAPER_PAIRS
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from scalekd.engine.config import RunConfig, config_to_dict
+from scalekd.engine.inputs.config import RunConfig, config_to_dict
 from scalekd.tools.demo import METHOD_LABELS, STUDENTS, DemoSettings, run_config
 
 TEACHER = 'src/scalekd/assets/fashion_mnist_vit_teacher/model.safetensors'

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 import scalekd.cli as cli
-from scalekd.engine.checkpoint import CheckpointError
-from scalekd.engine.distributed import all_reduce_sum, barrier, init_distributed, on_main
+from scalekd.engine.run_folder.checkpoint import CheckpointError
+from scalekd.engine.runtime.distributed import all_reduce_sum, barrier, init_distributed, on_main
 
 
 def _refuse():

@@ -14,8 +14,8 @@ import torch
 
 from engine_fixtures import make_fashion_mnist
 from scalekd.cli import main
-from scalekd.engine.config import load_config
-from scalekd.engine.run_folder import RunFolder, RunFolderError
+from scalekd.engine.inputs.config import load_config
+from scalekd.engine.run_folder.files import RunFolder, RunFolderError
 from scalekd.tools.ablation import STUDIES, format_study, run_study
 from scalekd.tools.demo import DemoSettings
 

@@ -8,7 +8,7 @@ import torch
 from engine_fixtures import make_fashion_mnist, make_image_folder
 from scalekd.tools.analysis import feature_spectrum
 from scalekd.tools.analysis.linear_probe import few_shot_indices, fit_linear
-from scalekd.engine.checkpoint import save_checkpoint
+from scalekd.engine.run_folder.checkpoint import save_checkpoint
 from scalekd.cli import main
 from scalekd.tools.export import export_student
 from scalekd.adapters.models import create_timm_model
@@ -94,8 +94,8 @@ def _checkpoint(tmp_path, data_root, name, **distill):
     """A training checkpoint of the tiny engine config (untrained), its teacher saved as a weight file."""
     from safetensors.torch import save_file
     from engine_fixtures import tiny_config
-    from scalekd.engine.config import config_to_dict, load_config
-    from scalekd.engine.task_build import build_task
+    from scalekd.engine.inputs.config import config_to_dict, load_config
+    from scalekd.engine.inputs.task_build import build_task
     (tmp_path / name).mkdir()
     cfg = load_config(tiny_config(tmp_path / name, data_root, distill=dict(method='scalekd', **distill)))
     task = build_task(cfg, torch.device('cpu'), random_weights=True)

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from engine_fixtures import make_image_folder
-from scalekd.engine.checkpoint import FORMAT_VERSION, CheckpointError, migrate, read_training_checkpoint, save_checkpoint
+from scalekd.engine.run_folder.checkpoint import FORMAT_VERSION, CheckpointError, migrate, read_training_checkpoint, save_checkpoint
 from scalekd.cli import main
 
 FIXTURE = Path(__file__).parent / 'fixtures' / 'checkpoint_format1.pth'

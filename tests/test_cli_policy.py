@@ -19,14 +19,14 @@ from engine_fixtures import make_fashion_mnist, make_image_folder, tiny_config
 from scalekd.tools.analysis.inputs import feature_maps
 from scalekd.tools.analysis.linear_probe import pre_logits
 from scalekd.cli import build_parser, main
-from scalekd.engine.config import ConfigError
-from scalekd.engine.devices import DeviceError, model_device, resolve_device
-from scalekd.engine.distributed import init_distributed
+from scalekd.engine.inputs.config import ConfigError
+from scalekd.engine.runtime.devices import DeviceError, model_device, resolve_device
+from scalekd.engine.runtime.distributed import init_distributed
 from scalekd.engine.errors import LossNotFinite, RunInterrupted, UserError
 from scalekd.tools.export import export_student
 from scalekd.tools.inspection import _train_step
 from scalekd.adapters.models import UnknownModelError, create_timm_model
-from scalekd.engine.weights import WeightsError
+from scalekd.engine.inputs.weights import WeightsError
 from scalekd.method.errors import OptionError
 from test_analysis import _checkpoint, tiny_export  # noqa: F401 (a fixture)
 

@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from scalekd.engine.config import ConfigError, load_config, save_config
+from scalekd.engine.inputs.config import ConfigError, load_config, save_config
 
 
 def _write(path, data):

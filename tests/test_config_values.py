@@ -6,8 +6,8 @@ import pytest
 
 from engine_fixtures import tiny_config
 from scalekd.cli import main
-from scalekd.engine.config import ConfigError, load_config
-from scalekd.engine.config_rules import RULES
+from scalekd.engine.inputs.config import ConfigError, load_config
+from scalekd.engine.inputs.config_rules import RULES
 
 # (override, what the one line must say)
 CASES = [

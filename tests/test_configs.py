@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import scalekd.engine.task_build as task_build
-from scalekd.engine.config import load_config
-from scalekd.engine.dry_run import dry_run
+import scalekd.engine.inputs.task_build as task_build
+from scalekd.engine.inputs.config import load_config
+from scalekd.engine.loop.dry_run import dry_run
 from scalekd.method.errors import OptionError
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
@@ -31,7 +31,7 @@ def shared_teachers():
 
     @functools.lru_cache(maxsize=2)
     def teacher(name, kwargs, img_size, num_classes, in_chans):
-        from scalekd.engine.config import DataConfig, ModelConfig
+        from scalekd.engine.inputs.config import DataConfig, ModelConfig
         return create(ModelConfig(model=name, kwargs=dict(kwargs)),
                       DataConfig(img_size=img_size, num_classes=num_classes, in_chans=in_chans), 'teacher', True)
 

@@ -20,13 +20,13 @@ from engine_fixtures import tiny_config
 from run_tools import computed, metrics, step_lines
 from scalekd import build_distiller
 from scalekd.cli import main
-from scalekd.engine.checkpoint import load_checkpoint, save_checkpoint
-from scalekd.engine.config import OptimConfig, TrainConfig
-from scalekd.engine.cuda_settings import configure_backends
-from scalekd.engine.distributed import DistEnv
-from scalekd.engine.memory import peak_memory_mb, reset_peak_memory
-from scalekd.engine.optimizer import build_optimizer, optimizer_step
-from scalekd.engine.precision import autocast
+from scalekd.engine.run_folder.checkpoint import load_checkpoint, save_checkpoint
+from scalekd.engine.inputs.config import OptimConfig, TrainConfig
+from scalekd.engine.runtime.cuda_settings import configure_backends
+from scalekd.engine.runtime.distributed import DistEnv
+from scalekd.engine.runtime.memory import peak_memory_mb, reset_peak_memory
+from scalekd.engine.runtime.optimizer import build_optimizer, optimizer_step
+from scalekd.engine.runtime.precision import autocast
 from tiny_models import SWIN_IMG, make_student, make_teacher
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device (torch.cuda.is_available() is False)')

@@ -1,4 +1,4 @@
-"""The GPU switches reach torch (engine/cuda_settings.py): TF32 and cuDNN flags, the loaders' pinned
+"""The GPU switches reach torch (engine/runtime/cuda_settings.py): TF32 and cuDNN flags, the loaders' pinned
 memory and persistent workers, SyncBatchNorm for BN students under DDP."""
 import pytest
 import torch
@@ -6,10 +6,10 @@ from timm.layers import BatchNormAct2d, SyncBatchNormAct
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from scalekd import build_distiller
-from scalekd.engine.config import DataConfig, RunConfig, TrainConfig
-from scalekd.engine.cuda_settings import apply_gpu_settings, configure_backends, loader_options, sync_batchnorm
-from scalekd.engine.data import build_datasets, build_loaders
-from scalekd.engine.distributed import DistEnv
+from scalekd.engine.inputs.config import DataConfig, RunConfig, TrainConfig
+from scalekd.engine.runtime.cuda_settings import apply_gpu_settings, configure_backends, loader_options, sync_batchnorm
+from scalekd.engine.inputs.data import build_datasets, build_loaders
+from scalekd.engine.runtime.distributed import DistEnv
 from tiny_models import IMG, make_student, make_teacher
 
 

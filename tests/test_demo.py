@@ -10,8 +10,8 @@ import teacher_reference as ref
 from engine_fixtures import make_fashion_mnist
 from scalekd.adapters.models import create_timm_model
 from scalekd.cli import main
-from scalekd.engine.checkpoint import load_checkpoint
-from scalekd.engine.run_folder import RunFolder
+from scalekd.engine.run_folder.checkpoint import load_checkpoint
+from scalekd.engine.run_folder.files import RunFolder
 from scalekd.tools.demo import STUDENTS, TEACHER_WEIGHTS, DemoSettings, format_table, load_teacher, run_demo
 
 REFERENCE = json.loads(ref.FIXTURE.read_text())  # written by tests/teacher_reference.py

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scalekd.engine.config import load_config
+from scalekd.engine.inputs.config import load_config
 from scalekd.tools.demo import METHOD_LABELS, STUDENTS, DemoSettings, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def test_the_files_are_what_the_script_writes():
 
 def test_a_dry_run_of_a_demo_config_loads_the_shipped_teacher(monkeypatch):
     import torch
-    from scalekd.engine.dry_run import dry_run
+    from scalekd.engine.loop.dry_run import dry_run
     monkeypatch.chdir(ROOT)  # the teacher's path is relative to the repository root
     report = dry_run(load_config(ROOT / 'configs' / 'demo' / 'cnn-scalekd.yaml'), torch.device('cpu'))
     assert report['weights'] == {'teacher': f'loaded {SCRIPT["TEACHER"]}', 'student': 'random'}

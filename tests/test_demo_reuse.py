@@ -7,7 +7,7 @@ import torch
 
 import scalekd.tools.demo as demo
 from engine_fixtures import make_fashion_mnist
-from scalekd.engine.precision import resolve_precision
+from scalekd.engine.runtime.precision import resolve_precision
 from scalekd.tools.demo import DemoSettings, run_demo
 
 pytestmark = pytest.mark.slow  # each demo trains its runs (a few seconds each)

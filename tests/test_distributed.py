@@ -12,11 +12,11 @@ import torch
 from engine_fixtures import tiny_config
 from run_tools import (computed, epoch_lines, finish, kill_group, samples_per_step, start_torchrun, step_lines,
                        wait_for)
-from scalekd.engine.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
+from scalekd.engine.run_folder.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
 from scalekd.cli import main
-from scalekd.engine.config import OptimConfig
-from scalekd.engine.distributed import DistEnv, cleanup, exit_process, init_distributed
-from scalekd.engine.optimizer import build_optimizer
+from scalekd.engine.inputs.config import OptimConfig
+from scalekd.engine.runtime.distributed import DistEnv, cleanup, exit_process, init_distributed
+from scalekd.engine.runtime.optimizer import build_optimizer
 from traced_train import trace_samples
 
 EVERY_STEP = dict(checkpoint_every_steps=1, keep_checkpoints=20)

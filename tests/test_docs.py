@@ -32,7 +32,7 @@ def test_every_cli_option_has_a_description():
 
 
 def test_the_config_reference_lists_every_key_with_type_default_and_rule():
-    from scalekd.engine.config import RunConfig, config_to_dict
+    from scalekd.engine.inputs.config import RunConfig, config_to_dict
     keys = {k.key: k for rows in reference.config_keys().values() for k in rows}
     defaults = config_to_dict(RunConfig())
     expected = {section for section, value in defaults.items() if not isinstance(value, dict)}

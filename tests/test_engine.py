@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 from engine_fixtures import tiny_config
-from scalekd.engine.checkpoint import checkpoints_by_age, load_checkpoint
+from scalekd.engine.run_folder.checkpoint import checkpoints_by_age, load_checkpoint
 from scalekd.cli import main
-from scalekd.engine.task_build import build_task
-from scalekd.engine.config import load_config
+from scalekd.engine.inputs.task_build import build_task
+from scalekd.engine.inputs.config import load_config
 from scalekd.tools.model_files import load_model
-from scalekd.engine.weights import WeightsError
+from scalekd.engine.inputs.weights import WeightsError
 from scalekd.task.distiller import Distiller
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from engine_fixtures import make_fashion_mnist as _fake_dataset, write_idx as _write_idx
-from scalekd.engine.fashion_mnist import DatasetNotFound, FashionMNIST, FashionMNISTError, find_fashion_mnist, read_idx
+from scalekd.engine.inputs.fashion_mnist import DatasetNotFound, FashionMNIST, FashionMNISTError, find_fashion_mnist, read_idx
 
 
 def test_read_idx_parses_header_dims_and_data(tmp_path):

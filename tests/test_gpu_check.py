@@ -15,7 +15,7 @@ import torch
 
 from engine_fixtures import tiny_config
 from scalekd.cli import main
-from scalekd.engine.fashion_mnist import DatasetNotFound, FashionMNIST
+from scalekd.engine.inputs.fashion_mnist import DatasetNotFound, FashionMNIST
 from scalekd.tools import bench, gpu_check
 from scalekd.tools.gpu_check import Part, demo_data, make_jpeg_folder, read_junit, run_check, run_part
 

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from engine_fixtures import make_fashion_mnist, make_image_folder
-from scalekd.engine.data import CheckedImageDataset, DataError, seeded_subset
-from scalekd.engine.fashion_mnist import FashionMNIST
+from scalekd.engine.inputs.data import CheckedImageDataset, DataError, seeded_subset
+from scalekd.engine.inputs.fashion_mnist import FashionMNIST
 
 
 def _folder_with(tmp_path, name, img):

@@ -21,7 +21,7 @@ THIRD_PARTY = {  # what each layer may import from outside the standard library 
 
 
 def layer_of(module: str) -> str:
-    """``scalekd.engine.trainer`` -> ``engine``; the package root (``scalekd``) sits above every layer."""
+    """``scalekd.engine.loop.trainer`` -> ``engine``; the package root (``scalekd``) sits above every layer."""
     parts = module.split('.')
     return parts[1] if len(parts) > 1 else 'cli'
 
@@ -124,13 +124,13 @@ def test_a_method_module_importing_the_engine_is_caught(tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(path.read_text())
     bad = copy / 'method' / 'views.py'
-    bad.write_text(bad.read_text() + '\n\ndef late():\n    from ..engine import checkpoint\n    return checkpoint\n')
+    bad.write_text(bad.read_text() + '\n\ndef late():\n    from ..engine.run_folder import checkpoint\n    return checkpoint\n')
     (copy / 'method' / 'dct.py').write_text((copy / 'method' / 'dct.py').read_text() + '\nimport numpy\n')
     losses = copy / 'method' / 'losses.py'
     losses.write_text(losses.read_text() + "\n\ndef late():\n    return importlib.import_module('..tools.bench', __package__)\n")
     assert sorted(set(violations(copy)) - set(violations())) == ['scalekd.method.dct (method) imports third-party numpy',
                      'scalekd.method.losses (method) imports scalekd.tools.bench (tools)',
-                     'scalekd.method.views (method) imports scalekd.engine.checkpoint (engine)']
+                     'scalekd.method.views (method) imports scalekd.engine.run_folder.checkpoint (engine)']
 
 
 def test_imports_made_at_run_time_with_a_constant_name_are_read():

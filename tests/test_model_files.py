@@ -8,12 +8,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import scalekd.engine.checkpoint as checkpoint_module
+import scalekd.engine.run_folder.checkpoint as checkpoint_module
 from engine_fixtures import tiny_config
 from scalekd.adapters.models import create_timm_model
-from scalekd.engine.checkpoint import save_checkpoint
-from scalekd.engine.config import config_to_dict, load_config
-from scalekd.engine.weights import WeightsError
+from scalekd.engine.run_folder.checkpoint import save_checkpoint
+from scalekd.engine.inputs.config import config_to_dict, load_config
+from scalekd.engine.inputs.weights import WeightsError
 from scalekd.tools.export import export_checkpoint
 from scalekd.tools.model_files import load_model
 
@@ -108,7 +108,7 @@ def _tiny_vit(img_size):
 
 def test_weights_of_another_image_size_are_resampled_as_timm_does_for_hub_weights(tmp_path):
     from timm.layers import resample_abs_pos_embed
-    from scalekd.engine.weights import load_weights
+    from scalekd.engine.inputs.weights import load_weights
     small = _tiny_vit(28)
     save_file(small.state_dict(), str(tmp_path / 'vit28.safetensors'))
     large = _tiny_vit(35)
@@ -120,7 +120,7 @@ def test_weights_of_another_image_size_are_resampled_as_timm_does_for_hub_weight
 
 def test_position_embeddings_that_cannot_be_resampled_name_the_image_size(tmp_path, monkeypatch):
     import timm.models.vision_transformer as vit
-    from scalekd.engine.weights import load_weights
+    from scalekd.engine.inputs.weights import load_weights
     save_file(_tiny_vit(28).state_dict(), str(tmp_path / 'vit28.safetensors'))
     monkeypatch.setattr(vit, 'checkpoint_filter_fn', lambda state, model: state)
     with pytest.raises(WeightsError, match=r'shape-mismatched keys: pos_embed \(position embeddings of another image '
@@ -145,7 +145,7 @@ class _Payload:
 
 
 def test_weights_beside_foreign_objects_load_and_a_payload_is_refused(tmp_path):
-    from scalekd.engine.weights import read_state_dict
+    from scalekd.engine.inputs.weights import read_state_dict
     weights = {'backbone.w': torch.arange(4.0), 'head.b': torch.ones(2)}
     path = tmp_path / 'mmcls.pth'
     torch.save({'meta': {'hub': _Meta([1.0, 2.0])}, 'state_dict': weights}, path)

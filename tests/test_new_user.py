@@ -10,7 +10,7 @@ import yaml
 
 from scalekd import build_distiller
 from scalekd.cli import main
-from scalekd.engine.config import load_config
+from scalekd.engine.inputs.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

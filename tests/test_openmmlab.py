@@ -7,7 +7,7 @@ import torch
 
 from openmmlab_cases import (KEY_CASES, KEYS_FILE, OUTPUT_CASES, OUTPUTS_FILE, build_timm, seeded_input,
                              seeded_state, timm_output)
-from scalekd.engine.checkpoint import save_checkpoint
+from scalekd.engine.run_folder.checkpoint import save_checkpoint
 from scalekd.cli import main
 from scalekd.adapters.models import create_timm_model
 from scalekd.engine.errors import UserError
@@ -215,8 +215,8 @@ def test_dense_export_writes_the_weights_the_openmmlab_backbone_needs(case):
 
 def test_export_command_writes_the_mmdet_swin_backbone(tmp_path):
     """``scalekd export --format mmdet`` of a Swin student's checkpoint: model.pth holds the reference weights."""
-    from scalekd.engine.checkpoint import load_checkpoint
-    from scalekd.engine.config import RunConfig, config_to_dict
+    from scalekd.engine.run_folder.checkpoint import load_checkpoint
+    from scalekd.engine.inputs.config import RunConfig, config_to_dict
     _, name, kwargs, _, _ = OUTPUT_CASES['mmcls/swin']
     model, want = _dense_reference('mmcls/swin', lambda k: k)
     cfg = RunConfig()

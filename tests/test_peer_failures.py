@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scalekd.engine.distributed import lost_peer
+from scalekd.engine.runtime.distributed import lost_peer
 
 SCRIPT = str(Path(__file__).with_name('rank_faults.py'))
 GLOO_RESET = ('[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:23265: Connection '

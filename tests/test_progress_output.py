@@ -9,8 +9,8 @@ import pytest
 import tqdm
 
 from engine_fixtures import tiny_config
-from scalekd.engine.config import LogConfig
-from scalekd.engine.run_logger import ProgressLines, RunLogger
+from scalekd.engine.inputs.config import LogConfig
+from scalekd.engine.loop.run_logger import ProgressLines, RunLogger
 
 
 class _Terminal(io.StringIO):
@@ -59,7 +59,7 @@ def test_a_terminal_gets_a_bar_a_file_gets_lines_and_false_gets_nothing(monkeypa
 
 def test_progress_lines_every_few_seconds_and_at_the_last_step(monkeypatch):
     clock = iter([0.0, 1.0, 31.0, 32.0, 40.0, 41.0])  # the start, then as each step starts
-    monkeypatch.setattr('scalekd.engine.run_logger.time.monotonic', lambda: next(clock))
+    monkeypatch.setattr('scalekd.engine.loop.run_logger.time.monotonic', lambda: next(clock))
     out = io.StringIO()
     lines = ProgressLines(range(5), 5, 'run epoch 1/3', every_s=30, stream=out)
     for i in lines:

@@ -12,22 +12,22 @@ from timm.data import IMAGENET_DEFAULT_MEAN
 
 from engine_fixtures import make_image_folder, tiny_config
 from run_tools import computed, kill_group, metrics, start, step_lines, wait_for
-import scalekd.engine.checkpoint as checkpoint_module
+import scalekd.engine.run_folder.checkpoint as checkpoint_module
 from scalekd import build_distiller
-from scalekd.engine.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint,
+from scalekd.engine.run_folder.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint,
                                 save_checkpoint)
-from scalekd.engine.checkpoint import rng_state, set_rng_state
+from scalekd.engine.run_folder.checkpoint import rng_state, set_rng_state
 from scalekd.cli import main
-from scalekd.engine.config import DataConfig, load_config
-from scalekd.engine.data import Datasets, build_loaders, seed_epoch
-from scalekd.engine.distributed import DistEnv
-from scalekd.engine.optimizer import optimizer_step
-from scalekd.engine.determinism import enable_determinism
+from scalekd.engine.inputs.config import DataConfig, load_config
+from scalekd.engine.inputs.data import Datasets, build_loaders, seed_epoch
+from scalekd.engine.runtime.distributed import DistEnv
+from scalekd.engine.runtime.optimizer import optimizer_step
+from scalekd.engine.runtime.determinism import enable_determinism
 from scalekd.task.distiller import Distiller
 from scalekd.tools.export import export_student
 from scalekd.adapters.models import create_timm_model
 from scalekd.adapters.common import UnsupportedModelError
-from scalekd.engine.weights import WeightsError, read_state_dict
+from scalekd.engine.inputs.weights import WeightsError, read_state_dict
 from tiny_models import IMG, make_teacher
 
 

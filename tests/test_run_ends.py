@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import Dataset
 
 from engine_fixtures import make_image_folder, tiny_config
-from scalekd.engine.data import EndingLoader
-from scalekd.engine.faults import ignore_stop_signals
+from scalekd.engine.inputs.data import EndingLoader
+from scalekd.engine.loop.faults import ignore_stop_signals
 
 
 class _UnreadableAt(Dataset):

@@ -12,10 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from engine_fixtures import tiny_config
 from run_tools import finish, metrics, start, step_lines, wait_for
-from scalekd.engine.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
+from scalekd.engine.run_folder.checkpoint import checkpoints_by_age, load_checkpoint, save_checkpoint
 from scalekd.cli import main
-from scalekd.engine.run_folder import MARKER, RunFolder, RunFolderError
-import scalekd.engine.run_output as engine
+from scalekd.engine.run_folder.files import MARKER, RunFolder, RunFolderError
+import scalekd.engine.run_folder.history as engine
 
 EVERY_STEP = dict(checkpoint_every_steps=1, keep_checkpoints=20)
 
@@ -230,7 +230,7 @@ def test_resume_rewinds_metrics_to_the_checkpoint(straight, data_root, tmp_path)
 def test_an_output_that_cannot_be_written_is_one_line(tmp_path, data_root, capsys, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(30, 'Read-only file system')
-    monkeypatch.setattr('scalekd.engine.run_folder._open_lock', read_only)
+    monkeypatch.setattr('scalekd.engine.run_folder.files._open_lock', read_only)
     err = _refused(capsys, 'train', str(tiny_config(tmp_path, data_root)))
     assert f'output folder {tmp_path / "run"} cannot be written: Read-only file system' in err
 

@@ -13,9 +13,9 @@ import pytest
 
 from engine_fixtures import tiny_config
 from run_tools import start, wait_for
-from scalekd.engine.checkpoint import checkpoints_by_age, load_checkpoint
-from scalekd.engine.run_folder import LOCK, MARKER, RunFolder, RunFolderError
-from scalekd.engine.run_output import RunOutput
+from scalekd.engine.run_folder.checkpoint import checkpoints_by_age, load_checkpoint
+from scalekd.engine.run_folder.files import LOCK, MARKER, RunFolder, RunFolderError
+from scalekd.engine.run_folder.history import RunOutput
 from test_run_folder import EVERY_STEP, _refused
 
 WRITES = ('config.yaml', 'train.log', 'metrics.jsonl', 'tensorboard')  # what the `straight` run writes

@@ -13,18 +13,18 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 from engine_fixtures import tiny_config
-from scalekd.engine.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, load_checkpoint, migrate,
+from scalekd.engine.run_folder.checkpoint import (FORMAT_VERSION, CheckpointError, checkpoint_name, load_checkpoint, migrate,
                                        read_training_checkpoint, save_checkpoint)
-from scalekd.engine.config import RunConfig, config_to_dict, load_config
-from scalekd.engine.data import SeededSamples
-from scalekd.engine.distributed import DistEnv
-from scalekd.engine.epoch_losses import EpochLosses
-from scalekd.engine.faults import NormStatistics, StopSignal, judge_non_finite, non_finite_flags
+from scalekd.engine.inputs.config import RunConfig, config_to_dict, load_config
+from scalekd.engine.inputs.data import SeededSamples
+from scalekd.engine.runtime.distributed import DistEnv
+from scalekd.engine.loop.epoch_losses import EpochLosses
+from scalekd.engine.loop.faults import NormStatistics, StopSignal, judge_non_finite, non_finite_flags
 from scalekd.engine.errors import LossNotFinite, RunError, UserError
-from scalekd.engine.run_folder import RunFolderError
-from scalekd.engine.run_output import RunOutput, check_resume_request
-from scalekd.engine.task_build import build_task
-from scalekd.engine.training_state import (Progress, TrainingState, best_state, changed_settings, gather_rng_states,
+from scalekd.engine.run_folder.files import RunFolderError
+from scalekd.engine.run_folder.history import RunOutput, check_resume_request
+from scalekd.engine.inputs.task_build import build_task
+from scalekd.engine.run_folder.training_state import (Progress, TrainingState, best_state, changed_settings, gather_rng_states,
                                            restore_rng_states)
 
 ENV = DistEnv()
@@ -373,13 +373,13 @@ def test_epoch_losses_sum_the_mean_of_each_committed_window():
 def test_a_checkpoint_estimate_matches_a_written_checkpoint_and_a_full_disk_is_refused_before_training(
         tmp_path, data_root, monkeypatch):
     from collections import namedtuple
-    import scalekd.engine.run_output as run_output
+    import scalekd.engine.run_folder.history as run_output
     from scalekd.cli import main
     cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=1), data=dict(train_subset=8, val_subset=3))
     assert main(['train', str(cfg)]) == 0
     written = (tmp_path / 'run' / 'checkpoint-0001.pth').stat().st_size
-    from scalekd.engine.distributed import DistEnv
-    from scalekd.engine.trainer import Trainer
+    from scalekd.engine.runtime.distributed import DistEnv
+    from scalekd.engine.loop.trainer import Trainer
     trainer = Trainer(load_config(cfg, ['output=' + str(tmp_path / 'other')]), DistEnv())
     estimate = trainer.training_state.checkpoint_bytes()
     trainer.output.release(failed=True)
@@ -392,8 +392,8 @@ def test_a_checkpoint_estimate_matches_a_written_checkpoint_and_a_full_disk_is_r
 
 def test_a_full_disk_during_a_write_is_named_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
-    import scalekd.engine.checkpoint as checkpoint
-    from scalekd.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    import scalekd.engine.run_folder.checkpoint as checkpoint
+    from scalekd.engine.run_folder.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     save_checkpoint({'w': torch.ones(3)}, tmp_path / 'c.pth')
 
     def full(state, f):

@@ -4,9 +4,9 @@ import torch
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
-from scalekd.engine.checkpoint import load_checkpoint, save_checkpoint
+from scalekd.engine.run_folder.checkpoint import load_checkpoint, save_checkpoint
 from scalekd.cli import main
-from scalekd.engine.config import RunConfig, config_to_dict
+from scalekd.engine.inputs.config import RunConfig, config_to_dict
 from scalekd.adapters.models import create_timm_model
 from scalekd.tools.transfer import ExportFormatError, to_format
 

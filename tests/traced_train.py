@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from scalekd.cli import console
-from scalekd.engine.data import SeededSamples
+from scalekd.engine.inputs.data import SeededSamples
 from scalekd.task.distiller import Distiller
 
 

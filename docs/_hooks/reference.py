@@ -1,7 +1,7 @@
 """MkDocs hook: the configuration and CLI reference pages, generated from the code at every build.
 
 Every key of the run config comes from the config dataclasses (type, default, the allowed values of
-``scalekd.engine.config_rules`` and the description in its class's ``Attributes:`` docstring section);
+``scalekd.engine.inputs.config_rules`` and the description in its class's ``Attributes:`` docstring section);
 every subcommand and option comes from the ``scalekd`` argument parser. A key or an option without a
 description, or a description of no key, fails the build (``tests/test_docs.py`` names it), so neither page can
 drift from the code.
@@ -80,17 +80,17 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def _allowed() -> Dict[str, str]:
-    from scalekd.engine.config_rules import RULES
+    from scalekd.engine.inputs.config_rules import RULES
     return {rule.key: rule.allowed for rule in RULES}
 
 
 def _run_config() -> type:
-    from scalekd.engine.config import RunConfig
+    from scalekd.engine.inputs.config import RunConfig
     return RunConfig
 
 
 def config_keys(root: Optional[type] = None) -> Dict[str, List[ConfigKey]]:
-    """Every key of the run config (``root``, default :class:`scalekd.engine.config.RunConfig`), by section
+    """Every key of the run config (``root``, default :class:`scalekd.engine.inputs.config.RunConfig`), by section
     (``''``: the top level)."""
     root = root or _run_config()
     allowed = _allowed()

@@ -9,9 +9,9 @@ from .method.projectors import ConvProjector, CrossAttentionProjector, LinearPro
 from .task.builder import build_distiller
 from .task.distiller import DistillationModule, Distiller
 from .task.loss import ScaleKDLoss
-from .engine.config import RunConfig, load_config
-from .engine.distributed import exit_process
-from .engine.trainer import Trainer
+from .engine.inputs.config import RunConfig, load_config
+from .engine.runtime.distributed import exit_process
+from .engine.loop.trainer import Trainer
 from .tools.export import export_student
 
 __version__ = '0.1.0'

@@ -9,9 +9,9 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 import torch
 
-from .engine.config import parse_key_value
-from .engine.devices import DEVICE_HELP, resolve_device
-from .engine.distributed import PeerFailure, RankError, lost_peer
+from .engine.inputs.config import parse_key_value
+from .engine.runtime.devices import DEVICE_HELP, resolve_device
+from .engine.runtime.distributed import PeerFailure, RankError, lost_peer
 from .engine.errors import TRACEBACK_ENV, UserError, error_line, traceback_wanted
 from .method.options import ABLATIONS, METHODS, DistillOptions
 from .task.builder import build_distiller, resolve_img_size
@@ -116,12 +116,12 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .engine.allocator import keep_freed_memory
-    from .engine.config import load_config
-    from .engine.distributed import barrier, cleanup, init_distributed
-    from .engine.dry_run import dry_run
+    from .engine.runtime.allocator import keep_freed_memory
+    from .engine.inputs.config import load_config
+    from .engine.runtime.distributed import barrier, cleanup, init_distributed
+    from .engine.loop.dry_run import dry_run
     from .engine.errors import RunInterrupted
-    from .engine.trainer import Trainer
+    from .engine.loop.trainer import Trainer
     overrides = list(args.override or [])
     if args.deterministic:
         overrides.append('train.deterministic=true')
@@ -294,7 +294,7 @@ def _demo_settings(args: argparse.Namespace, overrides: Sequence[str], quick: bo
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .engine.allocator import keep_freed_memory
+    from .engine.runtime.allocator import keep_freed_memory
     from .engine.errors import RunInterrupted, stop_signal
     from .tools.demo import format_table, run_demo
     settings = _demo_settings(args, ('subset', 'epochs', 'batch_size', 'test_sample'), args.quick, seed=args.seed,
@@ -335,7 +335,7 @@ def _add_ablate(sub) -> None:
 
 
 def _run_ablate(args: argparse.Namespace) -> int:
-    from .engine.allocator import keep_freed_memory
+    from .engine.runtime.allocator import keep_freed_memory
     from .tools.ablation import STUDIES, format_study, run_study
     from .tools.run_pool import StudyStopped
     settings = _demo_settings(args, ('subset', 'epochs'))
@@ -373,7 +373,7 @@ def _run_config_show(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from .engine.config import config_to_dict, load_config
+    from .engine.inputs.config import config_to_dict, load_config
     cfg = load_config(args.config, args.override)
     resolved = dataclasses.replace(cfg, distill=cfg.distill_options())  # the method's defaults filled in
     print(yaml.safe_dump(config_to_dict(resolved), sort_keys=False), end='')
@@ -392,7 +392,7 @@ def _add_matrix(sub) -> None:
 
 def _run_matrix(args: argparse.Namespace) -> int:
     import warnings
-    from .engine.run_logger import write_text_atomic
+    from .engine.loop.run_logger import write_text_atomic
     from .tools.matrix import format_matrix, run_matrix
     roles = ('student', 'teacher') if args.role == 'both' else (args.role,)
     modules = [m for m in args.modules.split(',') if m] if args.modules else None
@@ -522,7 +522,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_loader_bench(args: argparse.Namespace) -> int:
-    from .engine.config import load_config
+    from .engine.inputs.config import load_config
     from .tools.loader_bench import default_worker_counts, format_loader_table, run_loader_bench
     try:
         workers = [int(w) for w in args.workers.split(',')] if args.workers else default_worker_counts()
@@ -595,9 +595,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def console() -> NoReturn:
     """The installed ``scalekd`` command: :func:`main`, then its exit status through
-    :func:`~scalekd.engine.distributed.exit_process` (safe after a process group); an unexpected error
+    :func:`~scalekd.engine.runtime.distributed.exit_process` (safe after a process group); an unexpected error
     prints its traceback and exits with 1."""
-    from .engine.distributed import exit_process
+    from .engine.runtime.distributed import exit_process
     try:
         code = main()
     except Exception:

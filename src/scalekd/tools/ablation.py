@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..engine.config import RunConfig
+from ..engine.inputs.config import RunConfig
 from ..engine.errors import RunError, UserError
-from ..engine.run_folder import holding
-from ..engine.run_logger import write_text_atomic
+from ..engine.run_folder.files import holding
+from ..engine.loop.run_logger import write_text_atomic
 from ..method.options import ablation
 from .demo import STUDENTS, DemoSettings, decisive, earlier_result, run_config, test_loader, train_and_test
 from .plots import pyplot, save_figure

@@ -1,13 +1,13 @@
 """``scalekd bench``: the training cost of each ScaleKD component, side by side (the paper's Table 15b).
 
 Each variant runs in a fresh process so that its peak memory is its own, measured from the end of
-the build (:mod:`scalekd.engine.memory`): on CUDA ``torch.cuda.max_memory_allocated``, on CPU the
+the build (:mod:`scalekd.engine.runtime.memory`): on CUDA ``torch.cuda.max_memory_allocated``, on CPU the
 process's peak resident set (which includes the Python / torch runtime and the models' weights, the
 same for every variant, but not what building them took). With ``isolate=False`` (``--in-process``)
 the variants run one after the other in the bench's own process: quicker to start, and on CUDA the
 same figures (the allocator's peak is reset per variant); on CPU a variant's peak then includes what
 the earlier ones left in the process. The step runs under a training run's default GPU switches
-(``train.tf32``, ``train.cudnn_benchmark``: :mod:`scalekd.engine.cuda_settings`). Step time is the median
+(``train.tf32``, ``train.cudnn_benchmark``: :mod:`scalekd.engine.runtime.cuda_settings`). Step time is the median
 of ``steps`` timed training steps (forward, backward, SGD step) after one warm-up step. The variants
 are the ablation presets (:data:`scalekd.method.options.ABLATIONS`); every one but ``student`` runs the
 teacher's forward.
@@ -23,13 +23,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from timm.utils import unwrap_model
 
-from ..engine.allocator import keep_freed_memory
-from ..engine.config import TrainConfig
-from ..engine.cuda_settings import configure_backends
+from ..engine.runtime.allocator import keep_freed_memory
+from ..engine.inputs.config import TrainConfig
+from ..engine.runtime.cuda_settings import configure_backends
 from ..engine.errors import UserError, error_line
-from ..engine.memory import peak_memory_mb, reset_peak_memory
-from ..engine.precision import autocast, cpu_has_fast_bf16, resolve_precision, resolve_teacher_dtype
-from ..engine.synthetic_step import synthetic_batch, training_step
+from ..engine.runtime.memory import peak_memory_mb, reset_peak_memory
+from ..engine.runtime.precision import autocast, cpu_has_fast_bf16, resolve_precision, resolve_teacher_dtype
+from ..engine.loop.synthetic_step import synthetic_batch, training_step
 from ..method.options import ABLATIONS, ablation
 from ..task.builder import build_distiller
 from ..task.report import param_counts

@@ -3,7 +3,7 @@
 The shipped ViT teacher (trained by ``scalekd train configs/demo/teacher_vit.yaml`` on all 60,000
 training images) guides tiny CNN, MLP-Mixer and ViT students trained from scratch on a fixed subset
 of the training split, the paper's "knowledge density" setting. Each student is trained alone and with
-ScaleKD (and with logit KD only, ``baselines=True``) by the project's own :class:`~scalekd.engine.trainer.Trainer`;
+ScaleKD (and with logit KD only, ``baselines=True``) by the project's own :class:`~scalekd.engine.loop.trainer.Trainer`;
 every run keeps its folder (config, metrics, checkpoints, ``result.json``), and the demo writes
 ``results.json``, a table and a plot of test top-1 per epoch. A run that finished is reused by the next
 demo on the same output (after a stop, the same command trains the rest), as ``scalekd ablate`` does.
@@ -19,17 +19,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..adapters.models import create_timm_model
-from ..engine.config import RunConfig, config_from_dict, config_to_dict, validate_config
-from ..engine.data import build_datasets
-from ..engine.devices import resolve_device
-from ..engine.distributed import DistEnv
+from ..engine.inputs.config import RunConfig, config_from_dict, config_to_dict, validate_config
+from ..engine.inputs.data import build_datasets
+from ..engine.runtime.devices import resolve_device
+from ..engine.runtime.distributed import DistEnv
 from ..engine.errors import UserError
-from ..engine.precision import resolve_precision
-from ..engine.run_folder import holding
-from ..engine.run_logger import write_text_atomic
-from ..engine.evaluation import evaluate
-from ..engine.trainer import Trainer
-from ..engine.weights import load_weights
+from ..engine.runtime.precision import resolve_precision
+from ..engine.run_folder.files import holding
+from ..engine.loop.run_logger import write_text_atomic
+from ..engine.loop.evaluation import evaluate
+from ..engine.loop.trainer import Trainer
+from ..engine.inputs.weights import load_weights
 from .plots import plot_curves
 
 __all__ = ['DemoSettings', 'STUDENTS', 'TEACHER', 'TEACHER_WEIGHTS', 'METHOD_LABELS', 'run_config', 'run_demo', 'format_table',

@@ -5,9 +5,9 @@ from typing import Dict, Union
 import torch
 from torch.utils.data import DataLoader
 
-from ..engine.data import CheckedImageDataset, DataError
-from ..engine.distributed import DistEnv
-from ..engine.evaluation import evaluate
+from ..engine.inputs.data import CheckedImageDataset, DataError
+from ..engine.runtime.distributed import DistEnv
+from ..engine.loop.evaluation import evaluate
 from .analysis.inputs import image_dataset
 from .model_files import load_model
 

@@ -12,9 +12,9 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from ..engine.checkpoint import out_of_space, save_checkpoint
-from ..engine.run_folder import check_output_path
-from ..engine.weights import WeightsError
+from ..engine.run_folder.checkpoint import out_of_space, save_checkpoint
+from ..engine.run_folder.files import check_output_path
+from ..engine.inputs.weights import WeightsError
 from .model_files import load_model
 from .transfer import to_format
 

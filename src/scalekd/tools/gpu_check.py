@@ -101,7 +101,7 @@ def demo_data(given: Optional[str], folder: Path, train: int, test: int) -> Dict
     """The Fashion-MNIST folder of the demo part: the real files where found (``given``, then the
     usual places, never a download), else ``train`` / ``test`` random 28x28 images with labels
     ``i % 10`` written to ``folder`` as the four IDX files."""
-    from ..engine.fashion_mnist import DatasetNotFound, find_fashion_mnist
+    from ..engine.inputs.fashion_mnist import DatasetNotFound, find_fashion_mnist
     try:
         return dict(root=str(find_fashion_mnist(given, download=False)), kind='Fashion-MNIST')
     except DatasetNotFound:

@@ -5,7 +5,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..engine.synthetic_step import synthetic_batch, training_step
+from ..engine.loop.synthetic_step import synthetic_batch, training_step
 from ..task.distiller import Distiller
 from ..task.report import param_counts, tap_rows
 

@@ -10,12 +10,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..engine.config import RunConfig
-from ..engine.cuda_settings import loader_options
-from ..engine.data import DataError, build_datasets, build_loaders, seed_epoch
-from ..engine.distributed import DistEnv
+from ..engine.inputs.config import RunConfig
+from ..engine.runtime.cuda_settings import loader_options
+from ..engine.inputs.data import DataError, build_datasets, build_loaders, seed_epoch
+from ..engine.runtime.distributed import DistEnv
 from ..engine.errors import UserError
-from ..engine.task_build import normalization_from_config
+from ..engine.inputs.task_build import normalization_from_config
 
 __all__ = ['default_worker_counts', 'measure_loader', 'run_loader_bench', 'format_loader_table']
 

@@ -15,10 +15,10 @@ import torch.nn as nn
 from timm.data import resolve_data_config
 
 from ..adapters.models import create_timm_model, default_img_size, normalization_from_model_name
-from ..engine.checkpoint import is_training_checkpoint, migrate
-from ..engine.config import RunConfig, config_from_dict
+from ..engine.run_folder.checkpoint import is_training_checkpoint, migrate
+from ..engine.inputs.config import RunConfig, config_from_dict
 from ..engine.errors import UserError
-from ..engine.weights import WeightsError, load_state_dict_checked, read_state_dict, read_torch_file, state_dict_of
+from ..engine.inputs.weights import WeightsError, load_state_dict_checked, read_state_dict, read_torch_file, state_dict_of
 
 __all__ = ['LoadedModel', 'load_model', 'run_data_config', 'export_folder_of']
 

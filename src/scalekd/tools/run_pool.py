@@ -25,11 +25,11 @@ from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
 
 import torch
 
-from ..engine.allocator import keep_freed_memory
-from ..engine.config import RunConfig
-from ..engine.distributed import DistEnv
+from ..engine.runtime.allocator import keep_freed_memory
+from ..engine.inputs.config import RunConfig
+from ..engine.runtime.distributed import DistEnv
 from ..engine.errors import RunInterrupted, stop_signal
-from ..engine.faults import handling
+from ..engine.loop.faults import handling
 
 __all__ = ['StudyStopped', 'train_runs']
 

@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ...engine.checkpoint import read_training_checkpoint
-from ...engine.config import config_from_dict
-from ...engine.devices import model_device
+from ...engine.run_folder.checkpoint import read_training_checkpoint
+from ...engine.inputs.config import config_from_dict
+from ...engine.runtime.devices import model_device
 from ...engine.errors import UserError
 from ...method.dct import keep_dc, remove_dc
 from ...method.losses import feature_distance
@@ -32,7 +32,7 @@ def task_from_checkpoint(path: Union[str, Path], teacher_weights: Optional[str] 
                          device: torch.device = torch.device('cpu')) -> Tuple[Distiller, Dict[str, Any]]:
     """The distiller of a training checkpoint on ``device`` (student and projectors loaded; the teacher
     from the run's config, or from ``teacher_weights``), and the run's eval data config."""
-    from ...engine.task_build import build_task
+    from ...engine.inputs.task_build import build_task
     state = read_training_checkpoint(path)
     cfg = config_from_dict(state['config'], where=str(path))
     if 'task_state' not in state:

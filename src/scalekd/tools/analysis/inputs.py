@@ -7,9 +7,9 @@ import torch.nn as nn
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ...engine.data import CheckedImageDataset, class_folders
-from ...engine.devices import model_device
-from ...engine.fashion_mnist import FashionMNIST, has_fashion_mnist
+from ...engine.inputs.data import CheckedImageDataset, class_folders
+from ...engine.runtime.devices import model_device
+from ...engine.inputs.fashion_mnist import FashionMNIST, has_fashion_mnist
 
 __all__ = ['image_dataset', 'feature_maps']
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from ...engine.devices import model_device
+from ...engine.runtime.devices import model_device
 from ...engine.errors import UserError
 
 __all__ = ['pre_logits', 'few_shot_indices', 'fit_linear', 'linear_probe']

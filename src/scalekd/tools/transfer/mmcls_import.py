@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ...adapters.models import create_timm_model
-from ...engine.weights import read_state_dict
+from ...engine.inputs.weights import read_state_dict
 from .openmmlab import OpenMMLabKeyError, from_openmmlab
 
 __all__ = ['student_state', 'import_mmcls']

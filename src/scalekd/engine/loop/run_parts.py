@@ -10,15 +10,15 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, random_seed
 from torch.utils.data import DataLoader
 
-from ..task.distiller import Distiller
-from ..task.report import param_counts, tap_rows
-from .config import RunConfig
-from .cuda_settings import apply_gpu_settings
-from .data import Datasets, build_datasets, build_loaders, build_mixup
-from .distributed import DistEnv
-from .optimizer import build_optimizer, is_sharded
-from .precision import autocast_dtype, cpu_has_fast_bf16
-from .task_build import build_task, normalization_from_config
+from ...task.distiller import Distiller
+from ...task.report import param_counts, tap_rows
+from ..inputs.config import RunConfig
+from ..runtime.cuda_settings import apply_gpu_settings
+from ..inputs.data import Datasets, build_datasets, build_loaders, build_mixup
+from ..runtime.distributed import DistEnv
+from ..runtime.optimizer import build_optimizer, is_sharded
+from ..runtime.precision import autocast_dtype, cpu_has_fast_bf16
+from ..inputs.task_build import build_task, normalization_from_config
 
 __all__ = ['RunParts', 'build_run_parts']
 

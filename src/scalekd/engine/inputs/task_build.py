@@ -6,12 +6,12 @@ import torch
 import torch.nn as nn
 from timm.loss import create_classification_loss
 
-from ..adapters.models import classes_kwargs, create_timm_model, normalization_from_model_name
-from ..task.builder import build_distiller
-from ..task.distiller import Distiller
+from ...adapters.models import classes_kwargs, create_timm_model, normalization_from_model_name
+from ...task.builder import build_distiller
+from ...task.distiller import Distiller
 from .config import RunConfig
-from .errors import RunError
-from .precision import resolve_teacher_dtype
+from ..errors import RunError
+from ..runtime.precision import resolve_teacher_dtype
 from .weights import load_weights
 
 __all__ = ['build_task', 'normalization_from_config']

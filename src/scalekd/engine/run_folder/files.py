@@ -1,5 +1,5 @@
 """The output folder as files: who may write it, what in it belongs to a run, and what may ever be
-deleted. It reads no checkpoint's contents; :mod:`~scalekd.engine.run_output` builds a run's resume
+deleted. It reads no checkpoint's contents; :mod:`~scalekd.engine.run_folder.history` builds a run's resume
 and fresh-start policy on top of it.
 
 - One writer: a lock (``.scalekd.lock``, ``flock``) held from :meth:`RunFolder.acquire` to
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .checkpoint import checkpoint_position, checkpoints_by_age
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ['RunFolder', 'RunFolderError', 'MARKER', 'RUN_FILES', 'holding']
 

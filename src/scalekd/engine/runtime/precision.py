@@ -4,7 +4,7 @@ from typing import ContextManager, Optional
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ['resolve_precision', 'resolve_teacher_dtype', 'autocast', 'autocast_dtype', 'cpu_has_fast_bf16']
 

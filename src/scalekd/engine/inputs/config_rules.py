@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 from timm.optim import list_optimizers
 
-from .precision import PRECISIONS
+from ..runtime.precision import PRECISIONS
 
 __all__ = ['Rule', 'RULES', 'check_values', 'DATASETS', 'SCHEDULERS', 'MAX_IMG_SIZE']
 

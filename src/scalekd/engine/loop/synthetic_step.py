@@ -3,8 +3,8 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..task.distiller import Distiller
-from .precision import autocast
+from ...task.distiller import Distiller
+from ..runtime.precision import autocast
 
 __all__ = ['synthetic_batch', 'training_step']
 

@@ -3,29 +3,29 @@ validation, the best epoch and the checkpoints that let it resume."""
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .checkpoint import checkpoint_name, read_training_checkpoint
-from .config import RunConfig, config_to_dict, save_config
-from .determinism import enable_determinism
-from .distributed import DistEnv, barrier, on_main
+from ..run_folder.checkpoint import checkpoint_name, read_training_checkpoint
+from ..inputs.config import RunConfig, config_to_dict, save_config
+from ..runtime.determinism import enable_determinism
+from ..runtime.distributed import DistEnv, barrier, on_main
 from .epoch_loop import EpochLoop
 from .epoch_losses import EpochLosses
-from .errors import RunError, RunInterrupted
+from ..errors import RunError, RunInterrupted
 from .evaluation import evaluate
-from .memory import reset_peak_memory
-from .optimizer import gather_optimizer_state
-from .precision import resolve_precision, resolve_teacher_dtype
-from .run_folder import check_output_path
+from ..runtime.memory import reset_peak_memory
+from ..runtime.optimizer import gather_optimizer_state
+from ..runtime.precision import resolve_precision, resolve_teacher_dtype
+from ..run_folder.files import check_output_path
 from .run_logger import RunLogger
-from .run_output import RunOutput, check_resume_request
+from ..run_folder.history import RunOutput, check_resume_request
 from .run_parts import RunParts, build_run_parts
-from .training_state import Progress, TrainingState, changed_settings, gather_rng_states, restore_rng_states
+from ..run_folder.training_state import Progress, TrainingState, changed_settings, gather_rng_states, restore_rng_states
 
 __all__ = ['Trainer']
 
 
 class Trainer:
     """One run, built from its config (models, data, optimiser, schedule, logging), trained to its last
-    epoch by :class:`~scalekd.engine.epoch_loop.EpochLoop`.
+    epoch by :class:`~scalekd.engine.loop.epoch_loop.EpochLoop`.
 
     Args:
         cfg: the validated run config.
@@ -33,7 +33,7 @@ class Trainer:
         resume: ``None``, ``'auto'`` (newest complete checkpoint in the output folder, if any) or a path.
         force: start afresh in an output folder that holds another run (deleting only its files).
 
-    The main process holds the output folder (:class:`~scalekd.engine.run_output.RunOutput`) from here
+    The main process holds the output folder (:class:`~scalekd.engine.run_folder.history.RunOutput`) from here
     to the end of :meth:`fit`. Lines marked "every rank" are collectives: each rank reaches them together.
     """
 
@@ -97,7 +97,7 @@ class Trainer:
         """Continue from the checkpoint :attr:`resumed_from` (the main process read it when opening the
         folder), on this run's number of processes and accumulation steps (the same global image
         position: an epoch is one global order dealt round-robin to the processes, see
-        :class:`scalekd.engine.data.EpochSampler`), with the config's schedule from the resumed step on.
+        :class:`scalekd.engine.inputs.data.EpochSampler`), with the config's schedule from the resumed step on.
         The main process carries the epoch's loss sums, every rank the count of updates behind them."""
         main = self.output is not None
         state = self.output.take_resume_state() if main else read_training_checkpoint(self.resumed_from)

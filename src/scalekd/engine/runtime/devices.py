@@ -4,7 +4,7 @@ import re
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ['DEVICE_HELP', 'DeviceError', 'resolve_device', 'model_device']
 

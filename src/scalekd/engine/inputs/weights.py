@@ -8,8 +8,8 @@ from typing import Any, Dict, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import is_training_checkpoint, load_error
-from .errors import UserError
+from ..run_folder.checkpoint import is_training_checkpoint, load_error
+from ..errors import UserError
 
 __all__ = ['WeightsError', 'read_state_dict', 'read_torch_file', 'state_dict_of', 'load_state_dict_checked',
            'load_weights', 'unsafe_load_reason']

@@ -13,8 +13,8 @@ from typing import Any, Dict, Iterable, Iterator, Optional, TextIO, Tuple
 
 from tqdm import tqdm
 
-from .config import LogConfig
-from .errors import ConfigError, UserError, error_line
+from ..inputs.config import LogConfig
+from ..errors import ConfigError, UserError, error_line
 
 __all__ = ['RunLogger', 'ProgressLines', 'rewind_metrics', 'write_text_atomic']
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 from timm.layers import convert_sync_batchnorm
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .config import DataConfig, RunConfig, TrainConfig
+from ..inputs.config import DataConfig, RunConfig, TrainConfig
 from .distributed import DistEnv
 
 __all__ = ['configure_backends', 'sync_batchnorm', 'apply_gpu_settings', 'loader_options']

@@ -4,7 +4,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .distributed import DistEnv, all_reduce_sum
+from ..runtime.distributed import DistEnv, all_reduce_sum
 
 __all__ = ['EpochLosses']
 

@@ -6,14 +6,14 @@ from typing import Any, Dict
 import torch
 from timm.utils import random_seed
 
-from ..task.report import param_counts, tap_rows
-from .config import RunConfig
-from .distributed import DistEnv
-from .optimizer import build_optimizer
-from .precision import resolve_precision
+from ...task.report import param_counts, tap_rows
+from ..inputs.config import RunConfig
+from ..runtime.distributed import DistEnv
+from ..runtime.optimizer import build_optimizer
+from ..runtime.precision import resolve_precision
 from .synthetic_step import synthetic_batch, training_step
-from .task_build import build_task
-from .weights import load_weights
+from ..inputs.task_build import build_task
+from ..inputs.weights import load_weights
 
 __all__ = ['dry_run']
 

@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .config import DataConfig
 from .config_rules import DATASETS
-from .cuda_settings import loader_options
-from .distributed import DistEnv
-from .errors import UserError
-from .faults import ignore_stop_signals
+from ..runtime.cuda_settings import loader_options
+from ..runtime.distributed import DistEnv
+from ..errors import UserError
+from ..loop.faults import ignore_stop_signals
 
 __all__ = ['DataError', 'Datasets', 'CheckedImageDataset', 'build_datasets', 'build_loaders', 'build_mixup', 'seed_epoch', 'seeded_subset',
            'ShardSampler', 'EpochSampler', 'SeededSamples', 'EndingLoader', 'epoch_seed']
@@ -219,7 +219,7 @@ class ShardSampler(torch.utils.data.Sampler):
 class EndingLoader(DataLoader):
     """A DataLoader that ends its worker processes as soon as an iteration over it fails. A failed
     iterator is kept alive by the error's traceback, and its workers (which ignore the stop signals,
-    see :func:`~scalekd.engine.faults.ignore_stop_signals`) would outlive the run and keep its process
+    see :func:`~scalekd.engine.loop.faults.ignore_stop_signals`) would outlive the run and keep its process
     from ending."""
 
     def __iter__(self) -> Iterator[Any]:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ['FORMAT_VERSION', 'save_checkpoint', 'load_checkpoint', 'is_training_checkpoint',
            'read_training_checkpoint', 'migrate', 'out_of_space',

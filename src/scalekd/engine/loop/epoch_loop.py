@@ -14,7 +14,7 @@ beyond it). The invariants, on every rank:
   The schedule steps once per window, whatever its decision.
 - The norm layers' running statistics are copied at a window's first micro-batch; a window that is
   skipped or stops gets them back, so none of its forwards leaves a trace.
-- A window's loss terms count once its update is done (:class:`~scalekd.engine.epoch_losses.EpochLosses`).
+- A window's loss terms count once its update is done (:class:`~scalekd.engine.loop.epoch_losses.EpochLosses`).
 - Checkpoints are taken between windows: after an update (every ``train.checkpoint_every_steps``
   updates, and before a stop signal ends the run), or, when a non-finite loss stops the run, of
   the state from before the window.
@@ -29,17 +29,17 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 
-from .config import RunConfig
-from .data import seed_epoch
-from .distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_rank
+from ..inputs.config import RunConfig
+from ..inputs.data import seed_epoch
+from ..runtime.distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_rank
 from .epoch_losses import EpochLosses
 from .faults import NonFiniteLoss, NormStatistics, StopSignal, judge_non_finite, non_finite_flags
-from .memory import peak_memory_mb
-from .optimizer import optimizer_step
-from .precision import autocast
+from ..runtime.memory import peak_memory_mb
+from ..runtime.optimizer import optimizer_step
+from ..runtime.precision import autocast
 from .run_logger import RunLogger
 from .run_parts import RunParts
-from .training_state import Progress
+from ..run_folder.training_state import Progress
 
 __all__ = ['EpochLoop', 'Decision', 'MicroStep', 'Window']
 

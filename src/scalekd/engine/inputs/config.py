@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
-from ..method.errors import OptionError
-from ..method.options import DistillOptions
+from ...method.errors import OptionError
+from ...method.options import DistillOptions
 from .config_rules import check_values
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ['ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'SchedConfig', 'TrainConfig',
            'LogConfig', 'RunConfig', 'load_config', 'validate_config', 'config_to_dict', 'save_config']
@@ -407,7 +407,7 @@ def load_config(path: Union[str, Path], overrides: Optional[List[str]] = None) -
 
 
 def validate_config(cfg: RunConfig, where: str) -> RunConfig:
-    """``cfg`` once every value is in its range (:mod:`scalekd.engine.config_rules`) and the distill section
+    """``cfg`` once every value is in its range (:mod:`scalekd.engine.inputs.config_rules`) and the distill section
     resolves; else a :class:`ConfigError` naming the key, ``where`` and what is allowed."""
     check_values(cfg, where, ConfigError)
     try:

@@ -2,7 +2,7 @@
 the normalisation statistics the bad forward changed, and SIGTERM / SIGINT.
 
 Nothing here communicates: the training loop reduces the flags over ranks
-(:func:`~scalekd.engine.distributed.any_rank`) and hands the agreed values in, so every rank takes
+(:func:`~scalekd.engine.runtime.distributed.any_rank`) and hands the agreed values in, so every rank takes
 the same decision.
 """
 import signal
@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import LossNotFinite, RunInterrupted
+from ..errors import LossNotFinite, RunInterrupted
 
 __all__ = ['NormStatistics', 'NonFiniteLoss', 'judge_non_finite', 'non_finite_flags', 'StopSignal', 'STOP_SIGNALS', 'ignore_stop_signals', 'handling']
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .devices import DeviceError, resolve_device
-from .errors import UserError, error_line
+from ..errors import UserError, error_line
 
 __all__ = ['DistEnv', 'init_distributed', 'all_reduce_sum', 'all_reduce_mean', 'any_rank', 'on_main', 'barrier',
            'cleanup', 'exit_process', 'lost_peer', 'RankError', 'PeerFailure']
@@ -51,7 +51,7 @@ def init_distributed(device: str = 'auto', timeout_s: int = 1800) -> DistEnv:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
     ``MASTER_ADDR``/``MASTER_PORT``); nccl on CUDA, gloo on CPU. One process without them.
 
-    ``device`` follows :func:`scalekd.engine.devices.resolve_device`; under torchrun each process takes
+    ``device`` follows :func:`scalekd.engine.runtime.devices.resolve_device`; under torchrun each process takes
     ``cuda:LOCAL_RANK``, so an explicit ``cuda:N`` is refused there.
     """
     global _joined_group

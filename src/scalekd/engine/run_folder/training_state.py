@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 from timm.utils import ModelEmaV3, random_seed
 
-from ..task.distiller import Distiller, TaskStateMismatchError
+from ...task.distiller import Distiller, TaskStateMismatchError
 from .checkpoint import FORMAT_VERSION, CheckpointError, rng_state, set_rng_state
-from .config import RunConfig, config_from_dict, config_to_dict
-from .distributed import DistEnv
-from .errors import RunError
-from .optimizer import load_optimizer_state
+from ..inputs.config import RunConfig, config_from_dict, config_to_dict
+from ..runtime.distributed import DistEnv
+from ..errors import RunError
+from ..runtime.optimizer import load_optimizer_state
 
 __all__ = ['Progress', 'Resumed', 'TrainingState', 'best_state', 'changed_settings', 'gather_rng_states',
            'restore_rng_states']
@@ -95,7 +95,7 @@ def best_state(state: Dict[str, Any]) -> Dict[str, Any]:
 @dataclass
 class Resumed:
     """What a checkpoint gives back besides the weights: where the run stands, the epoch's loss sums
-    and the updates they count (see :class:`~scalekd.engine.epoch_losses.EpochLosses`), the
+    and the updates they count (see :class:`~scalekd.engine.loop.epoch_losses.EpochLosses`), the
     checkpoint's config and RNG streams."""
     progress: Progress
     loss_sums: Dict[str, float]

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ['FashionMNIST', 'read_idx', 'find_fashion_mnist', 'has_fashion_mnist', 'DatasetNotFound', 'FashionMNISTError',
            'CLASSES', 'DEBIAN_DIR']

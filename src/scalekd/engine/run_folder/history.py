@@ -1,5 +1,5 @@
 """A run's use of its output folder, on the main process: what to resume from and what to do with the
-folder's history, read from the checkpoints themselves. :mod:`~scalekd.engine.run_folder` holds the
+folder's history, read from the checkpoints themselves. :mod:`~scalekd.engine.run_folder.files` holds the
 rules on files (the lock, the marker, what may be deleted); this module decides with them:
 
 - the checkpoint to resume from: ``--resume auto`` takes the newest that loads and sets the newer ones
@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .checkpoint import (CheckpointError, checkpoint_position, checkpoints_by_age, latest_checkpoint,
                          read_training_checkpoint, save_checkpoint)
-from .errors import RunError
-from .run_folder import MARKER, RunFolder
+from ..errors import RunError
+from .files import MARKER, RunFolder
 from .training_state import Progress, best_state
 
 __all__ = ['RunOutput', 'check_resume_request']

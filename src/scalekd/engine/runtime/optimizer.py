@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 from timm.optim import Lookahead, create_optimizer_v2
 
-from .config import OptimConfig
+from ..inputs.config import OptimConfig
 from .distributed import DistEnv
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ['build_optimizer', 'gather_optimizer_state', 'load_optimizer_state', 'optimizer_step', 'is_sharded']
 

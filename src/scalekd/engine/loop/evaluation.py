@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 from timm.utils import accuracy
 
-from .distributed import DistEnv, all_reduce_sum
-from .precision import autocast
+from ..runtime.distributed import DistEnv, all_reduce_sum
+from ..runtime.precision import autocast
 
 __all__ = ['evaluate']
 

@@ -1,0 +1,1 @@
+"""The training loop: the trainer and what it is built of, the epoch loop, its faults, evaluation, logs."""
