@@ -59,3 +59,12 @@ def test_a_refused_pickle_names_the_global_and_how_to_go_on(tmp_path, capsys):
     assert f'{tmp_path / "foreign.pth"} cannot be loaded safely (weights_only): Weights only load failed. ' in err
     assert f'The file names {os.getcwd.__module__}.getcwd, which a weights-only load never runs' in err
     assert 'convert it' in err and 'torch.save its state dict' in err
+
+
+def test_a_checkpoint_that_names_a_refused_global_says_which(tmp_path):
+    from scalekd.engine.run_folder.checkpoint import CheckpointError, read_training_checkpoint
+    path = tmp_path / 'checkpoint-0001.pth'
+    torch.save({'format': 3, 'progress': {}, 'meta': _CallsOnLoad()}, path)
+    with pytest.raises(CheckpointError) as e:
+        read_training_checkpoint(path)
+    assert f'The file names {os.getcwd.__module__}.getcwd, which a weights-only load never runs' in str(e.value)

@@ -1,6 +1,5 @@
 """Loading weight files safely: safetensors, or torch files with ``weights_only`` (no pickle code runs)."""
 import pickle
-import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, Union
@@ -12,9 +11,8 @@ from ..run_folder.checkpoint import is_training_checkpoint, load_error
 from ..errors import UserError
 
 __all__ = ['WeightsError', 'read_state_dict', 'read_torch_file', 'state_dict_of', 'load_state_dict_checked',
-           'load_weights', 'unsafe_load_reason']
+           'load_weights']
 
-_GLOBAL = re.compile(r'GLOBAL ([\w.]+)')  # the class or function torch's weights-only unpickler refused
 
 
 class WeightsError(UserError):
@@ -53,19 +51,7 @@ def read_torch_file(path: Union[str, Path]) -> Any:
     except pickle.UnpicklingError:
         return _load_with_inert_objects(path)
     except Exception as e:  # RuntimeError / EOFError for truncated or foreign files
-        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {unsafe_load_reason(e)}') from None
-
-
-def unsafe_load_reason(e: Exception) -> str:
-    """Why a weights-only ``torch.load`` refused a file: the first sentence of its error and, for a pickle
-    that names a class or function torch does not allow, that name and how to go on."""
-    reason = load_error(e)
-    refused = _GLOBAL.search(str(e))
-    if refused:
-        reason += (f' The file names {refused[1]}, which a weights-only load never runs. If you trust the file, '
-                   f'convert it: load it once with torch.load(path, weights_only=False), torch.save its state dict of '
-                   f'tensors, and give that file')
-    return reason
+        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e)}') from None
 
 
 class _Inert:
@@ -88,7 +74,7 @@ def _load_with_inert_objects(path: Path) -> Any:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {unsafe_load_reason(e)}') from None
+        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e)}') from None
 
 
 def state_dict_of(data: Any, path: Union[str, Path]) -> Dict[str, torch.Tensor]:

@@ -113,9 +113,20 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
         raise CheckpointError(f'checkpoint {path} cannot be loaded safely: {load_error(e)}') from None
 
 
+_GLOBAL = re.compile(r'GLOBAL ([\w.]+)')  # the class or function torch's weights-only unpickler refused
+
+
 def load_error(e: Exception) -> str:
-    """The first sentence of torch.load's error (not its advice to load unsafely)."""
-    return re.split(r'(?<=\.) ', str(e).splitlines()[0])[0] if str(e).strip() else type(e).__name__
+    """Why a weights-only ``torch.load`` failed: the first sentence of its error (not its advice to load
+    unsafely) and, for a pickle that names a class or function torch does not allow, that name and how
+    to go on."""
+    reason = re.split(r'(?<=\.) ', str(e).splitlines()[0])[0] if str(e).strip() else type(e).__name__
+    refused = _GLOBAL.search(str(e))
+    if refused:
+        reason += (f' The file names {refused[1]}, which a weights-only load never runs. If you trust the file, '
+                   f'convert it: load it once with torch.load(path, weights_only=False), torch.save its state dict of '
+                   f'tensors, and give that file')
+    return reason
 
 
 def _from_format_1(state: Dict[str, Any]) -> Dict[str, Any]:
