@@ -157,3 +157,13 @@ def late(name):
 def test_public_api_stays_at_the_package_root(name):
     import scalekd
     assert name in scalekd.__all__ and getattr(scalekd, name) is not None
+
+
+def test_the_layout_page_names_every_engine_module_in_its_sub_package():
+    page = (PACKAGE.parents[1] / 'docs' / 'architecture.md').read_text()
+    rows = {line.split('|')[1].strip(' `'): line.split('|')[2] for line in page.splitlines()
+            if line.startswith('| `engine/') and line.count('|') >= 4}
+    for folder in sorted(p for p in (PACKAGE / 'engine').iterdir() if (p / '__init__.py').exists()):
+        named = rows.get(f'engine/{folder.name}/', '')
+        modules = sorted(p.stem for p in folder.glob('*.py') if p.stem != '__init__')
+        assert [m for m in modules if f'`{m}`' not in named] == [], folder.name
