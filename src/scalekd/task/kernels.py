@@ -2,7 +2,7 @@
 
 The projectors are built with plain ``nn.Conv2d``; :func:`use_cpu_kernels` swaps the CAPs' full 3x3
 student convolutions for :class:`UnfoldConv2d` (same parameters and state-dict keys, so checkpoints
-do not change). Measured speed-ups are in the README's bench notes.
+do not change). Measured speed-ups: docs/cost.md.
 """
 from typing import Optional
 

@@ -4,7 +4,7 @@ glibc's malloc hands big blocks back to the kernel on every free (``mmap`` above
 heap trimming), so every training step page-faults and zeroes its activations again. Raising the
 mmap threshold to its maximum and keeping freed memory removes that (at the cost of a larger
 resident set). No-op where glibc is absent. What it saved, and the command that measured it: the
-README's "Training cost" section.
+documentation's training cost page (docs/cost.md).
 """
 import ctypes
 import ctypes.util
