@@ -3,9 +3,14 @@ import sys
 
 # no network here: a hub lookup fails at once instead of retrying (set before huggingface_hub is imported)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+if os.environ.get('PYTEST_XDIST_WORKER'):  # one thread per test process (and the processes a test starts)
+    os.environ['OMP_NUM_THREADS'] = '1'
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from scalekd.engine import distributed
+from scalekd.engine.runtime import distributed
 
 _plain_init = distributed.init_distributed
 

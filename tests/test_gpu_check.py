@@ -122,7 +122,7 @@ def test_junit_counts_failures_and_skips(tmp_path):
 
 
 def test_the_demo_part_generates_fashion_mnist_shaped_files_where_the_real_ones_are_absent(tmp_path, monkeypatch):
-    from scalekd.engine import fashion_mnist
+    from scalekd.engine.inputs import fashion_mnist
 
     def absent(given, download=True, **kwargs):
         assert download is False  # never a download on a machine without network
