@@ -107,6 +107,7 @@ def _checkpoint(tmp_path, data_root, name, **distill):
     return path
 
 
+@pytest.mark.slow
 def test_feature_distances_are_the_training_distances_on_held_out_images(tmp_path, data_root, capsys):
     from scalekd.tools.analysis import feature_distances, image_dataset, task_from_checkpoint
     dfm = _checkpoint(tmp_path, data_root, 'dfm')

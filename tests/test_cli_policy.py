@@ -160,6 +160,7 @@ def test_demo_runs_on_cpu_and_records_its_device(grey_export, tmp_path):
     assert json.loads((out / 'results.json').read_text())['settings']['device'] == 'cpu'
 
 
+@pytest.mark.slow
 def test_bench_runs_on_cpu(capsys):
     assert main(['bench', '--teacher', 'vit_tiny_patch16_224', '--student', 'resnet18', '--img-size', '32',
                  '--batch', '2', '--steps', '1', '--variants', 'student', '--json', '--device', 'cpu']) == 0
@@ -318,6 +319,7 @@ def test_a_bench_child_that_crashes_shows_its_traceback(monkeypatch):
         main(['bench', '--variants', 'student', '--device', 'cpu', '--json'])
 
 
+@pytest.mark.slow
 def test_a_bench_child_reports_a_user_error_with_exit_2():
     spec = dict(teacher='vit_tiny_patch16_224', student='resnet5O', img_size=32, batch=2, steps=1, precision='fp32',
                 channels_last=False, device='cpu', variant='student')

@@ -44,6 +44,7 @@ def shared_teachers():
 
 
 # sorted by teacher so the cache holds while one teacher's configs run
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(EXPERIMENTS, key=lambda p: (load_config(CONFIGS / p).teacher.model, p)))
 def test_config_dry_runs(name, shared_teachers, monkeypatch):
     monkeypatch.setattr(task_build, '_create', shared_teachers)
@@ -55,6 +56,7 @@ def test_config_dry_runs(name, shared_teachers, monkeypatch):
     assert report['params']['distill'] > 0 or not options.uses_features
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(p.name for p in (CONFIGS / FEATURE_ONLY).glob('*.yaml')))
 def test_feature_only_configs_dry_run_with_their_headless_teachers(name):
     """DINOv2 / EVA-02 MIM -> ResNet-50-D: the hub teacher keeps its own (absent) classifier, so the run is

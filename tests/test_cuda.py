@@ -107,6 +107,7 @@ def _assert_close_step(got, ref, precision: str) -> None:
 
 @pytest.mark.parametrize('device, precision', [('cpu', 'fp32'), ('cpu', 'bf16'), ('cpu', 'fp16'),
                                                on_gpu('cuda', 'fp32'), on_gpu('cuda', 'bf16'), on_gpu('cuda', 'fp16')])
+@pytest.mark.slow
 def test_a_channels_last_step_in_each_precision_matches_the_cpu_fp32_step(device, precision):
     """A full ScaleKD step (TPP, both views, KD) with channels_last, against the CPU fp32 step in the
     default layout. fp16 runs with a GradScaler whose first scale leaves the step finite (the scale

@@ -325,6 +325,7 @@ def _assert_same_step(plain, compiled, images, rtol: float, atol: float) -> None
         torch.testing.assert_close(grads[1][name], grad, rtol=rtol, atol=atol, msg=name)
 
 
+@pytest.mark.slow
 def test_compile_compiles_the_teacher_and_each_piece_and_keeps_weights_and_keys():
     """Distiller.compile (timm's TrainingTask protocol): the teacher's extraction and last stage and each
     piece of the trainable module are compiled (traced by dynamo: the eager backend keeps the test

@@ -59,6 +59,7 @@ def _assert_continues(reference: Path, resumed: Path, first_step: int, ref_batch
     assert load_checkpoint(resumed / 'checkpoint-0002.pth')['progress']['step'] == 6
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_from_one_process_on_two(straight, data_root, tmp_path):
     _resume_folder(tmp_path, straight / 'checkpoint-0000-000001.pth')
     cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
@@ -66,6 +67,7 @@ def test_mid_epoch_resume_from_one_process_on_two(straight, data_root, tmp_path)
     _assert_continues(straight, tmp_path / 'run', 2, ref_batch=8, resumed_batch=4)
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_from_two_processes_on_one(straight2, data_root, tmp_path):
     _resume_folder(tmp_path, straight2 / 'checkpoint-0000-000002.pth')
     cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
@@ -112,6 +114,7 @@ def test_another_global_batch_is_refused_on_resume(straight, data_root, tmp_path
     assert 'was trained with train.batch_size 8, this run asks for 6' in err and 'resume with train.batch_size 8' in err
 
 
+@pytest.mark.slow
 def test_a_two_process_run_killed_and_resumed_logs_what_the_uninterrupted_one_logs(straight2, data_root, tmp_path):
     cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
     run = tmp_path / 'run'
@@ -131,6 +134,7 @@ def test_a_two_process_run_killed_and_resumed_logs_what_the_uninterrupted_one_lo
         assert torch.equal(value, state['student'][key]), key
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_stops_both_with_one_checkpoint(data_root, tmp_path):
     cfg = tiny_config(tmp_path, data_root)
     proc = start_torchrun(cfg, port=29549, SCALEKD_TEST_NAN='1:2')  # rank 1, step 2
@@ -141,6 +145,7 @@ def test_a_nan_on_one_rank_stops_both_with_one_checkpoint(data_root, tmp_path):
     assert load_checkpoint(tmp_path / 'run' / 'checkpoint-0000-000001.pth')['progress']['step'] == 1
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_is_skipped_by_both(data_root, tmp_path):
     cfg = tiny_config(tmp_path, data_root)
     finish(start_torchrun(cfg, '--max-nan-skips', '1', port=29551, SCALEKD_TEST_NAN='1:2'), timeout=300)
@@ -149,6 +154,7 @@ def test_a_nan_on_one_rank_is_skipped_by_both(data_root, tmp_path):
     assert 'update skipped (1/1 skips used)' in (tmp_path / 'run' / 'train.log').read_text()
 
 
+@pytest.mark.slow
 def test_ddp_with_accumulation_updates_like_one_process_with_the_same_global_batch(data_root, tmp_path):
     """2 processes x 2 accumulation steps x 2 images = one process x 8 images (LayerNorm everywhere:
     ConvNeXt student and its LN projectors, so the batch split does not change the math; 64 px, so
@@ -183,6 +189,7 @@ def _rank_pid(rank: int) -> int:
     raise AssertionError(f'rank {rank} not found')
 
 
+@pytest.mark.slow
 def test_a_dead_rank_stops_the_others_in_bounded_time(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=50))
     proc = start_torchrun(cfg, port=29555)
@@ -194,6 +201,7 @@ def test_a_dead_rank_stops_the_others_in_bounded_time(tmp_path, data_root):
     assert 'FAILED' in err or 'ChildFailedError' in err, err[-2000:]
 
 
+@pytest.mark.slow
 def test_a_refusal_on_the_main_process_stops_every_rank_at_once(straight, data_root, tmp_path):
     """The main process finds the folder holds a checkpoint (no --resume): every rank exits 2, none waits for the
     others until the timeout; the message is printed once, by the main process."""
@@ -218,6 +226,7 @@ def _assert_equal_training_states(a: dict, b: dict) -> None:
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(b['optimizer']['state'][index][name])), (index, name)
 
 
+@pytest.mark.slow
 def test_zero_trains_like_plain_ddp_and_checkpoints_the_whole_optimizer_state(straight2, data_root, tmp_path):
     """train.zero on 2 processes: every step's losses, the weights and the optimizer state written to the
     checkpoint (gathered from both shards) equal plain DDP's."""
@@ -230,6 +239,7 @@ def test_zero_trains_like_plain_ddp_and_checkpoints_the_whole_optimizer_state(st
         _assert_equal_training_states(load_checkpoint(straight2 / name), load_checkpoint(run / name))
 
 
+@pytest.mark.slow
 def test_a_plain_checkpoint_resumes_under_zero_and_ends_where_plain_ddp_ends(straight2, data_root, tmp_path):
     """A checkpoint of plain DDP, resumed mid-epoch with train.zero (each rank takes its shard of the
     optimizer state from the whole one), ends with plain DDP's weights and optimizer state."""
@@ -262,6 +272,7 @@ def _optimizer_shard(rank: int, port: int, out: Path) -> None:
     exit_process(0)
 
 
+@pytest.mark.slow
 def test_zero_keeps_about_half_the_optimizer_state_on_each_of_two_ranks(tmp_path):
     torch.multiprocessing.spawn(_optimizer_shard, args=(29565, tmp_path), nprocs=2)
     (held0, total), (held1, _) = [map(int, (tmp_path / f'rank{r}').read_text().split()) for r in (0, 1)]
@@ -277,6 +288,7 @@ def _leave_with_collectives_in_flight(rank: int, port: int) -> None:
     exit_process(3)
 
 
+@pytest.mark.slow
 def test_a_rank_leaving_while_gloo_finishes_collectives_exits_with_its_code_not_an_abort():
     """Interpreter finalization with gloo workers still releasing tensors aborts the process (SIGABRT,
     "terminate called without an active exception"), every time in this case; exit_process does not."""

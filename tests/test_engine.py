@@ -94,6 +94,7 @@ def _train_cmd(cfg, *extra):
     return [sys.executable, '-m', 'scalekd.cli', 'train', str(cfg), *extra]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(trained, data_root, tmp_path):
     run, _ = trained
     cfg = tiny_config(tmp_path, data_root)
@@ -114,6 +115,7 @@ def test_killed_run_resumes_to_the_same_weights(trained, data_root, tmp_path):
     assert resumed['optimizer']['param_groups'] == straight['optimizer']['param_groups']  # lr of the schedule too
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_single_process_at_step_1(data_root, tmp_path):
     # no BatchNorm anywhere (ConvNeXt student -> LayerNorm CAP) and deterministic crops, so the
     # 2 x 4 split of the global batch of 8 must give the single-process loss
@@ -136,6 +138,7 @@ def test_torchrun_two_processes_match_single_process_at_step_1(data_root, tmp_pa
     assert two[-1]['val_count'] == one[-1]['val_count'] == 12  # every val image counted once over 2 ranks
 
 
+@pytest.mark.slow
 def test_teacher_checkpoint_loading(data_root, tmp_path):
     cfg_path = tiny_config(tmp_path, data_root)
     cfg = load_config(cfg_path)
@@ -164,6 +167,7 @@ def test_dry_run_writes_nothing(data_root, tmp_path, capsys):
     assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_ema_accumulation_and_speed_switches(data_root, tmp_path, capsys):
     cfg = tiny_config(tmp_path, data_root, train=dict(batch_size=8, accum_steps=2, ema=True, ema_decay=0.5,
                                                       channels_last=True), sched=dict(epochs=1))
@@ -239,6 +243,7 @@ def accumulated_with_a_skip(tmp_path_factory, data_root):
     return tmp / 'run'
 
 
+@pytest.mark.slow
 def test_checkpoints_are_named_by_updates_not_micro_batches(accumulated_with_a_skip):
     run = accumulated_with_a_skip
     assert [p.name for p in checkpoints_by_age(run)] == ['checkpoint-0000-000001.pth', 'checkpoint-0000-000002.pth',

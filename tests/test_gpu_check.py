@@ -71,6 +71,7 @@ def _python(code: str):
     return [sys.executable, '-c', code]
 
 
+@pytest.mark.slow
 def test_a_part_that_hangs_is_killed_with_its_children_at_its_timeout(tmp_path):
     pid_file = tmp_path / 'child.pid'
     hang = _python(f"import subprocess, time; p = subprocess.Popen(['sleep', '100']); "
@@ -83,6 +84,7 @@ def test_a_part_that_hangs_is_killed_with_its_children_at_its_timeout(tmp_path):
     assert not Path(f'/proc/{child}').exists() or 'Z' in Path(f'/proc/{child}/stat').read_text().split()[2]
 
 
+@pytest.mark.slow
 def test_the_check_goes_on_after_a_failed_or_hung_part_and_stops_starting_parts_when_its_budget_is_spent(tmp_path):
     """A failing part (its stderr kept), a hung one and one whose output does not read are each reported,
     and the next part still runs; a part that would start with under MIN_PART_S seconds left is not run."""

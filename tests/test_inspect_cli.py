@@ -21,6 +21,7 @@ def _taps(report):
     return {t['name']: (t['student_shape'], t['target_shape']) for t in report['taps']}
 
 
+@pytest.mark.slow
 def test_headline_pair_shapes_params_and_one_training_step(capsys):
     report = _inspect_json(capsys, '--teacher', 'swin_large_patch4_window7_224', '--student', 'resnet50')
     assert _taps(report) == {'s3': ([1024, 14, 14], [768, 14, 14]), 's4': ([2048, 7, 7], [1536, 7, 7])}
@@ -66,6 +67,7 @@ def shared_teachers():
     return cached
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pair', sorted(PAPER_PAIRS))
 def test_every_table3_pair_builds_at_224(capsys, pair, shared_teachers, monkeypatch):
     monkeypatch.setattr(builder, 'create_timm_model', shared_teachers)
@@ -79,6 +81,7 @@ def test_every_table3_pair_builds_at_224(capsys, pair, shared_teachers, monkeypa
         assert taps['s3'][1] == [1024, 16, 16] and taps['s4'][1] == [1024, 16, 16]
 
 
+@pytest.mark.slow
 def test_other_resolutions(capsys):
     # Swin teacher at 256 with a window that divides every stage grid
     report = _inspect_json(capsys, '--teacher', 'swin_tiny_patch4_window7_224', '--teacher-kwarg', 'window_size=8',
@@ -101,6 +104,7 @@ def test_method_and_options_reach_the_report(capsys):
     assert set(report['train_step']['losses']) == {'loss', 'task_loss', 's3_ori', 's4_ori'}
 
 
+@pytest.mark.slow
 def test_text_report_and_errors_exit_non_zero(capsys):
     run = [sys.executable, '-m', 'scalekd.cli', 'inspect']
     ok = subprocess.run(run + ['--teacher', 'vit_tiny_patch16_224', '--student', 'resnet18', '--img-size', '32',

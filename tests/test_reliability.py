@@ -108,6 +108,7 @@ def test_resume_auto_with_only_damaged_checkpoints_names_each_and_changes_nothin
 
 
 # -- 2. crash and resume -------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_after_every_step_then_resume_gives_the_same_run(straight, data_root, tmp_path):
     """Killed once after each of the 5 mid-run checkpoints (each resumed run is killed at the next),
     then finished: the same weights, metrics and metrics.jsonl as the uninterrupted run."""
@@ -125,6 +126,7 @@ def test_sigkill_after_every_step_then_resume_gives_the_same_run(straight, data_
     assert not [f for f in os.listdir(run) if f.endswith('.tmp')]  # killed writes cleaned up
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum, workers', [(signal.SIGTERM, 0), (signal.SIGTERM, 2), (signal.SIGHUP, 2)])
 def test_a_stop_signal_to_the_job_saves_a_checkpoint_and_exits(data_root, tmp_path, signum, workers):
     """SIGTERM (a scheduler's scancel / pre-emption) or SIGHUP (a closed terminal) sent to the run's whole
@@ -270,6 +272,7 @@ def test_max_nan_skips_skips_bounded_bad_steps(tmp_path, data_root, nan_at_step_
 
 
 # -- 7. determinism ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_deterministic_runs_are_bit_identical(straight, data_root, tmp_path):
     cfg = tiny_config(tmp_path, data_root, train=dict(checkpoint_every_steps=1, keep_checkpoints=20))
     assert main(['train', str(cfg), '--deterministic']) == 0
@@ -377,6 +380,7 @@ def test_an_empty_or_damaged_file_is_named_in_one_line_wherever_a_path_is_taken(
     assert sorted(os.listdir(tmp_path)) == ['bad.pth', 'config.yaml']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workers', ['0', '2'])
 def test_eval_names_an_unreadable_image_instead_of_counting_its_neighbour(tmp_path, straight, workers, capsys):
     root = make_image_folder(tmp_path / 'data', train_per_class=1, val_per_class=3)

@@ -32,6 +32,7 @@ def _files(folder: Path) -> dict:
 
 
 # -- one writer ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_run_on_a_live_folder_is_refused_and_the_first_finishes_intact(tmp_path, data_root, capsys):
     cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=4))
     first = start(cfg)
@@ -56,6 +57,7 @@ def test_the_lock_of_a_killed_run_does_not_stick(tmp_path, data_root):
 
 
 # -- --force and where a run may write ------------------------------------------------------------
+@pytest.mark.slow
 def test_force_deletes_only_the_previous_runs_files(tmp_path, data_root):
     cfg = tiny_config(tmp_path, data_root, sched=dict(epochs=1), train=EVERY_STEP)
     assert main(['train', str(cfg)]) == 0
@@ -164,6 +166,7 @@ def test_retention_deletes_the_oldest_of_the_runs_own_series(tmp_path):
         'checkpoint-0001-000002.pth']
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_zero_keeps_all_and_negative_is_refused(tmp_path, data_root, capsys):
     cfg = tiny_config(tmp_path, data_root, train=dict(checkpoint_every_steps=1, keep_checkpoints=0))
     err = _refused(capsys, 'train', str(cfg), '-o', 'train.keep_checkpoints=-1')
@@ -179,6 +182,7 @@ class _Killed(BaseException):
     """Stands for SIGKILL inside the process."""
 
 
+@pytest.mark.slow
 def test_a_kill_between_the_epoch_checkpoint_and_best_pth_leaves_them_consistent(tmp_path, data_root, monkeypatch):
     cfg = tiny_config(tmp_path, data_root, train=EVERY_STEP)
     run = tmp_path / 'run'
@@ -211,6 +215,7 @@ def test_best_pth_is_what_eval_and_export_need(straight, tmp_path, data_root):
     assert main(['eval', str(straight / 'best.pth'), '--data', str(data_root / 'val'), '--workers', '0']) == 0
 
 
+@pytest.mark.slow
 def test_resume_rewinds_metrics_to_the_checkpoint(straight, data_root, tmp_path):
     run = tmp_path / 'run'
     run.mkdir()
@@ -254,6 +259,7 @@ def test_resume_of_a_folder_says_what_to_give(tmp_path, data_root, capsys):
 
 
 # -- rewinding and changing settings ------------------------------------------------------------------
+@pytest.mark.slow
 def test_resuming_an_older_checkpoint_sets_the_later_history_aside(straight, data_root, tmp_path):
     run = tmp_path / 'run'
     shutil.copytree(straight, run)
@@ -269,6 +275,7 @@ def test_resuming_an_older_checkpoint_sets_the_later_history_aside(straight, dat
     assert [r['step'] for r in step_lines(run)] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_uses_the_learning_rate_and_length_it_is_given(straight, data_root, tmp_path):
     run = tmp_path / 'run'
     run.mkdir()

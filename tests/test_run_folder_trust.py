@@ -43,6 +43,7 @@ def _copy(straight: Path, tmp_path: Path) -> Path:
 # -- 1. --force replaces the previous run only once the new one is built -----------------------------
 @pytest.mark.parametrize('override', ['student.model=resnet1800', 'data.root={tmp}/no-data',
                                       'teacher.checkpoint={tmp}/teacher.pth'])
+@pytest.mark.slow
 def test_a_forced_run_that_cannot_start_keeps_the_previous_run(straight, data_root, tmp_path, capsys, override):
     run = _copy(straight, tmp_path)
     (tmp_path / 'teacher.pth').write_bytes(b'not a weights file')
