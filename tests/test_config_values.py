@@ -64,6 +64,10 @@ CASES = [
     ('distill.s4_heads=-8', 'distill.s4_heads in {cfg} (with overrides) must be >= 1, got -8'),
     ('data.dataset=imagenet', 'data.dataset in {cfg} (with overrides) must be one of folder, fashion_mnist'),
     ('sched.decay_rate=0', 'sched.decay_rate in {cfg} (with overrides) must be > 0, got 0.0'),
+    ('distill.kd_temperature=.inf', 'distill.kd_temperature in {cfg} (with overrides) must be a finite number, got inf'),
+    ('optim.lr=.inf', 'optim.lr in {cfg} (with overrides) must be a finite number, got inf'),
+    ('distill.w_ori=.inf', 'distill.w_ori in {cfg} (with overrides) must be a finite number, got inf'),
+    ('data.ratio=[0.75,.inf]', 'data.ratio in {cfg} (with overrides) must be a finite number, got (0.75, inf)'),
 ]
 
 
@@ -82,6 +86,8 @@ def test_a_value_out_of_range_is_one_line_before_anything_is_built(override, mes
     (dict(data=dict(mean=[0.5, 0.5, 0.5], std=[0.2, 0.2])), 'data.std in {cfg} must have one value per input channel'),
     (dict(data=dict(mean=[0.5, 0.5, 0.5], std=[0.2, 0, 0.2])), 'data.std in {cfg} must be > 0 on every channel, '
                                                                'got [0.2, 0.0, 0.2]'),
+    (dict(data=dict(mean=[0.5, float('nan'), 0.5], std=[0.2, 0.2, float('inf')])),
+     'data.mean in {cfg} must be finite on every channel, got [0.5, nan, 0.5]'),
     (dict(teacher=dict(mean=[0.5], std=[0.2])), 'teacher.mean in {cfg} must have one value per input channel '
                                                 '(data.in_chans: 3), got [0.5]'),
 ])

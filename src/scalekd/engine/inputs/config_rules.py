@@ -3,6 +3,7 @@
 Checked by :func:`check_values` after the types (``config.py``) and before anything is built or
 written, so a wrong value is one line naming the key, the file and the allowed range.
 """
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -122,6 +123,12 @@ RULES = tuple(Rule(key, *check) for key, check in (
 ))
 
 
+def _finite(value: Any) -> bool:
+    """Whether no float in ``value`` (a number or a sequence of them) is infinite or NaN."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return all(not isinstance(v, float) or math.isfinite(v) for v in values)
+
+
 def _get(cfg: Any, key: str) -> Any:
     for part in key.split('.'):
         cfg = getattr(cfg, part)
@@ -134,6 +141,8 @@ def check_values(cfg: Any, where: str, error: Callable[[str], Exception]) -> Non
     (``train.zero``) asked of one that wraps another."""
     for rule in RULES:
         value = _get(cfg, rule.key)
+        if not _finite(value):  # inf passes every lower bound, and the first step's loss is not finite
+            raise error(f'{rule.key} in {where} must be a finite number, got {value!r}')
         if not rule.ok(value):
             raise error(f'{rule.key} in {where} must be {rule.allowed}, got {value!r}')
     _check_normalization(cfg, where, error)
@@ -154,6 +163,8 @@ def _check_normalization(cfg: Any, where: str, error: Callable[[str], Exception]
             given, missing = ('mean', 'std') if std is None else ('std', 'mean')
             raise error(f'{section}.{given} in {where} is given without {section}.{missing}: give both or neither')
         for key, values in (('mean', mean), ('std', std)):
+            if values is not None and not _finite(values):
+                raise error(f'{section}.{key} in {where} must be finite on every channel, got {list(values)}')
             if values is not None and len(values) != channels:
                 raise error(f'{section}.{key} in {where} must have one value per input channel (data.in_chans: '
                             f'{channels}), got {list(values)}')
