@@ -273,6 +273,22 @@ def test_a_damaged_marker_is_rebuilt_from_the_checkpoints_that_load(straight, tm
         'checkpoint-0001-000001.pth, checkpoint-0001-000002.pth, checkpoint-0002.pth)')
 
 
+def test_force_over_a_damaged_marker_keeps_a_wandb_folder_the_run_may_not_have_written(straight, tmp_path):
+    run = _copy(straight, tmp_path)
+    (run / MARKER).write_text('{"files": [garb')
+    (run / 'wandb').mkdir()
+    (run / 'wandb' / 'offline-run.txt').write_text('a W&B run of the user')
+    out, notes = _open(run, force=True, writes=('config.yaml', 'train.log', 'metrics.jsonl'))
+    out.start(fresh=True)
+    out.release()
+    assert (run / 'wandb' / 'offline-run.txt').read_text() == 'a W&B run of the user'
+    assert not (run / 'train.log').exists() and not checkpoints_by_age(run)
+    assert (run / 'tensorboard').is_dir()  # neither is a TensorBoard folder a run's once its marker is damaged
+    (run / MARKER).write_text('{"files": [garb')
+    with pytest.raises(RunFolderError, match=r'holds tensorboard, which its run did not write'):
+        _open(run, force=True)
+
+
 # -- 14. what a resume finds ----------------------------------------------------------------------------
 def test_resuming_another_student_says_what_the_checkpoint_holds(straight, data_root, tmp_path, capsys):
     run = tmp_path / 'run'

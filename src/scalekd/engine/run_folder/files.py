@@ -42,6 +42,8 @@ __all__ = ['RunFolder', 'RunFolderError', 'MARKER', 'RUN_FILES', 'holding']
 MARKER = 'scalekd-run.json'
 LOCK = '.scalekd.lock'
 RUN_FILES = ('config.yaml', 'train.log', 'metrics.jsonl', 'tensorboard', 'wandb', 'best.pth')
+# what every run writes: a TensorBoard or W&B folder is a run's only where its marker lists it
+_EVERY_RUN_WRITES = tuple(n for n in RUN_FILES if n not in ('tensorboard', 'wandb'))
 # temporary files of atomic writes (checkpoints, the marker, the metrics rewind) killed half-way
 _PARTIAL = re.compile(r'^\.(checkpoint-\d+(-\d+)?\.pth|best\.pth|metrics\.jsonl|' + re.escape(MARKER) + r')(\..+)?\.tmp$')
 _HOLDER = re.compile(r'(pid \d+ on [^\n]*)?')  # what acquire writes in the lock file
@@ -245,10 +247,10 @@ class RunFolder:
         os.replace(tmp, self.path / MARKER)
 
     def rebuild(self, series: Sequence[Dict[str, Any]]) -> None:
-        """Replace a damaged marker by one listing ``series`` (``file``, ``step``) and no files (read as
-        :data:`RUN_FILES`, as a marker from before the list)."""
-        self._write_marker(dict(created=time.strftime('%Y-%m-%d %H:%M:%S'), checkpoints=sorted(
-            series, key=lambda e: e['step'])))
+        """Replace a damaged marker by one listing ``series`` (``file``, ``step``) and the files every run
+        writes (not a TensorBoard or W&B folder, which may be a user's: the damaged marker no longer says)."""
+        self._write_marker(dict(created=time.strftime('%Y-%m-%d %H:%M:%S'), files=list(_EVERY_RUN_WRITES),
+                                checkpoints=sorted(series, key=lambda e: e['step'])))
 
     def mark(self, fresh: bool, files: Sequence[str]) -> None:
         """Write the marker listing ``files`` (of :data:`RUN_FILES`) among the run's; a fresh run forgets
