@@ -78,6 +78,7 @@ def test_an_option_without_help_is_named(monkeypatch):
 
     def parser():
         p = argparse.ArgumentParser(prog='scalekd')
+        p.add_argument('--loud', action='store_true')
         sub = p.add_subparsers(dest='command')
         cmd = sub.add_parser('run', help='runs')
         cmd.add_argument('--said', help='has help')
@@ -85,13 +86,14 @@ def test_an_option_without_help_is_named(monkeypatch):
         sub.add_parser('quiet')
         return p
     monkeypatch.setattr(scalekd.cli, 'build_parser', parser)
-    assert reference.cli_option_faults() == ['run --silent: no help', 'quiet: no help']
+    assert reference.cli_option_faults() == ['scalekd --loud: no help', 'run --silent: no help', 'quiet: no help']
 
 
 def test_the_cli_reference_lists_every_option():
     from scalekd.cli import build_parser
-    page = reference.cli_page()
-    for name, (_, sub) in reference._subcommands(build_parser()).items():
+    page, parser = reference.cli_page(), build_parser()
+    assert all(f'`{a.option_strings[-1]}`' in page for a in reference._options(parser))  # scalekd --traceback ...
+    for name, (_, sub) in reference._subcommands(parser).items():
         for action in reference._options(sub):
             assert f'`{action.option_strings[0] if action.option_strings else action.dest}`' in page, (name, action)
 

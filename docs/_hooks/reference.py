@@ -170,8 +170,9 @@ def _options(parser: argparse.ArgumentParser) -> List[argparse.Action]:
 def cli_option_faults() -> List[str]:
     """Each subcommand or option of the ``scalekd`` parser without a help text."""
     from scalekd.cli import build_parser
-    faults = []
-    for name, (text, sub) in _subcommands(build_parser()).items():
+    parser = build_parser()
+    faults = [f'scalekd {a.option_strings[-1]}: no help' for a in _options(parser) if not a.help]
+    for name, (text, sub) in _subcommands(parser).items():
         if not text:
             faults.append(f'{name}: no help')
         faults += [f'{name} {a.option_strings[-1] if a.option_strings else a.dest}: no help'
@@ -204,6 +205,9 @@ def cli_page() -> str:
            'config key out of range) prints one line and exits with 2.', '',
            '| command | what it does |', '|---|---|']
     out += [f'| [`scalekd {name}`](#{name.replace(" ", "-")}) | {_cell(text)} |' for name, (text, _) in commands.items()]
+    out += ['', '## Options of every command', '', 'Given before the command: `scalekd [OPTION] COMMAND ...`.', '',
+            '| option | meaning | default | required |', '|---|---|---|---|']
+    out += [_option_row(a) for a in _options(parser)]
     out.append('')
     for name, (text, sub) in commands.items():
         sub.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=100)
