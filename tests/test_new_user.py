@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 import yaml
 
 from scalekd import build_distiller
@@ -80,3 +81,14 @@ def test_a_quiet_test_run_still_says_how_many_passed():
     run = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', 'tests/test_docs.py',
                           '-k', 'test_a_key_without_a_description'], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and '1 passed' in run.stdout.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_run_says_on_the_console_which_precision_auto_picked(tmp_path, data_root, capsys):
+    from engine_fixtures import tiny_config
+    from scalekd.engine.runtime.precision import resolve_precision
+    cfg = tiny_config(tmp_path, data_root, sched=dict(sched='cosine', epochs=1, warmup_epochs=0),
+                      train=dict(batch_size=8, precision='auto'))
+    assert main(['train', str(cfg)]) == 0
+    picked = resolve_precision('auto', torch.device('cpu'))
+    assert f'process(es) on cpu, {picked} picked by precision auto)' in capsys.readouterr().out

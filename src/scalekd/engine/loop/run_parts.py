@@ -45,7 +45,8 @@ class RunParts:
         """One screen on the models, taps, parameter counts and recipe."""
         cfg, task, env, data = self.cfg, self.task, self.env, self.data
         params, teacher = param_counts(task), task.teacher
-        lines = [f'run {out_dir}  ({env.world_size} process(es) on {env.device}, {self.precision})',
+        lines = [f'run {out_dir}  ({env.world_size} process(es) on {env.device}, {self.precision}'
+                 + (' picked by precision auto' if cfg.train.precision == 'auto' else '') + ')',
                  f'teacher {teacher.label if teacher else "-"}   student {task.taps.label}   '
                  f'method {task.options.method} at {cfg.data.img_size}px'
                  + (f', teacher forward in {cfg.train.teacher_precision}' if cfg.train.teacher_precision else ''),
