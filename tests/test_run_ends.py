@@ -58,3 +58,30 @@ def test_a_run_that_meets_an_unreadable_image_in_a_worker_ends_and_logs_it(tmp_p
     assert run.returncode == 2, run.stderr[-3000:]
     assert run.stderr.strip().splitlines()[-1].startswith(f'scalekd train: error: {line}')
     assert f'stopped by an error: {line}' in (tmp_path / 'run' / 'train.log').read_text()
+
+
+_FAILING_LOOP = """
+import sys
+from scalekd.cli import main
+from scalekd.engine.loop.epoch_loop import EpochLoop
+micro_step = EpochLoop._micro_step
+def failing(self, *args, **kwargs):
+    if self.progress.updates == 1:
+        raise ValueError('too many values to unpack (expected 2)')
+    return micro_step(self, *args, **kwargs)
+EpochLoop._micro_step = failing
+sys.exit(main(['train', sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_defect_raised_in_the_loop_body_ends_the_run_and_its_workers(tmp_path):
+    """A programming error of the loop (not of the loader) keeps its traceback, exits 1 and ends the
+    loader's workers, whose iterator the traceback's frames hold."""
+    data = make_image_folder(tmp_path / 'data', train_per_class=8, val_per_class=4)
+    cfg = tiny_config(tmp_path, data, data=dict(workers=2), train=dict(accum_steps=2))
+    run = subprocess.run([sys.executable, '-c', _FAILING_LOOP, str(cfg)], capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert 'Traceback' in run.stderr and run.stderr.strip().endswith('ValueError: too many values to unpack '
+                                                                     '(expected 2)'), run.stderr[-3000:]

@@ -115,8 +115,8 @@ class EpochLoop:
                 window = self._window(itertools.islice(batches, self.accum), epoch)
                 pace.images += window.images
                 self._end_window(window, epoch, pace)
-        finally:
-            del batches  # the loader's workers end with their iterator, not with the traceback of a stop
+        finally:  # the loader's workers end with the iterator, which an error's traceback keeps alive
+            getattr(batches, 'close', lambda: None)()
         self.progress.updates = 0
         return self._epoch_means(pace)
 
