@@ -15,6 +15,7 @@ from engine_fixtures import tiny_config
 from run_tools import start, wait_for
 from scalekd.engine.run_folder.checkpoint import checkpoints_by_age, load_checkpoint
 from scalekd.engine.run_folder.files import LOCK, MARKER, RunFolder, RunFolderError
+from scalekd.engine.errors import RunError
 from scalekd.engine.run_folder.history import RunOutput
 from test_run_folder import EVERY_STEP, _refused
 
@@ -287,6 +288,20 @@ def test_force_over_a_damaged_marker_keeps_a_wandb_folder_the_run_may_not_have_w
     (run / MARKER).write_text('{"files": [garb')
     with pytest.raises(RunFolderError, match=r'holds tensorboard, which its run did not write'):
         _open(run, force=True)
+
+
+@pytest.mark.parametrize('name', ['config.yaml', 'train.log', 'tensorboard'])
+def test_a_resume_never_writes_through_a_link_named_like_a_run_file(straight, tmp_path, name):
+    run = _copy(straight, tmp_path)
+    target = tmp_path / 'notes'
+    target.mkdir() if name == 'tensorboard' else target.write_text('the notes of the user')
+    shutil.rmtree(run / name) if name == 'tensorboard' else (run / name).unlink()
+    (run / name).symlink_to(target)
+    before = _files(run)
+    with pytest.raises(RunError, match=rf'output folder {run}: {name} is a link, and a run writes its own files '
+                                       rf'there, never through a link'):
+        _open(run, 'auto')
+    assert _files(run) == before and (run / name).is_symlink()
 
 
 # -- 14. what a resume finds ----------------------------------------------------------------------------

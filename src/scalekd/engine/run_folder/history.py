@@ -69,6 +69,10 @@ class RunOutput:
         lock is let go."""
         self.folder.acquire()
         try:
+            links = [n for n in self.writes if (self.path / n).is_symlink()]
+            if links:  # a log opened for appending, or a config written in place, would change the link's target
+                raise RunError(f'output folder {self.path}: {", ".join(links)} is a link, and a run writes its '
+                               f'own files there, never through a link: move it away or choose another output')
             self._repair_marker()
             if resume == 'auto':
                 self.resumed_from, self._resume_state, passed = latest_checkpoint(self.path)
