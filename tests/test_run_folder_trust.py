@@ -304,6 +304,22 @@ def test_a_resume_never_writes_through_a_link_named_like_a_run_file(straight, tm
     assert _files(run) == before and (run / name).is_symlink()
 
 
+def test_setting_aside_never_moves_into_a_link_or_over_an_earlier_abandoned_history(tmp_path):
+    folder = RunFolder(str(tmp_path / 'run'))
+    folder.acquire()
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    (elsewhere / 'checkpoint-0002.pth').write_text('a file of the user')
+    (folder.path / 'abandoned-after-step-3').symlink_to(elsewhere)
+    for history in ('first', 'second'):
+        (folder.path / 'checkpoint-0002.pth').write_text(history)
+        folder.set_aside([folder.path / 'checkpoint-0002.pth'], 3)
+    folder.release()
+    assert (elsewhere / 'checkpoint-0002.pth').read_text() == 'a file of the user'
+    assert (folder.path / 'abandoned-after-step-3-2' / 'checkpoint-0002.pth').read_text() == 'first'
+    assert (folder.path / 'abandoned-after-step-3-3' / 'checkpoint-0002.pth').read_text() == 'second'
+
+
 # -- 14. what a resume finds ----------------------------------------------------------------------------
 def test_resuming_another_student_says_what_the_checkpoint_holds(straight, data_root, tmp_path, capsys):
     run = tmp_path / 'run'

@@ -303,10 +303,14 @@ class RunFolder:
         return [e['file'] for e in drop]
 
     def set_aside(self, paths: Sequence[Path], step: int) -> Path:
-        """Move files of a history a run abandoned (it resumed from an older checkpoint) into
-        ``abandoned-after-step-N/`` and drop them from the series: kept, never resumed by mistake."""
-        aside = self.path / f'abandoned-after-step-{step}'
-        aside.mkdir(exist_ok=True)
+        """Move files of a history a run abandoned (it resumed from an older checkpoint) into a new
+        ``abandoned-after-step-N/`` (``-2``, ``-3`` ... after it when that name is taken) and drop them
+        from the series: kept, never resumed by mistake."""
+        aside, n = self.path / f'abandoned-after-step-{step}', 1
+        while os.path.lexists(aside):  # an earlier abandoned history or a link: never moved into, never overwritten
+            n += 1
+            aside = self.path / f'abandoned-after-step-{step}-{n}'
+        aside.mkdir()
         names = {p.name for p in paths}
         self._write_marker(dict(self.read_marker(), checkpoints=[e for e in self.series() if e['file'] not in names]))
         for p in paths:
