@@ -1,5 +1,5 @@
 """The units the Trainer wires together, each driven alone (no training run): the fault policy
-(faults.py), the output folder policy (run_output.py), what a checkpoint holds (training_state.py) and
+(faults.py), the output folder policy (run_folder/history.py), what a checkpoint holds (training_state.py) and
 how older ones migrate, the epoch's loss sums (epoch_losses.py) and the per-sample seeding (data.py)."""
 import random
 import signal
@@ -99,7 +99,7 @@ def test_a_stop_signal_outside_the_main_thread_installs_nothing():
     assert seen == [previous]
 
 
-# -- run_output.py ---------------------------------------------------------------------------------
+# -- run_folder/history.py --------------------------------------------------------------------------------
 def _fake_state(step: int, best_step: int = -1, epoch: int = 0, updates: int = 0):
     """A minimal training checkpoint: what the output policy reads of one (progress, config)."""
     return dict(format_version=FORMAT_VERSION, config=config_to_dict(RunConfig()), student={}, ema=None,
