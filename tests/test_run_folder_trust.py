@@ -332,6 +332,21 @@ def test_resuming_another_student_says_what_the_checkpoint_holds(straight, data_
             f'channel(s)') in err, err
 
 
+
+@pytest.mark.parametrize('changed, asked', [
+    (dict(teacher=dict(model='vit_tiny_patch16_224', kwargs=dict(patch_size=8, embed_dim=32, depth=4, num_heads=2))),
+     "teacher vit_tiny_patch16_224(depth=4, embed_dim=32, num_heads=2, patch_size=8), method scalekd at 32 px"),
+    (dict(distill=dict(method='kd')),
+     "teacher vit_tiny_patch16_224(depth=4, embed_dim=64, num_heads=2, patch_size=8), method kd at 32 px")])
+def test_resuming_another_teacher_or_method_says_what_the_checkpoint_holds(straight, data_root, tmp_path, capsys,
+                                                                            changed, asked):
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(straight / 'checkpoint-0001.pth', run)
+    err = _refused(capsys, 'train', str(tiny_config(tmp_path, data_root, **changed)), '--resume', 'auto')
+    assert (f'{run / "checkpoint-0001.pth"} holds the projectors of teacher vit_tiny_patch16_224(depth=4, '
+            f'embed_dim=64, num_heads=2, patch_size=8), method scalekd at 32 px; this config asks for {asked}') in err, err
+
 def test_resume_auto_with_no_checkpoint_says_the_run_starts_afresh(tmp_path):
     out, notes = _open(tmp_path / 'run', 'auto')
     out.release()

@@ -61,12 +61,22 @@ def changed_settings(old: RunConfig, new: RunConfig) -> List[str]:
             if a.get(k) != b.get(k) and not k.startswith(_RESUME_FREE)]
 
 
+def _model_of(model: str, kwargs: Dict[str, Any]) -> str:
+    args = f'({", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))})' if kwargs else ''
+    return f'{model}{args}'
+
+
 def _student_of(cfg: RunConfig) -> str:
     """The student a config builds, as a resume compares it: model (with its kwargs), classes, input channels."""
     kwargs = dict(cfg.student.kwargs)
     classes, channels = kwargs.pop('num_classes', cfg.data.num_classes), kwargs.pop('in_chans', cfg.data.in_chans)
-    args = f'({", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))})' if kwargs else ''
-    return f'{cfg.student.model}{args} for {classes} classes on {channels} input channel(s)'
+    return f'{_model_of(cfg.student.model, kwargs)} for {classes} classes on {channels} input channel(s)'
+
+
+def _task_of(cfg: RunConfig) -> str:
+    """What shapes a run's projector state beside its student: the teacher (with its kwargs), the method, the size."""
+    return f'teacher {_model_of(cfg.teacher.model, cfg.teacher.kwargs)}, method {cfg.distill.method} at ' \
+           f'{cfg.data.img_size} px'
 
 
 def gather_rng_states(env: DistEnv) -> List[Dict[str, Any]]:
@@ -159,6 +169,10 @@ class TrainingState:
             self.task.load_task_state(state['task_state'])
             load_optimizer_state(self.optimizer, state['optimizer'])
         except (RuntimeError, ValueError, KeyError, IndexError, TaskStateMismatchError) as e:
+            if _task_of(old) != _task_of(cfg):
+                raise RunError(f'{path} holds the projectors of {_task_of(old)}; this config asks for '
+                               f'{_task_of(cfg)}: resume with the checkpoint\'s teacher, method and data.img_size, '
+                               f'or start a new run') from None
             detail = ' '.join(line.strip() for line in str(e).splitlines())
             raise CheckpointError(f'{path} does not fit this run ({cfg.student.model}, method '
                                   f'{cfg.distill.method}): {detail[:400]}') from None
