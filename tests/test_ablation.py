@@ -19,11 +19,11 @@ from scalekd.engine.run_folder.files import RunFolder, RunFolderError
 from scalekd.tools.ablation import STUDIES, format_study, run_study
 from scalekd.tools.demo import DemoSettings
 
-pytestmark = pytest.mark.slow  # 17 tiny training runs
+pytestmark = pytest.mark.slow  # 18 tiny training runs
 
 # loss terms each row must log (and no others): the options reached the training
 TERMS = {
-    'student': set(), 'kd': {'kd_loss'}, 'fd': {'s4_ori'}, 'fd_s3_s4': {'s3_ori', 's4_ori'},
+    'student': set(), 'kd': {'kd_loss'}, 'fd': {'s4_ori'}, 'fd_kd': {'s4_ori', 'kd_loss'}, 'fd_s3_s4': {'s3_ori', 's4_ori'},
     'cap': {'s4_ori'}, 'cap_dfm': {'s4_ori', 's4_alt'}, 'cap_dual_no_phi': {'s4_ori', 's4_alt'},
     'cap_dir_alt': {'s4_ori', 's4_alt'}, 'cap_tpp': {'proxy_ori', 's4_ori'},
     'cap_dfm_tpp': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'},
@@ -61,8 +61,8 @@ def test_every_row_of_a_study_trains_with_its_options(tiny, name):
         assert 0 <= row['mean'] <= 100 and row['spread'] == 0.0 and row['top1'] == [row['mean']]
         assert row['vs_student'] == pytest.approx(row['mean'] - rows['student']['mean'])
         options = load_config(folder / 'config.yaml').distill_options().resolve()
-        if label == 'fd':
-            assert options.projector == 'linear' and options.stages == ('s4',)
+        if label in ('fd', 'fd_kd'):
+            assert options.projector == 'linear' and options.stages == ('s4',) and options.kd == (label == 'fd_kd')
         if label == 'cap_dual_no_phi':
             assert options.views == 'dual'
         if label == 'cap_dir_alt':

@@ -317,14 +317,18 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_ablate(sub) -> None:
-    from .tools.ablation import STUDIES
+    from .tools.ablation import LARGE_SUBSET, STUDIES
     p = sub.add_parser('ablate', help="the paper's ablations on the demo benchmark (Table 9, Table 1, Table 17, "
-                                      'Fig. 4, the CAP kernel), each row on several seeds with paired differences')
+                                      'Fig. 4, the CAP kernel, Table 2\'s teacher scale, more data), each row on '
+                                      'several seeds with paired differences')
     p.add_argument('study', choices=sorted(STUDIES), help='which study')
     p.add_argument('--seeds', default='0,1,2', help='comma-separated seeds (default 0,1,2)')
     p.add_argument('--students', help="comma-separated subset of the study's students (cnn, mlp, vit)")
     p.add_argument('--subset', type=int, help='training images per run (default: the demo\'s 800)')
     p.add_argument('--epochs', type=int, help='epochs per run (default: the demo\'s 15)')
+    p.add_argument('--large-subset', type=int, help=f'data_scale: training images of the larger subset (default '
+                                                    f'{LARGE_SUBSET})')
+    p.add_argument('--large-epochs', type=int, help='data_scale: epochs on the larger subset (default: --epochs)')
     p.add_argument('--data', help='folder with the Fashion-MNIST IDX files (default as for demo)')
     p.add_argument('--output', default='runs/ablate', help='output folder (default runs/ablate; finished runs are reused)')
     p.add_argument('--jobs', type=int, help='runs trained at once, each in its own process with cores / jobs threads '
@@ -348,7 +352,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
         raise UserError(f'--jobs takes a positive number of runs, got {args.jobs}')
     jobs = args.jobs or (min(torch.get_num_threads(), 8) if settings.device.type == 'cpu' else 1)
     keep_freed_memory()
-    study = STUDIES[args.study]
+    study = _ablate_study(args, settings.subset, settings.epochs)
     try:
         summary = run_study(study, settings, seeds, students, jobs=jobs)
     except StudyStopped as e:
@@ -356,6 +360,21 @@ def _run_ablate(args: argparse.Namespace) -> int:
         return e.exit_code
     print(format_study(study, summary))
     return 0
+
+
+def _ablate_study(args: argparse.Namespace, subset: int, epochs: int):
+    """The study ``ablate`` runs: data_scale at its --large-subset and --large-epochs."""
+    from .tools.ablation import LARGE_SUBSET, STUDIES, data_scale_study
+    if args.study != 'data_scale':
+        if args.large_subset is not None or args.large_epochs is not None:
+            raise UserError(f'--large-subset and --large-epochs set the data_scale study, not {args.study}')
+        return STUDIES[args.study]
+    large = LARGE_SUBSET if args.large_subset is None else args.large_subset
+    if large < 1 or large == subset:
+        raise UserError(f'--large-subset takes a number of training images other than the study\'s {subset}, got {large}')
+    if args.large_epochs is not None and args.large_epochs < 1:
+        raise UserError(f'--large-epochs takes a positive number of epochs, got {args.large_epochs}')
+    return data_scale_study(large, None if args.large_epochs == epochs else args.large_epochs)
 
 
 def _add_config(sub) -> None:

@@ -16,7 +16,7 @@ Loss weights: ``w_ori`` / ``w_alt`` (release: 0.08 / 0.06) or the paper's ``alph
 (``w_ori = alpha * beta``, ``w_alt = alpha * (1 - beta)``), not both.
 
 :data:`ABLATIONS` names the component ablation (Tables 9, 15b) as option presets: the student alone,
-KD, FD, CAP, CAP+DFM, CAP+TPP, CAP+DFM+TPP and full ScaleKD (CAP+DFM+TPP+KD).
+KD, FD, FD+KD, CAP, CAP+DFM, CAP+TPP, CAP+DFM+TPP and full ScaleKD (CAP+DFM+TPP+KD).
 """
 import dataclasses
 from dataclasses import dataclass, fields
@@ -45,6 +45,7 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     'student': dict(method='none'),
     'kd': dict(method='kd'),
     'fd': dict(method='fd'),
+    'fd_kd': dict(method='fd', kd=True),
     'cap': dict(views='single', tpp=False, adaptive_queries=False, kd=False, stages=('s4',)),
     'cap_dfm': dict(tpp=False, adaptive_queries=False, kd=False, stages=('s4',)),
     'cap_tpp': dict(views='single', kd=False),

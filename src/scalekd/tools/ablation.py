@@ -2,8 +2,9 @@
 
 Each study trains its rows (option presets) and the two references every row is compared with (the
 student alone and logit KD) for each student and seed, with the demo's recipe, subset and shipped
-teacher. Runs that share a seed see the same batches, so each row's difference to a reference is
-paired per seed: the table gives its mean and spread, beside the mean top-1 and its spread, and the
+teacher; a row may set its own teacher, subset and epochs (the scale studies,
+:mod:`~scalekd.tools.scale_studies`), and its references are then those of its setting. Runs that share
+a seed see the same batches, so each row's difference to a reference is paired per seed: the table gives its mean and spread, beside the mean top-1 and its spread, and the
 paper's number where it has one. The paper's order of the rows is printed beside ours, with the pairs
 that disagree. Runs evaluate once, after their last epoch (the demo also draws a per-epoch curve).
 Every run keeps its folder (``config.yaml``, ``metrics.jsonl``, ``result.json``); a finished run is not
@@ -25,10 +26,22 @@ from ..method.options import ablation
 from .demo import STUDENTS, DemoSettings, decisive, earlier_result, run_config, test_loader, train_and_test
 from .plots import pyplot, save_figure
 from .run_pool import train_runs
+from .scale_studies import DATA_ROWS, ROW_KEYS, Analysis, DataScale, TeacherScale, row_label, scale_row
+from .seed_stats import paired, spread
 
-__all__ = ['Study', 'STUDIES', 'REFERENCES', 'run_study', 'format_study']
+__all__ = ['Study', 'STUDIES', 'REFERENCES', 'TEACHER_SCALE', 'LARGE_SUBSET', 'data_scale_study', 'row_settings',
+           'run_study', 'format_study']
 
-REFERENCES = ('student', 'kd')  # every row is compared with these, seed by seed
+REFERENCES = ('student', 'kd')  # every row is compared with these (of its own setting), seed by seed
+TEACHER_SCALE = ('vit_small', 'vit', 'vit_large')  # the teacher_scale study's teachers, weakest first
+LARGE_SUBSET = 3000  # the data_scale study's larger subset (training images), by default
+
+
+def _references(options: Dict[str, Any]) -> Dict[str, str]:
+    """The labels of the rows a row of these options is paired with: the student alone and KD of its own
+    teacher, subset and epochs."""
+    setting = {k: options[k] for k in ROW_KEYS if k in options}
+    return {ref: row_label(ref, **setting) for ref in REFERENCES}
 
 
 @dataclass(frozen=True)
@@ -39,12 +52,29 @@ class Study:
     students: Tuple[str, ...]
     rows: Tuple[Tuple[str, Dict[str, Any], Optional[float]], ...]
     paper_order: Tuple[str, ...]  # rows from the paper's worst to its best (its ties kept in this order)
+    analysis: Analysis = Analysis()  # what it measures and reports beyond the rows
+
+    def __post_init__(self) -> None:
+        missing = {ref for _, options, _ in self.rows for ref in _references(options).values()} - \
+            {label for label, _, _ in self.rows}
+        if missing:
+            raise ValueError(f'study {self.name}: no row {", ".join(sorted(missing))} to pair its rows with')
+
+
+def data_scale_study(large_subset: int = LARGE_SUBSET, large_epochs: Optional[int] = None) -> Study:
+    """The ``data_scale`` study: the rows of :data:`~scalekd.tools.scale_studies.DATA_ROWS` at the demo's
+    subset and at ``large_subset`` images (for ``large_epochs``; ``None``: the same epochs)."""
+    return Study('data_scale', 'Table 9(a) rows at a larger subset (the paper: 1.28 M ImageNet images; Table 4: '
+                               'the data behind the teacher)', ('cnn', 'mlp', 'vit'),
+                 (*(scale_row(r) for r in DATA_ROWS), *(scale_row(r, subset=large_subset, epochs=large_epochs)
+                                                         for r in DATA_ROWS)),
+                 (), DataScale(large_subset, large_epochs))
 
 
 STUDIES: Dict[str, Study] = {s.name: s for s in (
     Study('components', 'Table 9(a) (Swin-S -> ResNet-50, traditional recipe, ImageNet)', ('cnn', 'mlp', 'vit'), (
         ('student', ablation('student'), 76.55), ('kd', ablation('kd'), None), ('fd', ablation('fd'), 77.43),
-        ('cap', ablation('cap'), 77.87), ('cap_dfm', ablation('cap_dfm'), 78.51),
+        ('fd_kd', ablation('fd_kd'), None), ('cap', ablation('cap'), 77.87), ('cap_dfm', ablation('cap_dfm'), 78.51),
         ('cap_tpp', ablation('cap_tpp'), 78.62), ('cap_dfm_tpp', ablation('cap_dfm_tpp'), 79.30),
         ('scalekd', ablation('scalekd'), 79.62)),
         ('student', 'fd', 'cap', 'cap_dfm', 'cap_tpp', 'cap_dfm_tpp', 'scalekd')),
@@ -67,18 +97,31 @@ STUDIES: Dict[str, Study] = {s.name: s for s in (
         ('student', ablation('student'), None), ('kd', ablation('kd'), None),
         ('scalekd', ablation('scalekd'), None), ('scalekd_separable', dict(cap_conv='separable'), None)),
         ()),
+    Study('teacher_scale', 'Table 2 (Swin-S / B / L, 83.02 / 85.16 / 86.24, -> ResNet-50, traditional recipe, '
+                           'ImageNet; here the small / shipped / large ViT)', ('cnn', 'mlp', 'vit'), (
+        scale_row('student', 76.55),
+        *(scale_row(method, paper if method == 'scalekd' else None, teacher=teacher)
+          for teacher, paper in zip(TEACHER_SCALE, (79.62, 79.80, 80.10)) for method in ('kd', 'scalekd'))),
+        (), TeacherScale(TEACHER_SCALE)),
+    data_scale_study(),
 )}
 
 
 Run = Tuple[str, str, int]  # (student, row label, seed)
 
 
+def row_settings(settings: DemoSettings, options: Dict[str, Any]) -> Tuple[DemoSettings, Dict[str, Any]]:
+    """A row's demo settings and distillation options: its options under
+    :data:`~scalekd.tools.scale_studies.ROW_KEYS` (teacher, subset, epochs) replace the study's settings."""
+    options = dict(options)
+    return dataclasses.replace(settings, **{k: options.pop(k) for k in ROW_KEYS if k in options}), options
+
+
 def _run_config(settings: DemoSettings, student: str, label: str, options: Dict[str, Any], seed: int) -> RunConfig:
     """The config of one row's run for one student and seed (evaluated once, after the last epoch)."""
     folder = Path(settings.output) / 'runs' / student / label / f'seed{seed}'
-    options = dict(options)
-    cfg = run_config(dataclasses.replace(settings, seed=seed), student, options.pop('method', 'scalekd'), options,
-                     output=str(folder))
+    settings, options = row_settings(dataclasses.replace(settings, seed=seed), options)
+    cfg = run_config(settings, student, options.pop('method', 'scalekd'), options, output=str(folder))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=cfg.sched.epochs))  # no curve
 
 
@@ -109,15 +152,6 @@ def _train_runs(settings: DemoSettings, study: Study, runs: Sequence[Run], jobs:
     return results
 
 
-def _spread(values: Sequence[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _paired(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
-    diffs = [x - y for x, y in zip(a, b)]
-    return statistics.mean(diffs), _spread(diffs)
-
-
 def _disagreements(order: Sequence[str], means: Dict[str, float]) -> List[Tuple[str, str]]:
     """Pairs (a, b) the paper ranks a below b that ours ranks the other way."""
     return [(a, b) for i, a in enumerate(order) for b in order[i + 1:] if means[a] > means[b]]
@@ -127,7 +161,8 @@ def run_study(study: Study, settings: DemoSettings, seeds: Sequence[int] = (0, 1
               students: Optional[Sequence[str]] = None, say: Callable[[str], None] = print,
               jobs: int = 1) -> Dict[str, Any]:
     """Train (or reuse) every run of ``study``, ``jobs`` at a time; write ``<study>.json``, ``<study>.md``
-    and ``<study>.png`` under ``settings.output`` and return the summary."""
+    and ``<study>.png`` (and the analysis's ``<study>_gain.png``) under ``settings.output`` and return the
+    summary."""
     start = time.perf_counter()
     students = tuple(students or study.students)
     unknown = [s for s in students if s not in STUDENTS]
@@ -142,32 +177,35 @@ def _run_study(study: Study, settings: DemoSettings, seeds: Sequence[int], stude
     summary: Dict[str, Any] = dict(study=study.name, paper=study.paper, seeds=list(seeds), students={},
                                    settings=dict(subset=settings.subset, epochs=settings.epochs, lr=settings.lr,
                                                  batch_size=settings.batch_size, device=str(settings.device)))
+    summary['measured'] = study.analysis.measure(settings, say)
     results = _train_runs(settings, study, [(student, label, seed) for student in students
                                             for label, _, _ in study.rows for seed in seeds], jobs, say)
     for student in students:
         top1 = {label: [results[student, label, seed]['top1'] for seed in seeds] for label, _, _ in study.rows}
         rows = {}
-        for label, _, paper in study.rows:
-            row = dict(mean=statistics.mean(top1[label]), spread=_spread(top1[label]), top1=top1[label], paper=paper)
-            for ref in REFERENCES:
-                row[f'vs_{ref}'], row[f'vs_{ref}_spread'] = _paired(top1[label], top1[ref])
+        for label, options, paper in study.rows:
+            row = dict(mean=statistics.mean(top1[label]), spread=spread(top1[label]), top1=top1[label], paper=paper)
+            for ref, ref_label in _references(options).items():
+                row[f'vs_{ref}'], row[f'vs_{ref}_spread'] = paired(top1[label], top1[ref_label])
             rows[label] = row
         means = {label: row['mean'] for label, row in rows.items()}
         summary['students'][student] = dict(
             model=STUDENTS[student]['model'], rows=rows,
             ours_order=sorted(means, key=means.get),
             disagree=_disagreements(study.paper_order, means))
+    summary['analysis'] = study.analysis.analyse(summary)
     summary['seconds'] = time.perf_counter() - start
     out = Path(settings.output)
     write_text_atomic(out / f'{study.name}.json', json.dumps(summary, indent=2))
     write_text_atomic(out / f'{study.name}.md', format_study(study, summary) + '\n')
     plot_study(summary, out / f'{study.name}.png')
+    study.analysis.plot(summary, out / f'{study.name}_gain.png')
     return summary
 
 
 def format_study(study: Study, summary: Dict[str, Any]) -> str:
     """A markdown table per student (mean top-1 +- spread over seeds, paired differences to the student
-    alone and to KD), then the paper's order beside ours and where they disagree."""
+    alone and to KD), then the paper's order beside ours and where they disagree, then the analysis's part."""
     seeds = summary['seeds']
     lines = [f'### {study.name}: {study.paper}', '',
              f'Fashion-MNIST test top-1 (%), {len(seeds)} seed(s) ({", ".join(map(str, seeds))}); spread: standard '
@@ -184,6 +222,8 @@ def format_study(study: Study, summary: Dict[str, Any]) -> str:
             ours = [label for label in result['ours_order'] if label in study.paper_order]
             lines += ['', f'paper order: {" < ".join(study.paper_order)}', f'our order: {" < ".join(ours)}',
                       f'disagreements (ours): {disagree}']
+    extra = study.analysis.format(summary)
+    lines += ['', extra] if extra else []
     lines += ['', f'{summary["seconds"]:.0f} s']
     return '\n'.join(lines)
 

@@ -32,14 +32,46 @@ from ..engine.loop.trainer import Trainer
 from ..engine.inputs.weights import load_weights
 from .plots import plot_curves
 
-__all__ = ['DemoSettings', 'STUDENTS', 'TEACHER', 'TEACHER_WEIGHTS', 'METHOD_LABELS', 'run_config', 'run_demo', 'format_table',
-           'load_teacher', 'test_loader', 'train_and_test', 'decisive', 'earlier_result']
+__all__ = ['DemoSettings', 'STUDENTS', 'DEMO_TEACHERS', 'DEFAULT_TEACHER', 'TEACHER', 'TEACHER_WEIGHTS', 'METHOD_LABELS',
+           'demo_teacher', 'run_config', 'run_demo', 'format_table', 'load_teacher', 'teacher_top1', 'test_loader',
+           'train_and_test', 'decisive', 'earlier_result']
 
-TEACHER_WEIGHTS = Path(__file__).parents[1] / 'assets' / 'fashion_mnist_vit_teacher' / 'model.safetensors'
+ASSETS = Path(__file__).parents[1] / 'assets'
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
-TEACHER: Dict[str, Any] = dict(  # configs/demo/teacher_vit.yaml
-    model='vit_tiny_patch16_224', kwargs=dict(patch_size=7, embed_dim=160, depth=6, num_heads=5),
-    mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
+# the demo's teachers: the folder `scalekd export --dtype float16` wrote (model.safetensors, timm's config.json
+# that gives the architecture) and the config `scalekd train` trained it from, all on the 60,000 training images
+DEMO_TEACHERS: Dict[str, Dict[str, Any]] = {
+    'vit': dict(asset=ASSETS / 'fashion_mnist_vit_teacher', config='configs/demo/teacher_vit.yaml'),
+    'vit_small': dict(asset=ASSETS / 'fashion_mnist_vit_small_teacher', config='configs/demo/teacher_vit_small.yaml'),
+    'vit_large': dict(asset=ASSETS / 'fashion_mnist_vit_large_teacher', config='configs/demo/teacher_vit_large.yaml'),
+    'cnn': dict(asset=ASSETS / 'fashion_mnist_cnn_teacher', config='configs/demo/teacher_cnn.yaml'),
+}
+DEFAULT_TEACHER = 'vit'
+_SET_BY_THE_DEMO = ('num_classes', 'in_chans', 'img_size', 'global_pool')  # its data's; the model's default pooling
+
+
+def demo_teacher(key: str) -> Dict[str, Any]:
+    """The demo teacher ``key`` of :data:`DEMO_TEACHERS`: its timm ``model`` and ``kwargs``, input ``mean`` and
+    ``std`` (read from its folder's ``config.json``) and its ``weights``."""
+    if key not in DEMO_TEACHERS:
+        raise UserError(f'unknown demo teacher {key!r}; choose from {", ".join(DEMO_TEACHERS)}')
+    entry = DEMO_TEACHERS[key]
+    path = Path(entry['asset']) / 'config.json'
+    if not path.is_file():
+        raise UserError(f'demo teacher {key!r} is not in {entry["asset"]}: train {entry["config"]} with scalekd train, '
+                        f'then scalekd export --dtype float16 its checkpoint into that folder')
+    try:
+        hf = json.loads(path.read_text())
+        kwargs = {k: v for k, v in hf['model_args'].items() if k not in _SET_BY_THE_DEMO}
+        return dict(model=hf['architecture'], kwargs=kwargs, mean=tuple(hf['pretrained_cfg']['mean']),
+                    std=tuple(hf['pretrained_cfg']['std']), weights=str(Path(entry['asset']) / 'model.safetensors'))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f'{path} is not a timm config.json of an export (architecture, model_args, pretrained_cfg '
+                        f'mean / std): {e!r}') from None
+
+
+TEACHER_WEIGHTS = DEMO_TEACHERS[DEFAULT_TEACHER]['asset'] / 'model.safetensors'
+TEACHER: Dict[str, Any] = {k: v for k, v in demo_teacher(DEFAULT_TEACHER).items() if k != 'weights'}  # the shipped one
 STUDENTS: Dict[str, Dict[str, Any]] = {
     'cnn': dict(model='resnet10t', kwargs=dict(channels=[32, 64, 128, 256], stem_width=16, output_stride=16)),
     'mlp': dict(model='mixer_t7', kwargs={}),
@@ -61,7 +93,8 @@ class DemoSettings:
     seed: int = 0
     baselines: bool = False       # also train each student with logit KD only
     data: Optional[str] = None    # folder with the IDX files (else $SCALEKD_DATA, Debian's, download)
-    teacher_weights: str = str(TEACHER_WEIGHTS)
+    teacher: str = DEFAULT_TEACHER  # the demo teacher (a key of DEMO_TEACHERS)
+    teacher_weights: Optional[str] = None  # other weights of that teacher's architecture than its shipped ones
     progress: bool = True         # per-step progress (a bar on a terminal, a line now and then otherwise)
     distill: Dict[str, Any] = field(default_factory=dict)  # extra distill options (w_ori, cap_conv, ...)
     device: torch.device = field(default_factory=resolve_device)  # CUDA when available, else CPU
@@ -75,6 +108,13 @@ class DemoSettings:
     def methods(self) -> List[str]:
         return ['none', 'kd', 'scalekd'] if self.baselines else ['none', 'scalekd']
 
+    @property
+    def teacher_model(self) -> Dict[str, Any]:
+        """The teacher's timm ``model``, ``kwargs``, input ``mean`` / ``std`` and ``checkpoint`` (its weights)."""
+        teacher = demo_teacher(self.teacher)
+        weights = teacher.pop('weights')
+        return dict(teacher, checkpoint=self.teacher_weights or weights)
+
 
 def run_config(settings: DemoSettings, student: str, method: str, options: Optional[Dict[str, Any]] = None,
                output: Optional[str] = None) -> RunConfig:
@@ -86,10 +126,12 @@ def run_config(settings: DemoSettings, student: str, method: str, options: Optio
                 train_subset=s.subset, val_subset=s.test_sample, img_size=28, in_chans=1, num_classes=10,
                 mean=list(FASHION_MNIST_MEAN), std=list(FASHION_MNIST_STD), scale=[0.75, 1.0], ratio=[0.9, 1.1],
                 hflip=0.5, interpolation='bilinear', crop_pct=1.0, workers=0, val_batch_size=500, check_images=False)
-    teacher = dict(TEACHER, checkpoint=s.teacher_weights, mean=list(TEACHER['mean']), std=list(TEACHER['std']))
+    teacher = s.teacher_model if method != 'none' else {}
+    if teacher:
+        teacher.update(mean=list(teacher['mean']), std=list(teacher['std']))
     return validate_config(config_from_dict(dict(
         output=output or str(Path(s.output) / f'{student}-{METHOD_LABELS[method]}'), seed=s.seed,
-        teacher=teacher if method != 'none' else {}, student=STUDENTS[student],
+        teacher=teacher, student=STUDENTS[student],
         distill=dict(options, method=method), data=data,
         optim=dict(opt='adamw', lr=s.lr, weight_decay=0.05, clip_grad=5.0),
         sched=dict(sched='cosine', epochs=s.epochs, warmup_epochs=min(1, s.epochs - 1), min_lr=1e-5),
@@ -98,12 +140,19 @@ def run_config(settings: DemoSettings, student: str, method: str, options: Optio
         'demo settings')
 
 
-def load_teacher(weights: str) -> torch.nn.Module:
-    """The demo teacher with the given weights (default: the shipped ones)."""
-    model = create_timm_model(TEACHER['model'], (28, 28), role='teacher', num_classes=10, in_chans=1,
-                              **TEACHER['kwargs'])
-    load_weights(model, weights, what='demo teacher')
+def load_teacher(weights: Optional[str] = None, teacher: str = DEFAULT_TEACHER) -> torch.nn.Module:
+    """The demo teacher ``teacher`` (a key of :data:`DEMO_TEACHERS`) with the given weights (default: its
+    shipped ones), in eval mode."""
+    spec = demo_teacher(teacher)
+    model = create_timm_model(spec['model'], (28, 28), role='teacher', num_classes=10, in_chans=1, **spec['kwargs'])
+    load_weights(model, weights or spec['weights'], what='demo teacher')
     return model.eval()
+
+
+def teacher_top1(settings: 'DemoSettings', test: DataLoader, env: DistEnv) -> float:
+    """The settings' teacher's top-1 on ``test``, in fp32."""
+    model = load_teacher(settings.teacher_model['checkpoint'], settings.teacher)
+    return evaluate(model.to(env.device), test, env, 'fp32')['top1']
 
 
 def test_loader(cfg: RunConfig) -> DataLoader:
@@ -163,11 +212,13 @@ def _train_demo(settings: DemoSettings, say: Callable[[str], None]) -> Dict[str,
     out = Path(settings.output)
     env = DistEnv(device=settings.device)
     test = test_loader(run_config(settings, settings.students[0], 'none'))
-    teacher_top1 = evaluate(load_teacher(settings.teacher_weights).to(env.device), test, env, 'fp32')['top1']
-    say(f'teacher {TEACHER["model"]} ({Path(settings.teacher_weights).name}): test top-1 {teacher_top1:.2f}')
+    teacher = settings.teacher_model
+    weights = teacher.pop('checkpoint')
+    top1 = teacher_top1(settings, test, env)
+    say(f'teacher {teacher["model"]} ({Path(weights).name}): test top-1 {top1:.2f}')
     say(f'students train in {resolve_precision("auto", env.device)} on {env.device} (precision auto)')
     results: Dict[str, Any] = dict(
-        teacher_top1=teacher_top1, teacher=dict(TEACHER, weights=settings.teacher_weights),
+        teacher_top1=top1, teacher=dict(teacher, weights=weights),
         settings=dict(subset=settings.subset, epochs=settings.epochs, seed=settings.seed, lr=settings.lr,
                       batch_size=settings.batch_size, test_sample=settings.test_sample, methods=settings.methods,
                       distill=settings.distill, device=str(env.device)),
