@@ -12,11 +12,11 @@ from .epoch_losses import EpochLosses
 from ..errors import RunError, RunInterrupted
 from .evaluation import evaluate
 from ..runtime.memory import reset_peak_memory
-from ..runtime.optimizer import gather_optimizer_state
 from ..runtime.precision import resolve_precision, resolve_teacher_dtype
 from ..run_folder.files import check_output_path
 from .run_logger import RunLogger
 from ..run_folder.history import RunOutput, check_resume_request
+from ..run_folder.optimizer_shards import checkpoint_optimizer_state
 from .run_parts import RunParts, build_run_parts
 from ..run_folder.training_state import Progress, TrainingState, changed_settings, gather_rng_states, restore_rng_states
 
@@ -112,13 +112,13 @@ class Trainer:
             self.output.reconcile_best(p, state)
 
     def _save(self, is_best: bool = False) -> Path:
-        """Checkpoint the current state: every rank takes part (RNG streams, loss sums and a sharded
-        optimizer state are gathered), the main process writes."""
+        """Checkpoint the current state: every rank takes part (RNG streams and loss sums are gathered, each
+        rank writes its shard of a sharded optimizer state), the main process writes the checkpoint file."""
         rngs = gather_rng_states(self.env)
         loss_sums, loss_updates = self.losses.global_sums(self.env)
-        optimizer_state = gather_optimizer_state(self.parts.optimizer, self.env)
         p = self.progress
         name = checkpoint_name(p.epoch, p.updates)
+        optimizer_state = checkpoint_optimizer_state(self.parts.optimizer, self.env, self.output, name, p.step)
         if self.output is not None:
             state = self.training_state.state_dict(p, loss_sums, loss_updates, rngs, optimizer_state)
             self.output.write(state, name, p.step, is_best)

@@ -3,7 +3,9 @@ the newest complete one.
 
 A training checkpoint is a dict with ``format_version`` (:data:`FORMAT_VERSION`), ``config``,
 ``progress``, ``student`` and, for a full training state, ``task_state``, ``optimizer``,
-``scaler``, ``ema``, ``rng``, ``world_size`` (the schedule is the config's, at ``progress.step``). ``best.pth`` holds only what eval and
+``scaler``, ``ema``, ``rng``, ``world_size`` (the schedule is the config's, at ``progress.step``). A sharded
+optimizer's state is in a folder beside the file (:func:`optimizer_folder`, see
+:mod:`~scalekd.engine.run_folder.optimizer_shards`). ``best.pth`` holds only what eval and
 export need (``config``, ``progress``, ``student``, ``ema``). Files written before versioning
 are format 1; :func:`read_training_checkpoint` migrates every older format to the current one.
 """
@@ -24,12 +26,15 @@ from ..errors import UserError
 __all__ = ['FORMAT_VERSION', 'save_checkpoint', 'load_checkpoint', 'is_training_checkpoint',
            'read_training_checkpoint', 'migrate', 'out_of_space',
            'latest_checkpoint', 'checkpoints_by_age', 'checkpoint_name', 'checkpoint_position', 'rng_state', 'set_rng_state',
-           'CheckpointError']
+           'CheckpointError', 'optimizer_folder', 'is_optimizer_folder']
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 # checkpoint-EEEE.pth after E epochs; checkpoint-EEEE-UUUUUU.pth after E epochs and U updates of the next
 _CHECKPOINT_FILE = re.compile(r'^checkpoint-(\d+)(?:-(\d+))?\.pth$')
+
+
+_OPTIMIZER_FOLDER = re.compile(r'^checkpoint-\d+(?:-\d+)?\.pth\.optim$')
 
 
 class CheckpointError(UserError):
@@ -39,6 +44,17 @@ class CheckpointError(UserError):
 def checkpoint_name(epoch: int, updates: int) -> str:
     """The file name of the checkpoint after ``epoch`` epochs and ``updates`` optimizer updates of the next."""
     return f'checkpoint-{epoch:04d}.pth' if updates == 0 else f'checkpoint-{epoch:04d}-{updates:06d}.pth'
+
+
+def optimizer_folder(checkpoint: Union[str, Path]) -> Path:
+    """The folder of a checkpoint's sharded optimizer state: ``checkpoint-*.pth.optim`` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + '.optim')
+
+
+def is_optimizer_folder(name: str) -> bool:
+    """Whether ``name`` is the name of a checkpoint's optimizer folder."""
+    return _OPTIMIZER_FOLDER.match(name) is not None
 
 
 def rng_state(device: torch.device) -> Dict[str, Any]:
@@ -157,8 +173,15 @@ def _from_format_2(state: Dict[str, Any]) -> Dict[str, Any]:
     return dict(state, progress=progress)
 
 
+def _from_format_3(state: Dict[str, Any]) -> Dict[str, Any]:
+    """Format 4 may keep a sharded optimizer's state in a folder beside the file (``optimizer`` then holds
+    ``param_groups`` and ``shards``); format 3 always held it whole, which format 4 reads as it is."""
+    return state
+
+
 # format N -> N + 1; a release that renames a config field adds the rename here
-_MIGRATIONS: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]] = {1: _from_format_1, 2: _from_format_2}
+_MIGRATIONS: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]] = {1: _from_format_1, 2: _from_format_2,
+                                                                    3: _from_format_3}
 
 
 def migrate(state: Dict[str, Any], where: str = 'checkpoint') -> Dict[str, Any]:
@@ -201,16 +224,17 @@ def checkpoints_by_age(folder: Union[str, Path]) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(folder: Union[str, Path]) -> Tuple[Optional[Path], Optional[Dict[str, Any]], List[str]]:
-    """The newest checkpoint in ``folder`` that loads completely, its migrated state (each file is
-    read once), and why each newer one was passed over.
+def latest_checkpoint(folder: Union[str, Path], read: Callable[[Path], Dict[str, Any]] = read_training_checkpoint
+                      ) -> Tuple[Optional[Path], Optional[Dict[str, Any]], List[str]]:
+    """The newest checkpoint in ``folder`` that loads completely (``read`` raises :class:`CheckpointError`
+    for one that does not), its migrated state (each file is read once), and why each newer one was passed over.
 
     Raises :class:`CheckpointError` listing every file when there are checkpoints and none loads.
     """
     failures = []
     for path in reversed(checkpoints_by_age(folder)):
         try:
-            return path, read_training_checkpoint(path), failures
+            return path, read(path), failures
         except CheckpointError as e:
             failures.append(str(e))
     if failures:

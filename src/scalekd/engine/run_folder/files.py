@@ -11,11 +11,12 @@ and fresh-start policy on top of it.
   before it is written: its files (``files``, of :data:`RUN_FILES`: TensorBoard and W&B only when
   they are on) and its checkpoint series (``checkpoints``: file and step).
 - Deleting only a run's own: retention and ``--force`` delete only what the marker lists, and of that
-  only the names a run writes (``checkpoint-*.pth``, :data:`RUN_FILES`) inside the folder, never a
-  link; anything else the marker lists is reported and left alone. A folder without a marker is no
+  only the names a run writes (``checkpoint-*.pth`` with its optimizer folder ``checkpoint-*.pth.optim``,
+  :data:`RUN_FILES`) inside the folder, never a link; anything else the marker lists is reported and left alone. A folder without a marker is no
   run, whatever its file names: nothing in it is deleted. A marker from before ``files`` were listed
-  counts :data:`RUN_FILES` as its run's. The temporary files of scalekd's own killed writes are
-  recognised and removed.
+  counts :data:`RUN_FILES` as its run's. The temporary files and folders of scalekd's own killed writes
+  are recognised and removed, and so is an optimizer folder of the series whose checkpoint file was
+  never written.
 - A command that writes many runs under one folder (``scalekd demo``, ``scalekd ablate``) holds that
   folder's lock too (:func:`holding`), so that a second such command there is refused at once.
 """
@@ -34,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .checkpoint import checkpoint_position, checkpoints_by_age
+from .checkpoint import checkpoint_position, checkpoints_by_age, is_optimizer_folder, optimizer_folder
 from ..errors import UserError
 
 __all__ = ['RunFolder', 'RunFolderError', 'MARKER', 'RUN_FILES', 'holding']
@@ -46,6 +47,7 @@ RUN_FILES = ('config.yaml', 'train.log', 'metrics.jsonl', 'tensorboard', 'wandb'
 _EVERY_RUN_WRITES = tuple(n for n in RUN_FILES if n not in ('tensorboard', 'wandb'))
 # temporary files of atomic writes (checkpoints, the marker, the metrics rewind) killed half-way
 _PARTIAL = re.compile(r'^\.(checkpoint-\d+(-\d+)?\.pth|best\.pth|metrics\.jsonl|' + re.escape(MARKER) + r')(\..+)?\.tmp$')
+_PARTIAL_FOLDER = re.compile(r'^\.checkpoint-\d+(-\d+)?\.pth\.optim\..+\.tmp$')  # shards being written
 _HOLDER = re.compile(r'(pid \d+ on [^\n]*)?')  # what acquire writes in the lock file
 
 
@@ -77,6 +79,13 @@ def _open_lock(path: Path) -> int:
 def _remove(path: Path) -> None:
     """Delete a file or folder of a run; a link is never followed."""
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def _remove_optimizer_folder(checkpoint: Path) -> None:
+    """Delete a checkpoint's optimizer folder, if it has one (never a link)."""
+    folder = optimizer_folder(checkpoint)
+    if folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder)
 
 
 def _holder(fd: int) -> str:
@@ -177,9 +186,10 @@ class RunFolder:
 
     def own_paths(self) -> List[Path]:
         """What the marker says its run wrote and that is there: its files of :data:`RUN_FILES` (all of
-        them for a marker that lists none) and its series' checkpoints, links left out."""
+        them for a marker that lists none) and its series' checkpoints with their optimizer folders, links left out."""
         listed = self.read_marker().get('files', RUN_FILES) if self.is_run() else []
-        names = [n for n in listed if n in RUN_FILES] + [e['file'] for e in self.series()]
+        checkpoints = [e['file'] for e in self.series()]
+        names = [n for n in listed if n in RUN_FILES] + checkpoints + [optimizer_folder(n).name for n in checkpoints]
         return [p for p in (self.path / n for n in names) if p.exists() and not p.is_symlink()]
 
     def check_fresh(self, force: bool, writes: Sequence[str]) -> List[Path]:
@@ -191,7 +201,8 @@ class RunFolder:
                                  f'it or --force to start over')
         own = self.own_paths() if force else []
         named = [self.path / n for n in writes if os.path.lexists(self.path / n)]
-        clashes = sorted(p.name for p in named + checkpoints_by_age(self.path) if p not in own)
+        folders = [p for p in self.path.iterdir() if is_optimizer_folder(p.name)]
+        clashes = sorted(p.name for p in named + checkpoints_by_age(self.path) + folders if p not in own)
         if not clashes:
             return own
         if self.is_run():
@@ -210,11 +221,34 @@ class RunFolder:
         return sorted(p.name for p in paths)
 
     def remove_partial_writes(self) -> List[str]:
-        """Delete the temporary files of writes killed half-way (no writer is live: we hold the lock)."""
-        partial = [f for f in self.path.iterdir() if _PARTIAL.match(f.name) and f.is_file() and not f.is_symlink()]
+        """Delete the temporary files and folders of writes killed half-way, and the optimizer folders of
+        the series whose checkpoint file was never written (no writer is live: we hold the lock)."""
+        partial = [f for f in self.path.iterdir() if not f.is_symlink() and (
+            (_PARTIAL.match(f.name) and f.is_file()) or (_PARTIAL_FOLDER.match(f.name) and f.is_dir()))]
+        partial += [folder for e in self.series() if not os.path.lexists(self.path / e['file'])
+                    and (folder := optimizer_folder(self.path / e['file'])).is_dir() and not folder.is_symlink()]
         for f in partial:
-            f.unlink()
+            _remove(f)
         return sorted(f.name for f in partial)
+
+    def shard_folder(self, name: str) -> Path:
+        """A new temporary folder for the optimizer shards of checkpoint ``name`` (mode as ``mkdir`` gives)."""
+        temp = Path(tempfile.mkdtemp(prefix=f'.{optimizer_folder(name).name}.', suffix='.tmp', dir=self.path))
+        umask = os.umask(0)
+        os.umask(umask)
+        temp.chmod(0o777 & ~umask)
+        return temp
+
+    def place_shards(self, temp: Path, name: str) -> None:
+        """Rename a complete shard folder to checkpoint ``name``'s optimizer folder, replacing the one an
+        earlier write of the run left there; anything else in the way is refused, left as it is."""
+        folder = optimizer_folder(self.path / name)
+        if os.path.lexists(folder):
+            if folder.is_symlink() or not folder.is_dir():
+                raise RunFolderError(f'{folder} is in the way of the checkpoint\'s optimizer state and is no folder '
+                                     f'of this run (a link or a file): move it away')
+            shutil.rmtree(folder)
+        os.replace(temp, folder)
 
     # -- the marker and the checkpoint series ------------------------------------------------------------
     def _load_marker(self) -> Tuple[Dict[str, Any], Optional[str]]:
@@ -300,6 +334,7 @@ class RunFolder:
             self._write_marker(dict(self.read_marker(), checkpoints=[e for e in entries if e not in drop]))
         for e in drop:
             _remove(self.path / e['file'])
+            _remove_optimizer_folder(self.path / e['file'])
         return [e['file'] for e in drop]
 
     def set_aside(self, paths: Sequence[Path], step: int) -> Path:
@@ -315,6 +350,9 @@ class RunFolder:
         self._write_marker(dict(self.read_marker(), checkpoints=[e for e in self.series() if e['file'] not in names]))
         for p in paths:
             os.replace(p, aside / p.name)
+            folder = optimizer_folder(p)
+            if folder.is_dir() and not folder.is_symlink():
+                os.replace(folder, aside / folder.name)
         return aside
 
 

@@ -9,7 +9,8 @@ rules on files (the lock, the marker, what may be deleted); this module decides 
 - a fresh start checks the folder can take the run; what ``--force`` replaces is deleted only once
   the new run is built (:meth:`RunOutput.start`), so that a run that cannot start loses nothing;
 - a damaged marker is rebuilt from the checkpoints that load, with a note;
-- checkpoint writes with retention, and ``best.pth`` kept in agreement with the recorded best epoch.
+- checkpoint writes with retention, and ``best.pth`` kept in agreement with the recorded best epoch; a
+  sharded optimizer state's folder is placed before its checkpoint file is written.
 """
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from .checkpoint import (CheckpointError, checkpoint_position, checkpoints_by_ag
                          read_training_checkpoint, save_checkpoint)
 from ..errors import RunError
 from .files import MARKER, RunFolder
+from .optimizer_shards import read_resumable_checkpoint
 from .training_state import Progress, best_state
 
 __all__ = ['RunOutput', 'check_resume_request']
@@ -75,7 +77,7 @@ class RunOutput:
                                f'own files there, never through a link: move it away or choose another output')
             self._repair_marker()
             if resume == 'auto':
-                self.resumed_from, self._resume_state, passed = latest_checkpoint(self.path)
+                self.resumed_from, self._resume_state, passed = latest_checkpoint(self.path, read_resumable_checkpoint)
                 for p in passed:
                     self._note(f'passed over {p}')
                 if passed:
@@ -107,7 +109,7 @@ class RunOutput:
         if self.folder.holds_run() and not inside:
             raise RunError(f'output folder {self.path} holds another run; resume {path} into its own '
                            f'folder (set output) or use --resume auto')
-        state = read_training_checkpoint(path)
+        state = read_resumable_checkpoint(path)
         if inside:
             self._set_aside_later(state)
         return path, state
@@ -178,6 +180,25 @@ class RunOutput:
             self._note(f'--force removed the previous run\'s {", ".join(self.folder.remove(self._replaced))}')
             self._replaced = []
         self.folder.mark(fresh, self.writes)
+
+    def shard_folder(self, name: str, step: int) -> Path:
+        """Before the ranks write checkpoint ``name``'s optimizer shards: list it in the series, delete a file
+        of that name an earlier write left (so that no file is ever beside another write's shards), and
+        make the temporary folder they write into."""
+        path = self.path / name
+        self.folder.record(path, step)
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+        return self.folder.shard_folder(name)
+
+    def commit_shards(self, temp: Path, name: str) -> None:
+        """Make the complete shards in ``temp`` checkpoint ``name``'s optimizer folder (before its file is written)."""
+        self.folder.place_shards(temp, name)
+
+    @staticmethod
+    def drop_shards(temp: Path) -> None:
+        """Delete the temporary folder of shards that were not written."""
+        shutil.rmtree(temp, ignore_errors=True)
 
     def write(self, state: Dict[str, Any], name: str, step: int, is_best: bool) -> Path:
         """Checkpoint ``state`` of ``step`` as ``name`` (listed in the series first), then best.pth, then

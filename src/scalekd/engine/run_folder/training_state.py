@@ -15,7 +15,8 @@ from .checkpoint import FORMAT_VERSION, CheckpointError, rng_state, set_rng_stat
 from ..inputs.config import RunConfig, config_from_dict, config_to_dict
 from ..runtime.distributed import DistEnv
 from ..errors import RunError
-from ..runtime.optimizer import load_optimizer_state
+from ..runtime.optimizer import load_optimizer_state, owned_indices
+from .optimizer_shards import optimizer_state_of
 
 __all__ = ['Progress', 'Resumed', 'TrainingState', 'best_state', 'changed_settings', 'gather_rng_states',
            'restore_rng_states']
@@ -74,9 +75,15 @@ def _student_of(cfg: RunConfig) -> str:
 
 
 def _task_of(cfg: RunConfig) -> str:
-    """What shapes a run's projector state beside its student: the teacher (with its kwargs), the method, the size."""
-    return f'teacher {_model_of(cfg.teacher.model, cfg.teacher.kwargs)}, method {cfg.distill.method} at ' \
-           f'{cfg.data.img_size} px'
+    """What shapes a run's projector state beside its student: the teachers (with their kwargs and sizes), the
+    method, the size."""
+    teachers = cfg.teacher_configs()
+    if cfg.teachers is None:
+        models = f'teacher {_model_of(cfg.teacher.model, cfg.teacher.kwargs)}'
+    else:
+        models = 'teachers ' + ', '.join(f'{t.name}={_model_of(t.model, t.kwargs)}'
+                                         + (f' at {t.img_size} px' if t.img_size else '') for t in teachers)
+    return f'{models}, method {cfg.distill.method} at {cfg.data.img_size} px'
 
 
 def gather_rng_states(env: DistEnv) -> List[Dict[str, Any]]:
@@ -135,8 +142,8 @@ class TrainingState:
     def state_dict(self, progress: Progress, loss_sums: Dict[str, float], loss_updates: int,
                    rngs: List[Dict[str, Any]], optimizer_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """A checkpoint: ``progress`` with the epoch's loss sums and the updates they count, ``rngs`` of
-        every rank, and the whole optimizer state (``optimizer_state``, gathered from a sharded
-        optimizer; default: the optimizer's own)."""
+        every rank, and the optimizer's (``optimizer_state``: the whole state, or a sharded state's
+        parameter groups and folder; default: the optimizer's own state dict)."""
         return dict(
             format_version=FORMAT_VERSION,
             progress=dict(dataclasses.asdict(progress), loss_sums=loss_sums, loss_updates=loss_updates),
@@ -164,10 +171,11 @@ class TrainingState:
                            f'resume with the checkpoint\'s student (student.model and kwargs, data.num_classes, '
                            f'data.in_chans) or start a new run')
         hyper = [{k: v for k, v in g.items() if k != 'params'} for g in self.optimizer.param_groups]
+        optimizer_state = optimizer_state_of(state, path, owned_indices(self.optimizer))  # this rank's part
         try:
             self.task.student.load_state_dict(state['student'])
             self.task.load_task_state(state['task_state'])
-            load_optimizer_state(self.optimizer, state['optimizer'])
+            load_optimizer_state(self.optimizer, optimizer_state)
         except (RuntimeError, ValueError, KeyError, IndexError, TaskStateMismatchError) as e:
             if _task_of(old) != _task_of(cfg):
                 raise RunError(f'{path} holds the projectors of {_task_of(old)}; this config asks for '

@@ -8,10 +8,12 @@ weights and gradients stay whole on every rank: DDP, gradient clipping over ever
 the loss-term taps and the checkpoint format are unchanged; what is sharded is the largest share
 of the projectors' training state that no forward or backward needs.
 
-A checkpoint holds the consolidated state (:func:`gather_optimizer_state`, a collective) in the
-plain optimizer's format, so a run resumes with or without ``train.zero`` on any number of processes.
+A sharded optimizer's checkpoint is written by every rank, each its shard (:func:`local_optimizer_state`,
+see :mod:`scalekd.engine.run_folder.optimizer_shards`); a plain optimizer's is its state dict. Both key
+a parameter's state by its index in the plain optimizer's state dict, so a run resumes with or without
+``train.zero`` on any number of processes: each rank loads the states it keeps (:func:`owned_indices`).
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Set
 
 import torch
 import torch.nn as nn
@@ -21,7 +23,8 @@ from ..inputs.config import OptimConfig
 from .distributed import DistEnv
 from ..errors import ConfigError
 
-__all__ = ['build_optimizer', 'gather_optimizer_state', 'load_optimizer_state', 'optimizer_step', 'is_sharded']
+__all__ = ['build_optimizer', 'gather_optimizer_state', 'load_optimizer_state', 'optimizer_step', 'is_sharded',
+           'local_optimizer_state', 'owned_indices', 'plain_param_groups']
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, env: DistEnv, zero: bool = False) -> torch.optim.Optimizer:
@@ -42,6 +45,35 @@ def is_sharded(optimizer: torch.optim.Optimizer) -> bool:
     """Whether each rank holds only its shard of ``optimizer``'s state."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
     return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def _indexed_params(optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
+    """Every parameter in the order of the plain optimizer's state dict (group by group): its index there."""
+    return [p for group in optimizer.param_groups for p in group['params']]
+
+
+def plain_param_groups(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
+    """The ``param_groups`` of the plain optimizer's state dict (hyper-parameters, parameter indices)."""
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        groups.append(dict({k: v for k, v in group.items() if k != 'params'},
+                           params=list(range(start, start + len(group['params'])))))
+        start += len(group['params'])
+    return groups
+
+
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> Dict[int, Dict[str, Any]]:
+    """The optimizer state this rank keeps (its shard; a plain optimizer's whole state), by parameter index."""
+    local = optimizer.optim.state if is_sharded(optimizer) else optimizer.state
+    return {i: dict(local[p]) for i, p in enumerate(_indexed_params(optimizer)) if local.get(p)}
+
+
+def owned_indices(optimizer: torch.optim.Optimizer) -> Optional[Set[int]]:
+    """The indices of the parameters whose optimizer state this rank keeps; ``None``: all of them."""
+    if not is_sharded(optimizer):
+        return None
+    mine = {id(p) for group in optimizer.optim.param_groups for p in group['params']}
+    return {i for i, p in enumerate(_indexed_params(optimizer)) if id(p) in mine}
 
 
 def gather_optimizer_state(optimizer: torch.optim.Optimizer, env: DistEnv) -> Optional[Dict[str, Any]]:
