@@ -180,7 +180,8 @@ class TrainConfig:
         channels_last: images and models in channels-last memory format.
         compile: ``torch.compile`` the teacher's feature extraction and last stage and each piece of
             the trainable module.
-        zero: shard the optimizer state over the processes (ZeRO-1); checkpoints stay whole.
+        zero: shard the optimizer state over the processes (ZeRO-1); checkpoints are sharded too: each
+            process writes its shard into ``checkpoint-*.pth.optim/`` beside the checkpoint file.
         ema: keep an exponential moving average of the student (evaluated and exported too).
         ema_decay: decay of the EMA.
         eval_every: evaluate every N epochs (and after the last).
