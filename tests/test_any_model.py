@@ -99,7 +99,7 @@ def test_s4_losses_reach_the_proxy_projectors_and_the_stem_for_new_pairs(teacher
     task = build_distiller(_model(teacher, **kwargs), _model(student), img_size=IMG)
     out = task(torch.randn(2, 3, IMG, IMG), torch.tensor([0, 1]))
     (out['s4_ori'] + out['s4_alt']).backward()
-    proxy = task.trainable_module.proxy.mimicking
+    proxy = task.branches()['teacher'].proxy.mimicking
     assert sum(p.grad.abs().sum().item() for p in proxy.parameters() if p.grad is not None) > 0
     stem = next(task.student.parameters())
     assert stem.grad is not None and stem.grad.abs().sum() > 0

@@ -66,8 +66,8 @@ def test_mismatched_task_state_is_a_user_error_naming_the_keys():
     with pytest.raises(TaskStateMismatchError, match='distillation state does not match') as info:
         _distiller('fd', stages=['s3', 's4']).load_task_state(state)
     missing, unexpected = str(info.value).split('unexpected')
-    assert "'s3.projectors.ori.proj.weight'" in missing and 'proxy.' not in missing
-    assert "'proxy.mimicking.projectors.alt.query_embed'" in unexpected and 's3.' not in unexpected
+    assert "'branches.teacher.s3.projectors.ori.proj.weight'" in missing and '.proxy.' not in missing
+    assert "'branches.teacher.proxy.mimicking.projectors.alt.query_embed'" in unexpected and '.s3.' not in unexpected
 
 
 def _beit_teacher():

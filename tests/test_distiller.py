@@ -36,6 +36,7 @@ ROWS = {
     'student': (ablation('student'), set(), None, 0),
     'kd': (ablation('kd'), set(), None, 0),
     'fd': (ablation('fd'), {'s4_ori'}, LinearProjector, 1),
+    'fd_kd': (ablation('fd_kd'), {'s4_ori'}, LinearProjector, 1),
     'fd_s3_s4': (dict(ablation('fd'), stages=['s3', 's4']), {'s3_ori', 's4_ori'}, LinearProjector, 2),
     'projector_conv': (dict(ablation('fd'), projector='conv'), {'s4_ori'}, ConvProjector, 1),
     'cap': (ablation('cap'), {'s4_ori'}, CrossAttentionProjector, 1),
@@ -141,7 +142,7 @@ def test_the_s4_losses_train_the_proxy_path_through_its_queries_only_when_adapti
     losses train the proxy path's projectors; with learned queries they do not reach it."""
     distiller = _distiller(adaptive_queries=adaptive_queries)
     out = distiller(X, Y)
-    proxy = list(distiller.trainable_module.proxy.parameters())
+    proxy = list(distiller.branches()['teacher'].proxy.parameters())
     grads = torch.autograd.grad(out['s4_ori'] + out['s4_alt'], proxy, allow_unused=True)
     reached = sum(float(g.abs().sum()) for g in grads if g is not None)
     assert (reached > 0) == adaptive_queries
@@ -284,7 +285,7 @@ def test_teacher_precision_runs_the_teacher_forward_alone_in_its_dtype(teacher):
         fp32 = distiller.teacher.extract(images)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             bf16 = distiller.teacher.extract(images)
-    got = distiller.teacher_features(X)
+    got = distiller.teacher_features(X)['teacher']
     assert bf16.logits.dtype == torch.bfloat16  # (a map after a LayerNorm is float32 under autocast)
     for name in ('logits', 'final', 'stage_input'):
         assert getattr(got, name).dtype == torch.float32
@@ -298,7 +299,7 @@ def test_teacher_precision_runs_the_teacher_forward_alone_in_its_dtype(teacher):
 
     distiller.teacher_dtype = torch.float32
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        kept = distiller.teacher_features(X)
+        kept = distiller.teacher_features(X)['teacher']
     for name in ('logits', 'final', 'stage_input'):
         torch.testing.assert_close(getattr(kept, name), getattr(fp32, name), rtol=0, atol=0)
 

@@ -198,8 +198,8 @@ def test_no_weight_decay_on_norms_biases_and_embeddings(data_root, tmp_path):
     no_decay = {names[id(p)] for g in optimizer.param_groups if g['weight_decay'] == 0 for p in g['params']}
     decay = {names[id(p)] for g in optimizer.param_groups if g['weight_decay'] > 0 for p in g['params']}
     assert {'student.pos_embed', 'student.cls_token', 'student.norm.weight', 'student.blocks.0.attn.qkv.bias',
-            's4.projectors.ori.pos_embed', 's4.projectors.ori.norm.weight'} <= no_decay
-    assert {'student.blocks.0.attn.qkv.weight', 's4.projectors.ori.student_conv.weight'} <= decay
+            'branches.teacher.s4.projectors.ori.pos_embed', 'branches.teacher.s4.projectors.ori.norm.weight'} <= no_decay
+    assert {'student.blocks.0.attn.qkv.weight', 'branches.teacher.s4.projectors.ori.student_conv.weight'} <= decay
 
 
 def test_a_mixed_precision_run_says_its_val_top1_is_not_eval_s(data_root, tmp_path):

@@ -29,7 +29,7 @@ def test_pair_trains_with_frozen_teacher_and_clean_student(teacher, student):
         assert torch.isfinite(value).all(), name
     # the s4 losses alone reach the s3 (proxy) projectors and the student's first layer, through the
     # adaptive queries (not detached)
-    proxy_params = list(distiller.trainable_module.proxy.parameters())
+    proxy_params = list(distiller.branches()['teacher'].proxy.parameters())
     stem = next(distiller.student.parameters())
     grads = torch.autograd.grad(out['s4_ori'] + out['s4_alt'], proxy_params + [stem], retain_graph=True,
                                 allow_unused=True)
@@ -62,7 +62,7 @@ def test_teacher_last_stage_reproduces_its_final_feature(teacher):
 def _grads_of_s4_losses(distiller, img):
     out = distiller(torch.randn(2, 3, img, img), torch.tensor([0, 1]))
     (out['s4_ori'] + out['s4_alt']).backward()
-    proxy = distiller.trainable_module.proxy.mimicking
+    proxy = distiller.branches()['teacher'].proxy.mimicking
     proxy_grad = sum(p.grad.abs().sum().item() for p in proxy.parameters() if p.grad is not None)
     return proxy_grad
 

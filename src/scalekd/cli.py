@@ -40,6 +40,8 @@ def _add_inspect(sub) -> None:
     p = sub.add_parser('inspect', help='build a teacher-student pair with random weights and report its taps, '
                                        'projector sizes and whether one training step runs')
     p.add_argument('--pair', choices=sorted(PAPER_PAIRS), help="one of the paper's Table 3 pairs")
+    p.add_argument('--config', help='a run config (YAML): its teachers, student, method and size, built with random '
+                                    'weights (several teachers too)')
     p.add_argument('--teacher', help='timm teacher name')
     p.add_argument('--student', help='timm student name')
     p.add_argument('--method', choices=METHODS, help='distillation method (default scalekd)')
@@ -68,6 +70,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
     student_kwargs = _key_values(args.student_kwarg, '--student-kwarg')
     options = _key_values(args.option, '--option')
     img_size = args.img_size
+    if args.config:
+        if args.pair or args.teacher or args.student:
+            raise UserError('give either --config or --pair or --teacher/--student, not several')
+        return _inspect_config(args, device)
     if args.pair:
         if args.teacher or args.student:
             raise UserError('give either --pair or --teacher/--student, not both')
@@ -92,6 +98,22 @@ def _run_inspect(args: argparse.Namespace) -> int:
         teacher, student, img_size=img_size, num_classes=args.num_classes, in_chans=args.in_chans,
         teacher_kwargs=_key_values(args.teacher_kwarg, '--teacher-kwarg'), student_kwargs=student_kwargs,
         device=device, **options)
+    return _report_inspection(distiller, args)
+
+
+def _inspect_config(args: argparse.Namespace, device) -> int:
+    """``inspect --config``: the config's models at full size with random weights (nothing loaded)."""
+    from .engine.inputs.config import load_config
+    from .engine.inputs.task_build import build_task
+    given = [flag for flag, value in (('--method', args.method), ('--img-size', args.img_size),
+                                      ('--teacher-kwarg', args.teacher_kwarg), ('--student-kwarg', args.student_kwarg),
+                                      ('--option', args.option), ('--num-classes', args.num_classes)) if value]
+    if given:
+        raise UserError(f'{", ".join(given)} do(es) not apply with --config: the config says it (override it there)')
+    return _report_inspection(build_task(load_config(args.config), device, random_weights=True), args)
+
+
+def _report_inspection(distiller, args: argparse.Namespace) -> int:
     report = inspect_distiller(distiller, step=not args.no_step, batch=args.batch)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report.get('train_step', {}).get('ok', True) else 1

@@ -87,9 +87,12 @@ class ScaleKDTeacher(FrozenTeacher):
         img_size: (H, W) the pair trains at.
         in_chans: input channels.
         last_blocks: plain ViTs only, number of final blocks forming the last stage.
+        require_replay: refuse a teacher whose last stage does not replay (TPP needs it); false:
+            :attr:`replays` says whether it does.
     """
 
-    def __init__(self, model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3, last_blocks: Optional[int] = None):
+    def __init__(self, model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3, last_blocks: Optional[int] = None,
+                 require_replay: bool = True):
         super().__init__(model, in_chans)
         family = family_of(model)
         self.family = family.name if family else type(model).__name__
@@ -105,24 +108,30 @@ class ScaleKDTeacher(FrozenTeacher):
             feats = self.extract(probe)
             self.final_shape: Shape = shape_of(feats.final)
             self.stage_input_shape: Shape = shape_of(feats.stage_input)
-            self._check_replay(feats)
+        failure = self._replay_failure(feats)
+        self.replays = failure is None  # whether TPP can run through its last stage
+        if failure is not None and require_replay:
+            raise failure
         self.stage.forget()  # recorded at the build's weights: last_stage waits for a real extract()
 
-    def _check_replay(self, feats: TeacherFeatures) -> None:
+    def _replay_failure(self, feats: TeacherFeatures) -> Optional[UnsupportedModelError]:
         """The adapter proves itself: its last stage, replayed on the stage input the teacher's own forward
-        recorded, must give that forward's final feature, else the model is refused (TPP would train
-        against a wrong last stage)."""
-        with probing(self.model, f'{self.label}: its last stage fails when replayed on the recorded stage input, '
-                                 f'so the last-stage adapter does not fit it and it cannot be a ScaleKD teacher'):
-            replay = self.last_stage(feats.stage_input, feats.prefix)
+        recorded, must give that forward's final feature (else TPP would train against a wrong last
+        stage). ``None`` when it does, else the error that says how it fails."""
+        try:
+            with probing(self.model, f'{self.label}: its last stage fails when replayed on the recorded stage input, '
+                                     f'so the last-stage adapter does not fit it and it cannot be a ScaleKD teacher'):
+                replay = self.last_stage(feats.stage_input, feats.prefix)
+        except UnsupportedModelError as e:
+            return e
         scale = feats.final.abs().max().item()
         if replay.shape != feats.final.shape:
             how = f'shape {tuple(replay.shape[1:])} instead of {tuple(feats.final.shape[1:])}'
         elif not torch.allclose(replay, feats.final, rtol=1e-4, atol=1e-5 * max(scale, 1.0)):
             how = f'largest difference {(replay - feats.final).abs().max().item():.3g}, values up to {scale:.3g}'
         else:
-            return
-        raise UnsupportedModelError(
+            return None
+        return UnsupportedModelError(
             f'{self.label}: its last stage, replayed on the recorded stage input, does not give the teacher\'s '
             f'own final feature ({how}): the last-stage adapter does not fit this model, so it cannot be a '
             f'ScaleKD teacher')

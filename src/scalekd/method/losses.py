@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-__all__ = ['feature_distance', 'logit_kd_loss']
+__all__ = ['feature_distance', 'logit_kd_loss', 'soft_target_kd_loss']
 
 
 def feature_distance(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -28,6 +28,12 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     ``p_t = softmax(teacher / T)``; ``log p_s = log_softmax(student / T)``. It differs from
     the KL form by the teacher's entropy only, a constant for the student.
     """
+    p_t = F.softmax(teacher_logits.to(student_logits.dtype) / temperature, dim=-1)
+    return soft_target_kd_loss(student_logits, p_t, temperature)
+
+
+def soft_target_kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * mean_n(-sum_k q_k log p_s)`` for a given soft target ``q`` (the teachers' softened
+    distributions, averaged when several teach: :meth:`scalekd.Distiller.kd_target`)."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    p_t = F.softmax(teacher_logits.to(log_p_s.dtype) / temperature, dim=-1)
-    return -(p_t * log_p_s).sum(dim=-1).mean() * temperature ** 2
+    return -(target_probs.to(log_p_s.dtype) * log_p_s).sum(dim=-1).mean() * temperature ** 2

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from .errors import OptionError
 from .projectors import PROJECTORS
+from .teacher_norm import TEACHER_NORMS
 from .views import ORIGINAL_VIEWS, VIEW_MODES
 
 __all__ = ['DistillOptions', 'METHODS', 'FEATURE_METHODS', 'ABLATIONS', 'ablation']
@@ -99,6 +100,11 @@ class DistillOptions:
             three quarters deep).
         teacher_last_blocks: plain-ViT teachers: the blocks of the last stage (null: depth / 4).
         teacher_train_mode: the release's train-mode teacher (stochastic depth on); default: eval mode.
+        teacher_norm: ``none``, or ``standardize``: each teacher's feature targets standardised per
+            channel, with statistics estimated from the first ``teacher_norm_batches`` training batches and
+            then frozen (for several teachers whose channels differ in scale; see
+            :mod:`scalekd.method.teacher_norm`).
+        teacher_norm_batches: training batches the ``standardize`` statistics are estimated from.
     """
     method: str = 'scalekd'
     # components
@@ -126,6 +132,9 @@ class DistillOptions:
     student_s3_block: Optional[int] = None
     teacher_last_blocks: Optional[int] = None
     teacher_train_mode: bool = False
+    # several teachers
+    teacher_norm: str = 'none'
+    teacher_norm_batches: int = 20
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> 'DistillOptions':
@@ -152,6 +161,15 @@ class DistillOptions:
         values = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in preset.items()}
         w_ori, w_alt = self._weights()
         opts = dataclasses.replace(self, **values, w_ori=w_ori, w_alt=w_alt, alpha=None, beta=None)
+        opts._check()
+        return opts
+
+    def for_teacher(self, tpp: Optional[bool]) -> 'DistillOptions':
+        """These (resolved) options for one teacher with its own ``tpp`` (null: these options'): without it
+        the teacher's s3 is mimicked directly and the adaptive queries (the proxy path's outputs) go too."""
+        if tpp is None or not self.uses_features or tpp == self.tpp:
+            return self
+        opts = dataclasses.replace(self, tpp=tpp, adaptive_queries=self.adaptive_queries and tpp)
         opts._check()
         return opts
 
@@ -185,6 +203,10 @@ class DistillOptions:
             raise OptionError(f'kd_weight must be in [0, 1], got {self.kd_weight}')
         if self.kd_temperature <= 0:
             raise OptionError(f'kd_temperature must be > 0, got {self.kd_temperature}')
+        if self.teacher_norm not in TEACHER_NORMS:
+            raise OptionError(f'unknown teacher_norm {self.teacher_norm!r}; choose one of {", ".join(TEACHER_NORMS)}')
+        if self.teacher_norm_batches < 1:
+            raise OptionError(f'teacher_norm_batches must be >= 1, got {self.teacher_norm_batches}')
         if not self.uses_features:
             return
         if self.projector not in PROJECTORS:

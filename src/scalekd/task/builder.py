@@ -1,5 +1,10 @@
-"""``build_distiller``: a ready :class:`~scalekd.Distiller` from timm names or modules."""
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+"""``build_distiller``: a ready :class:`~scalekd.Distiller` from timm names or modules, with one
+teacher or several (:class:`TeacherSpec`)."""
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -9,12 +14,41 @@ from ..adapters.common import model_label
 from ..adapters.models import classes_kwargs, create_timm_model, default_img_size
 from ..method.errors import OptionError
 from ..method.options import DistillOptions
-from .distiller import Distiller
+from .distiller import Distiller, Teacher
 from .kernels import use_cpu_kernels
 
-__all__ = ['build_distiller', 'resolve_img_size']
+__all__ = ['build_distiller', 'resolve_img_size', 'TeacherSpec']
 
 ModelSpec = Union[str, nn.Module]
+
+
+@dataclass
+class TeacherSpec:
+    """One of several teachers given to :func:`build_distiller`.
+
+    Attributes:
+        model: timm name or module.
+        name: its name in loss terms (``{name}/s4_ori``), logs and reports; distinct per teacher.
+        img_size: the (H, W) or size it sees the images at, resized from the student's (null: the student's).
+        weight: multiplies each of its feature terms, and its share of the KD target.
+        kd: whether its logits teach (null: the method's ``kd``); a headless teacher, or one of other
+            classes, cannot.
+        tpp: its proxy path: true, false (its s3 mimicked directly) or null (auto: the method's, where its
+            last stage replays; otherwise off, with a warning).
+        kwargs: extra ``timm.create_model`` kwargs of a teacher given by name.
+        pretrained: load its hub weights (needs network).
+        mean, std: the normalisation it expects (default: its pretrained cfg).
+    """
+    model: ModelSpec
+    name: str = 'teacher'
+    img_size: Optional[Union[int, Tuple[int, int]]] = None
+    weight: float = 1.0
+    kd: Optional[bool] = None
+    tpp: Optional[bool] = None
+    kwargs: Optional[Dict[str, Any]] = None
+    pretrained: bool = False
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
 
 
 def _as_size(img_size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
@@ -62,7 +96,7 @@ def _model(spec: ModelSpec, img_size, role: str, kwargs: Optional[Dict[str, Any]
 
 
 def build_distiller(
-        teacher: Optional[ModelSpec],
+        teacher: Union[ModelSpec, Sequence[TeacherSpec], None],
         student: ModelSpec,
         method: str = 'scalekd',
         *,
@@ -84,8 +118,9 @@ def build_distiller(
     """Build a teacher-student distiller.
 
     Args:
-        teacher: timm name (``swin_large_patch4_window7_224.ms_in22k_ft_in1k``) or module;
-            may be ``None`` for ``method='none'``.
+        teacher: timm name (``swin_large_patch4_window7_224.ms_in22k_ft_in1k``) or module, or a list of
+            :class:`TeacherSpec` for several teachers (each with its own name, size, weight, kd and tpp;
+            ``teacher_kwargs`` ... ``teacher_std`` then go in the specs); may be ``None`` for ``method='none'``.
         student: timm name or module, trained from scratch.
         method: ``none``, ``kd``, ``fd`` or ``scalekd``.
         img_size: training resolution (default: the teacher's pretrained input size).
@@ -102,31 +137,84 @@ def build_distiller(
         **options: :class:`~scalekd.DistillOptions` fields (``projector``, ``tpp``, ``beta``, ...).
     """
     opts = DistillOptions.from_kwargs(method=method, **options).resolve()
-    size = resolve_img_size(img_size, teacher, student)
+    several = isinstance(teacher, (list, tuple))
+    specs = list(teacher) if several else [] if teacher is None else [TeacherSpec(
+        teacher, kwargs=teacher_kwargs, pretrained=teacher_pretrained, mean=teacher_mean, std=teacher_std)]
+    if several and not specs:
+        raise OptionError('the list of teachers is empty: give at least one, or method none')
+    if several and (teacher_kwargs or teacher_pretrained or teacher_mean is not None or teacher_std is not None):
+        raise ValueError('with several teachers, give kwargs, pretrained, mean and std in each TeacherSpec, not as '
+                         'teacher_kwargs / teacher_pretrained / teacher_mean / teacher_std')
+    size = resolve_img_size(img_size, specs[0].model if specs else None, student)
     student_model = _model(student, size, 'student', student_kwargs, num_classes=num_classes, in_chans=in_chans)
-    teacher_adapter = None
-    if opts.kd or opts.uses_features:
-        if teacher is None:
+    teachers = []
+    if opts.method != 'none' and (opts.kd or opts.uses_features or any(t.kd for t in specs)):
+        if not specs:
             raise OptionError(f'method {method!r} needs a teacher')
-        teacher_model = _model(teacher, size, 'teacher', teacher_kwargs, in_chans=in_chans,
-                               pretrained=teacher_pretrained, **classes_kwargs('teacher', teacher_pretrained, num_classes))
-        if device is not None:
-            teacher_model.to(device)
-        teacher_adapter = ScaleKDTeacher(teacher_model, size, in_chans, opts.teacher_last_blocks) \
-            if opts.uses_features else LogitsTeacher(teacher_model, size, in_chans)  # kd: any classifier
-        if teacher_mean is not None or teacher_std is not None:
-            teacher_adapter.set_normalization(teacher_mean, teacher_std)
-        _check_classes(teacher_model, student_model, opts.kd)
+        _check_names(specs)
+        teachers = [_teacher(spec, opts, size, in_chans, num_classes, student_model, device, several) for spec in specs]
     if device is not None:
         student_model.to(device)
-    distiller = Distiller(student_model, teacher_adapter, opts, size, in_chans, criterion=criterion,
+    distiller = Distiller(student_model, teachers, opts, size, in_chans, criterion=criterion,
                           input_mean=input_mean, input_std=input_std, device=device, teacher_dtype=teacher_dtype)
     if device is None or torch.device(device).type == 'cpu':  # built without a device: on the CPU
         use_cpu_kernels(distiller.distill_modules())
     return distiller.to(device) if device is not None else distiller
 
 
-def _check_classes(teacher: nn.Module, student: nn.Module, kd: bool) -> None:
+def _check_names(specs: Sequence[TeacherSpec]) -> None:
+    names = [s.name for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise OptionError(f'teacher name {", ".join(map(repr, twice))} is given to more than one teacher: each '
+                          f'teacher needs its own name (its loss terms are {twice[0]}/s4_ori, ...)')
+    bad = [s.name for s in specs if not isinstance(s.weight, (int, float)) or not math.isfinite(s.weight) or s.weight < 0]
+    if bad:
+        raise OptionError(f'teacher {bad[0]!r}: weight must be a finite number >= 0')
+
+
+def _check_patches(model: nn.Module, size: Tuple[int, int], name: str) -> None:
+    """A patch-embedding teacher's image size must be a multiple of its patch size (else the last
+    pixels would be dropped silently)."""
+    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    if patch is None:
+        return
+    patch = _as_size(patch)
+    if size[0] % patch[0] or size[1] % patch[1]:
+        fit = tuple(max(p, round(s / p) * p) for s, p in zip(size, patch))
+        raise OptionError(f'teacher {name!r}: img_size {size[0]}x{size[1]} is not a multiple of its patch size '
+                          f'{patch[0]}x{patch[1]} ({model_label(model)}): use e.g. {fit[0]}x{fit[1]}')
+
+
+def _teacher(spec: TeacherSpec, opts: DistillOptions, student_size: Tuple[int, int], in_chans: int,
+             num_classes: Optional[int], student: nn.Module, device: Optional[torch.device], several: bool) -> Teacher:
+    """One teacher built at its own size, as its options ask (feature or logits adapter, its kd and tpp)."""
+    size = _as_size(spec.img_size) if spec.img_size is not None else student_size
+    model = _model(spec.model, size, 'teacher', spec.kwargs, in_chans=in_chans, pretrained=spec.pretrained,
+                   **classes_kwargs('teacher', spec.pretrained, num_classes))
+    _check_patches(model, size, spec.name)
+    if device is not None:
+        model.to(device)
+    kd = opts.kd if spec.kd is None else spec.kd
+    tpp = spec.tpp
+    if opts.uses_features:
+        auto = several and tpp is None and opts.tpp
+        adapter = ScaleKDTeacher(model, size, in_chans, opts.teacher_last_blocks,
+                                 require_replay=opts.tpp if tpp is None and not auto else bool(tpp))
+        if auto and not adapter.replays:
+            warnings.warn(f'teacher {spec.name!r} ({adapter.label}): its last stage does not replay, so it teaches '
+                          f'without TPP (its s3 is mimicked directly); set its tpp to false to say so', UserWarning,
+                          stacklevel=3)
+            tpp = False
+    else:
+        adapter = LogitsTeacher(model, size, in_chans)  # kd: any classifier
+    if spec.mean is not None or spec.std is not None:
+        adapter.set_normalization(spec.mean, spec.std)
+    _check_classes(model, student, kd, spec.name if several else None)
+    return Teacher(adapter, spec.name, spec.weight, spec.kd, tpp, size if several else None)
+
+
+def _check_classes(teacher: nn.Module, student: nn.Module, kd: bool, name: Optional[str] = None) -> None:
     """Logit KD needs a teacher that predicts the student's classes; the error says why it cannot, and the
     feature-only way (ScaleKD's feature terms need no classifier)."""
     t, s = getattr(teacher, 'num_classes', None), getattr(student, 'num_classes', None)
@@ -136,5 +224,7 @@ def _check_classes(teacher: nn.Module, student: nn.Module, kd: bool) -> None:
              f'image-tower model)' if t == 0 else
              f'the teacher {model_label(teacher)} predicts {t} classes, the student {s}')
     fix = 'distill.kd: false in a config, --option kd=false on the command line, kd=False in build_distiller'
+    if name is not None:
+        cause, fix = f'teacher {name!r}: {cause}', f'kd: false in its teachers entry, kd=False in its TeacherSpec'
     raise OptionError(f'logit KD cannot be used: {cause}. Distil features only (the kd option off: {fix}), '
                       f'or give the teacher a classifier for these {s} classes (fine-tuned weights)')

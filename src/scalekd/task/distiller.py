@@ -1,4 +1,4 @@
-"""The ScaleKD training task: a frozen teacher and one trainable module (student + projectors).
+"""The ScaleKD training task: frozen teachers and one trainable module (student + projectors).
 
 Follows timm's ``TrainingTask`` protocol: ``task(images, targets)`` returns a dict with the
 weighted ``loss``, the student logits as ``output`` and every unweighted term; only the
@@ -9,13 +9,17 @@ Loss terms (paper Eq. 5, release weights): ``task_loss`` (weight ``1 - kd_weight
 else 1), ``kd_loss`` (``kd_weight``), and per tap and view ``{tap}_{view}``:
 ``proxy_ori`` = L_s, ``proxy_alt`` = L_s^alt, ``s4_ori`` = L_st, ``s4_alt`` = L_st^alt (TPP), or
 ``s3_*`` / ``s4_*`` against T_(n-1) / T_n without TPP; ``*_ori`` weigh ``w_ori``, ``*_alt`` ``w_alt``.
+With several teachers each feature term is named ``{teacher}/{tap}_{view}`` and weighs its teacher's
+``weight`` more.
 """
 import dataclasses
 import warnings
+from dataclasses import dataclass
 from typing import Any, Collection, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.task import TrainingTask
 from timm.task.classification import resolve_classification_loss
 from timm.utils import unwrap_model
@@ -24,14 +28,15 @@ from ..adapters import LogitsOnly, ScaleKDTeacher, StudentAdapter, TeacherFeatur
 from ..adapters.teacher import FrozenTeacher
 from ..adapters.common import Shape, normalization_from_pretrained_cfg
 from ..method.errors import OptionError, UserError
-from ..method.losses import logit_kd_loss
+from ..method.losses import soft_target_kd_loss
 from ..method.mimicking import FeatureMimicking
 from ..method.options import DistillOptions
 from ..method.projectors import build_projector, fitting_heads
 from ..method.proxy import LastStage, ProxyPath
+from ..method.teacher_norm import FeatureStandardizer
 from ..method.views import build_views
 
-__all__ = ['Distiller', 'DistillationModule', 'TaskStateMismatchError']
+__all__ = ['Distiller', 'DistillationModule', 'Teacher', 'TeacherBranch', 'TaskStateMismatchError']
 
 Views = Dict[str, torch.Tensor]  # view name (``ori`` / ``alt``) -> projected map
 
@@ -55,30 +60,43 @@ def _warn_single_position(taps: StudentAdapter, views, options: DistillOptions) 
                       f'output_stride=16 for ResNets)', UserWarning, stacklevel=4)
 
 
-_PIECES = ('student_pass', 'proxy_views', 's4_views', 'tap_losses')  # what compile_pieces compiles
+_PIECES = ('proxy_views', 's4_views', 'tap_losses')  # what compile_pieces compiles in a branch
 
 
-class DistillationModule(nn.Module):
-    """The trainable part: the student and the distillation modules (projectors), nothing else.
+@dataclass
+class Teacher:
+    """One frozen teacher of a :class:`Distiller` and how it teaches.
 
-    ``forward(images, teacher_features, last_stage)`` returns (student logits, unweighted
-    feature losses). The teacher's last stage is passed in, never registered here, so the
-    module's parameters and state dict hold no teacher weight. ``forward`` is made of
-    :meth:`student_pass`, :meth:`proxy_views` (or the s3 projection), :meth:`s4_views` and
-    :meth:`tap_losses`, which are public so that each can run (and be timed) on its own.
+    Attributes:
+        adapter: the frozen teacher: a :class:`~scalekd.adapters.ScaleKDTeacher` for feature methods,
+            any :class:`~scalekd.adapters.teacher.FrozenTeacher` for logit KD.
+        name: its name in loss terms (``{name}/s4_ori`` when there are several teachers), logs and reports.
+        weight: multiplies each of its feature terms, and its share of the KD target.
+        kd: whether its logits teach (null: the options' ``kd``).
+        tpp: its proxy path (null: the options' ``tpp``; false: its s3 is mimicked directly).
+        img_size: (H, W) it sees the images at, resized from the student's (null: the student's).
+    """
+    adapter: FrozenTeacher
+    name: str = 'teacher'
+    weight: float = 1.0
+    kd: Optional[bool] = None
+    tpp: Optional[bool] = None
+    img_size: Optional[Tuple[int, int]] = None
+
+
+class TeacherBranch(nn.Module):
+    """What one teacher adds to the trainable module: its projectors at each tap (the proxy path or the
+    direct s3 mimicking, and s4) and, with ``teacher_norm``, the standardisation of its targets.
+
+    :meth:`proxy_views`, :meth:`s4_views` and :meth:`tap_losses` are public so that each can run (and be
+    timed) on its own; :meth:`project` and :meth:`losses` chain them.
     """
 
-    def __init__(self, student: nn.Module, taps: Union[StudentAdapter, LogitsOnly], options: DistillOptions,
-                 teacher: Optional[ScaleKDTeacher] = None):
+    def __init__(self, taps: StudentAdapter, options: DistillOptions, teacher: ScaleKDTeacher):
         super().__init__()
-        self.student = student
-        self.taps = taps
         self.adaptive_queries = options.adaptive_queries
         self.proxy: Optional[ProxyPath] = None
         self.s3: Optional[FeatureMimicking] = None
-        self.s4: Optional[FeatureMimicking] = None
-        if not options.uses_features:
-            return
         views = build_views(options.views, options.original_view)
         _warn_single_position(taps, views, options)
 
@@ -102,10 +120,12 @@ class DistillationModule(nn.Module):
             self.proxy = ProxyPath(FeatureMimicking(views, s3_factory, ckpt))
         elif 's3' in options.stages:
             self.s3 = FeatureMimicking(views, s3_factory, ckpt)
+        targets = {'final': teacher.final_shape[0], **({'stage_input': teacher.stage_input_shape[0]} if self.s3 else {})}
+        self.norms = nn.ModuleDict({target: FeatureStandardizer(chs, options.teacher_norm_batches)
+                                    for target, chs in targets.items()} if options.teacher_norm == 'standardize' else {})
 
     def compile_pieces(self, **compile_kwargs) -> None:
-        """Compile each piece of :meth:`forward` on its own (``torch.compile`` keyword arguments), so that
-        a compiled step and each piece timed alone (``scalekd bench --compile``) run the same code."""
+        """Compile each piece on its own (``torch.compile`` keyword arguments)."""
         for name in _PIECES:
             setattr(self, name, torch.compile(getattr(self, name), **compile_kwargs))
 
@@ -118,6 +138,82 @@ class DistillationModule(nn.Module):
         taps = {'proxy': self.proxy.mimicking if self.proxy is not None else None, 's3': self.s3, 's4': self.s4}
         return {tap: m for tap, m in taps.items() if m is not None}
 
+    def proxy_views(self, s3: torch.Tensor, teacher: TeacherFeatures, last_stage: LastStage) -> Views:
+        """TPP's proxy path: s3 projected in each view and run through the teacher's last stage."""
+        return self.proxy(s3, last_stage, teacher.prefix)
+
+    def s4_views(self, s4: torch.Tensor, proxy_views: Optional[Views] = None) -> Views:
+        """s4 projected in each view; the proxy path's outputs are the CAPs' queries with adaptive queries."""
+        return self.s4.project(s4, proxy_views if self.adaptive_queries else None)
+
+    def tap_losses(self, tap: str, views: Views, teacher: TeacherFeatures, prefix: str = '') -> Dict[str, torch.Tensor]:
+        """Unweighted losses ``{prefix}{tap}_{view}`` of one tap's projected views against the teacher's
+        feature (T_(n-1) for ``s3``, else T_n). With ``teacher_norm`` the target is standardised, and so is
+        the proxy path's output, which comes out of the teacher's own last stage in its raw feature space
+        (the projectors of ``s3`` / ``s4`` learn to predict the standardised target)."""
+        which = 'stage_input' if tap == 's3' else 'final'
+        target = getattr(teacher, which)
+        if which in self.norms:
+            target = self.norms[which](target)
+            if tap == 'proxy':
+                views = {name: self.norms[which](view) for name, view in views.items()}
+        return self.mimicking()[tap].losses(views, target, prefix + tap)
+
+    def project(self, s3: torch.Tensor, s4: torch.Tensor, teacher: TeacherFeatures,
+                last_stage: Optional[LastStage]) -> Dict[str, Views]:
+        """The student's maps projected at each tap (``proxy`` or ``s3``, and ``s4``) in each view, in
+        this teacher's feature space."""
+        projected: Dict[str, Views] = {}
+        if self.proxy is not None:
+            projected['proxy'] = self.proxy_views(s3, teacher, last_stage)
+        elif self.s3 is not None:
+            projected['s3'] = self.s3.project(s3)
+        projected['s4'] = self.s4_views(s4, projected.get('proxy'))
+        return projected
+
+    def losses(self, projected: Dict[str, Views], teacher: TeacherFeatures, prefix: str = '') -> Dict[str, torch.Tensor]:
+        """Every tap's losses; while training, the standardisation first observes this batch's targets."""
+        if self.training:
+            for which, norm in self.norms.items():
+                norm.observe(getattr(teacher, which))
+        losses: Dict[str, torch.Tensor] = {}
+        for tap, views in projected.items():
+            losses.update(self.tap_losses(tap, views, teacher, prefix))
+        return losses
+
+
+class DistillationModule(nn.Module):
+    """The trainable part: the student and each teacher's :class:`TeacherBranch`, nothing else.
+
+    ``forward(images, teacher_features, last_stages)`` (both mappings by teacher name) returns (student
+    logits, unweighted feature losses). The teachers' last stages are passed in, never registered here,
+    so the module's parameters and state dict hold no teacher weight. Loss terms are ``{tap}_{view}``
+    with one teacher and ``{name}/{tap}_{view}`` with several.
+    """
+
+    def __init__(self, student: nn.Module, taps: Union[StudentAdapter, LogitsOnly],
+                 branches: Optional[Dict[str, TeacherBranch]] = None):
+        super().__init__()
+        self.student = student
+        self.taps = taps
+        self.branches = nn.ModuleDict(branches or {})
+
+    def compile_pieces(self, **compile_kwargs) -> None:
+        """Compile the student pass and each piece of every branch on its own (``torch.compile`` keyword
+        arguments), so that a compiled step and each piece timed alone (``scalekd bench --compile``) run
+        the same code."""
+        self.student_pass = torch.compile(self.student_pass, **compile_kwargs)
+        for branch in self.branches.values():
+            branch.compile_pieces(**compile_kwargs)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """A copy or pickle holds the plain student pass: a compiled one is bound to this module."""
+        return {k: v for k, v in self.__dict__.items() if k != 'student_pass'}
+
+    def prefix(self, name: str) -> str:
+        """The loss-term prefix of the teacher ``name``: none with one teacher, ``{name}/`` with several."""
+        return f'{name}/' if len(self.branches) > 1 else ''
+
     def no_weight_decay(self) -> Set[str]:
         """Student names timm exempts from weight decay, plus the projectors' embeddings."""
         student = unwrap_model(self.student)
@@ -128,66 +224,59 @@ class DistillationModule(nn.Module):
         """One student forward: (logits, s3 map, s4 map)."""
         return self.taps(self.student, x)
 
-    def proxy_views(self, s3: torch.Tensor, teacher: TeacherFeatures, last_stage: LastStage) -> Views:
-        """TPP's proxy path: s3 projected in each view and run through the teacher's last stage."""
-        return self.proxy(s3, last_stage, teacher.prefix)
-
-    def s4_views(self, s4: torch.Tensor, proxy_views: Optional[Views] = None) -> Views:
-        """s4 projected in each view; the proxy path's outputs are the CAPs' queries with adaptive queries."""
-        return self.s4.project(s4, proxy_views if self.adaptive_queries else None)
-
-    def tap_losses(self, tap: str, views: Views, teacher: TeacherFeatures) -> Dict[str, torch.Tensor]:
-        """Unweighted losses ``{tap}_{view}`` of one tap's projected views against the teacher's feature
-        (T_(n-1) for ``s3``, else T_n)."""
-        target = teacher.stage_input if tap == 's3' else teacher.final
-        return self.mimicking()[tap].losses(views, target, tap)
-
-    def project(self, x: torch.Tensor, teacher: Optional[TeacherFeatures] = None,
-                last_stage: Optional[LastStage] = None) -> Tuple[torch.Tensor, Dict[str, Views]]:
-        """Student logits, and the student features projected at each tap (``proxy`` or ``s3``, and ``s4``)
-        in each view, in the teacher's feature space."""
+    def project(self, x: torch.Tensor, teachers: Optional[Dict[str, TeacherFeatures]] = None,
+                last_stages: Optional[Dict[str, LastStage]] = None) -> Tuple[torch.Tensor, Dict[str, Dict[str, Views]]]:
+        """Student logits, and per teacher the student features projected at each tap in each view."""
         logits, s3, s4 = self.student_pass(x)
-        projected: Dict[str, Views] = {}
-        if self.s4 is None:
-            return logits, projected
-        if self.proxy is not None:
-            projected['proxy'] = self.proxy_views(s3, teacher, last_stage)
-        elif self.s3 is not None:
-            projected['s3'] = self.s3.project(s3)
-        projected['s4'] = self.s4_views(s4, projected.get('proxy'))
-        return logits, projected
+        last_stages = last_stages or {}
+        return logits, {name: branch.project(s3, s4, teachers[name], last_stages.get(name))
+                        for name, branch in self.branches.items()}
 
-    def forward(self, x: torch.Tensor, teacher: Optional[TeacherFeatures] = None,
-                last_stage: Optional[LastStage] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        logits, projected = self.project(x, teacher, last_stage)
+    def forward(self, x: torch.Tensor, teachers: Optional[Dict[str, TeacherFeatures]] = None,
+                last_stages: Optional[Dict[str, LastStage]] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        logits, projected = self.project(x, teachers, last_stages)
         losses: Dict[str, torch.Tensor] = {}
-        for tap, views in projected.items():
-            losses.update(self.tap_losses(tap, views, teacher))
+        for name, views in projected.items():
+            losses.update(self.branches[name].losses(views, teachers[name], self.prefix(name)))
         return logits, losses
 
 
+def _migrated_task_state(given: Dict[str, Any], branches: Sequence[str]) -> Dict[str, Any]:
+    """A one-teacher task state of the layout before several teachers (``proxy.*``, ``s3.*``, ``s4.*`` at
+    the top) under the one branch's name; any other state unchanged."""
+    if len(branches) != 1 or not given or any(k.startswith('branches.') for k in given):
+        return given
+    return {f'branches.{branches[0]}.{k}': v for k, v in given.items()}
+
+
 class Distiller(TrainingTask):
-    """ScaleKD (and its baselines) as a timm training task.
+    """ScaleKD (and its baselines) as a timm training task, with one teacher or several.
 
     Args:
         student: the timm student (trained from scratch; its state dict stays plain timm).
-        teacher: the frozen teacher, or ``None`` for ``method='none'``.
+        teacher: the frozen teacher, or several as :class:`Teacher` entries (distinct names), or ``None``
+            for ``method='none'``.
         options: the distillation options (resolved here).
-        img_size: (H, W) the pair trains at.
+        img_size: (H, W) the student trains at.
         in_chans: input channels.
         criterion: the task loss (default: timm's classification loss, cross entropy).
         input_mean, input_std: the normalisation of the images given to ``forward`` (default: the
-            student's pretrained cfg); the teacher gets them re-normalised to its own.
-        teacher_dtype: the teacher forward's own autocast dtype (``torch.bfloat16`` for an fp32 student on
-            hardware with fast bf16; ``torch.float32`` keeps it out of the run's autocast); its features
-            are handed on in float32. Default: the run's autocast, whatever it is. The teacher's last
-            stage on the student's maps (TPP) is part of the trainable graph and keeps the run's.
+            student's pretrained cfg); each teacher gets them re-normalised to its own.
+        teacher_dtype: the teachers' own autocast dtype (``torch.bfloat16`` for an fp32 student on
+            hardware with fast bf16; ``torch.float32`` keeps them out of the run's autocast); their features
+            are handed on in float32. Default: the run's autocast, whatever it is. A teacher's last stage on
+            the student's maps (TPP) is part of the trainable graph and keeps the run's.
+
+    Several teachers: each has its own branch of projectors (:class:`TeacherBranch`) and sees the images
+    at its own ``img_size``; its feature terms weigh ``w_ori`` / ``w_alt`` times its ``weight``. Logit KD
+    learns from the teachers whose ``kd`` is on: the target is the mean of their softened distributions
+    ``softmax(z_t / T)``, each weighted by its teacher's ``weight`` (normalised to sum 1).
     """
 
     def __init__(
             self,
             student: nn.Module,
-            teacher: Optional[FrozenTeacher],
+            teacher: Union[FrozenTeacher, Sequence[Teacher], None],
             options: DistillOptions,
             img_size: Tuple[int, int],
             in_chans: int = 3,
@@ -203,14 +292,27 @@ class Distiller(TrainingTask):
         self.options = options.resolve()
         self.img_size = tuple(img_size)
         self.in_chans = in_chans
-        self.needs_teacher = self.options.kd or self.options.uses_features
-        if self.needs_teacher and teacher is None:
+        entries = [Teacher(teacher)] if isinstance(teacher, FrozenTeacher) else list(teacher or [])
+        self.needs_teacher = self.options.method != 'none' and (
+            self.options.kd or self.options.uses_features or any(t.kd for t in entries))
+        if self.needs_teacher and not entries:
             raise OptionError(f'method {self.options.method!r} needs a teacher')
-        self.teacher = teacher if self.needs_teacher else None
+        entries = entries if self.needs_teacher else []
+        names = [t.name for t in entries]
+        if len(set(names)) != len(names):
+            raise OptionError(f'teacher names must differ, got {", ".join(names)}')
+        self.teachers = nn.ModuleDict({t.name: t.adapter for t in entries})
+        self.entries: Dict[str, Teacher] = {t.name: t for t in entries}
+        self.kd_teachers = [t.name for t in entries if (self.options.kd if t.kd is None else t.kd)]
+        if self.kd_teachers and not sum(self.entries[n].weight for n in self.kd_teachers) > 0:
+            raise OptionError(f'the teachers whose logits teach ({", ".join(self.kd_teachers)}) all have weight 0: '
+                              f'give one a weight > 0, or turn their kd off')
         self.teacher_dtype = teacher_dtype
         taps = StudentAdapter(student, img_size, in_chans, self.options.student_s3_block) \
             if self.options.uses_features else LogitsOnly(student, img_size, in_chans)  # none / kd: any classifier
-        self.trainable_module = DistillationModule(student, taps, self.options, self.teacher)
+        branches = {t.name: TeacherBranch(taps, self.options.for_teacher(t.tpp), t.adapter)
+                    for t in entries if self.options.uses_features}
+        self.trainable_module = DistillationModule(student, taps, branches)
         self.criterion = resolve_classification_loss(criterion, self.device)
         mean, std = normalization_from_pretrained_cfg(getattr(student, 'pretrained_cfg', None), in_chans, input_mean,
                                                       input_std)
@@ -224,46 +326,68 @@ class Distiller(TrainingTask):
         return unwrap_model(self.trainable_module).student
 
     @property
+    def teacher(self) -> Optional[FrozenTeacher]:
+        """The first (with one teacher: the) teacher, ``None`` without one."""
+        return next(iter(self.teachers.values()), None)
+
+    @property
+    def kd(self) -> bool:
+        """Whether logit KD is a term (a teacher's logits teach)."""
+        return bool(self.kd_teachers)
+
+    @property
     def taps(self) -> Union[StudentAdapter, LogitsOnly]:
         return unwrap_model(self.trainable_module).taps
 
+    def branches(self) -> Dict[str, TeacherBranch]:
+        """Each feature teacher's branch of projectors, by teacher name."""
+        return dict(unwrap_model(self.trainable_module).branches)
+
     def distill_modules(self) -> nn.Module:
         """The trainable module without the student: what ScaleKD adds only for training."""
-        module = unwrap_model(self.trainable_module)
-        return nn.ModuleList([m for m in (module.proxy, module.s3, module.s4) if m is not None])
+        return unwrap_model(self.trainable_module).branches
+
+    def last_stages(self) -> Dict[str, LastStage]:
+        """The last stage of each teacher whose branch runs a proxy path (TPP)."""
+        return {name: self.teachers[name].last_stage for name, branch in self.branches().items()
+                if branch.proxy is not None}
 
     def loss_weights(self, names: Collection[str]) -> Dict[str, float]:
         """The weight of each named loss term in the total; an unknown name is a ``ValueError``."""
         opts = self.options
-        weights = {'task_loss': 1.0 - opts.kd_weight if opts.kd else 1.0, 'kd_loss': opts.kd_weight}
-        for tap, mimicking in unwrap_model(self.trainable_module).mimicking().items():
-            weights.update({f'{tap}_{v.name}': opts.w_ori if v.name == 'ori' else opts.w_alt for v in mimicking.views})
+        weights = {'task_loss': 1.0 - opts.kd_weight if self.kd else 1.0, 'kd_loss': opts.kd_weight}
+        module = unwrap_model(self.trainable_module)
+        for name, branch in module.branches.items():
+            scale = self.entries[name].weight
+            for tap, mimicking in branch.mimicking().items():
+                weights.update({f'{module.prefix(name)}{tap}_{v.name}': (opts.w_ori if v.name == 'ori' else opts.w_alt)
+                                * scale for v in mimicking.views})
         for name in names:
             if name not in weights:
                 raise ValueError(f'unknown loss term {name!r}; known terms: {", ".join(weights)}')
         return {n: weights[n] for n in names}
 
     def train(self, mode: bool = True) -> 'Distiller':
-        """Train mode for the trainable module; the teacher stays in eval mode unless
+        """Train mode for the trainable module; the teachers stay in eval mode unless
         ``teacher_train_mode`` asks for the release's (accidental) train-mode teacher."""
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.train(mode and self.options.teacher_train_mode)
+        for teacher in self.teachers.values():
+            teacher.train(mode and self.options.teacher_train_mode)
         return self
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
         """timm's ``TrainingTask.compile`` (call it before :meth:`prepare_distributed`): the trainable
-        module's pieces (student pass, proxy path, s4 projection, losses) and the teacher's feature
-        extraction and last stage; the weights and state-dict keys stay those of the plain modules.
+        module's pieces (student pass; each branch's proxy path, s4 projection, losses) and each teacher's
+        feature extraction and last stage; the weights and state-dict keys stay those of the plain modules.
         Returns the trainable module, whose :meth:`DistillationModule.forward` runs the compiled pieces."""
         module = unwrap_model(self.trainable_module)
         module.compile_pieces(backend=backend, mode=mode, **compile_kwargs)
-        if self.teacher is not None:
-            self.teacher.compile(backend=backend, mode=mode, **compile_kwargs)
+        for teacher in self.teachers.values():
+            teacher.compile(backend=backend, mode=mode, **compile_kwargs)
         return module
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'Distiller':
-        """Wrap the trainable module (student + projectors) in DDP; the frozen teacher is not wrapped."""
+        """Wrap the trainable module (student + projectors) in DDP; the frozen teachers are not wrapped."""
         from torch.nn.parallel import DistributedDataParallel
         self.trainable_module = DistributedDataParallel(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
@@ -284,38 +408,72 @@ class Distiller(TrainingTask):
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
                         module: Optional[nn.Module] = None, ema: bool = False) -> None:
+        """Load :meth:`get_task_state`'s state (a one-teacher state of the layout before several teachers
+        goes to the one branch)."""
         if not state:
             return
         module = unwrap_model(module if module is not None else self.get_trainable_module(ema=ema))
         own = {k for k in module.state_dict() if not k.startswith('student.')}
-        given = state.get('distill', {})
+        given = _migrated_task_state(state.get('distill', {}), list(module.branches))
         if strict and set(given) != own:
             missing, unexpected = sorted(own - set(given)), sorted(set(given) - own)
             raise TaskStateMismatchError(f'distillation state does not match (a checkpoint from another '
                                          f'configuration?): missing {missing}, unexpected {unexpected}')
         module.load_state_dict(given, strict=False)
 
-    def teacher_features(self, images: torch.Tensor) -> Optional[TeacherFeatures]:
-        """The no-grad teacher forward on the distiller's ``images``, re-normalised to the teacher's own
-        statistics; ``None`` without a teacher."""
-        if self.teacher is None:
-            return None
-        images = self.teacher.normalize_input(images, self.student_mean, self.student_std)
+    def teacher_input(self, name: str, images: torch.Tensor) -> torch.Tensor:
+        """The distiller's ``images`` as the teacher ``name`` takes them: resized to its ``img_size``
+        (antialiased, with its own interpolation) and re-normalised to its own statistics."""
+        teacher, size = self.teachers[name], self.entries[name].img_size
+        if size is not None and tuple(size) != tuple(images.shape[-2:]):
+            mode = (getattr(teacher.model, 'pretrained_cfg', None) or {}).get('interpolation', 'bicubic')
+            mode = mode if mode in ('bilinear', 'bicubic') else 'bilinear'
+            images = F.interpolate(images, size=tuple(size), mode=mode, align_corners=False, antialias=True)
+        return teacher.normalize_input(images, self.student_mean, self.student_std)
+
+    def teacher_features(self, images: torch.Tensor) -> Dict[str, TeacherFeatures]:
+        """Each teacher's no-grad forward on the distiller's ``images`` (one after the other), by name."""
+        return {name: self.teacher_forward(name, images) for name in self.teachers}
+
+    def teacher_forward(self, name: str, images: torch.Tensor) -> TeacherFeatures:
+        """The no-grad forward of the teacher ``name`` on the distiller's ``images`` (:meth:`teacher_input`),
+        in ``teacher_dtype``; its features in float32 when it has a dtype of its own."""
+        teacher, images = self.teachers[name], self.teacher_input(name, images)
         if self.teacher_dtype is None:
-            return self.teacher.extract(images)
+            return teacher.extract(images)
         dtype = self.teacher_dtype
         with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            features = self.teacher.extract(images)
+            features = teacher.extract(images)
         floats = {f.name: getattr(features, f.name).float() for f in dataclasses.fields(features)
                   if getattr(features, f.name) is not None}
         return dataclasses.replace(features, **floats)
 
+    def kd_target(self, teachers: Dict[str, TeacherFeatures], dtype: torch.dtype) -> torch.Tensor:
+        """The soft target of logit KD: the softened distributions of the teachers whose logits teach,
+        averaged with their weights (one teacher: its own)."""
+        if len(self.kd_teachers) == 1:
+            return F.softmax(teachers[self.kd_teachers[0]].logits.to(dtype) / self.options.kd_temperature, dim=-1)
+        total = sum(self.entries[n].weight for n in self.kd_teachers)
+        return sum(self.entries[n].weight / total * F.softmax(teachers[n].logits.to(dtype) / self.options.kd_temperature,
+                                                             dim=-1) for n in self.kd_teachers)
+
+    def loss_terms(self, logits: Optional[torch.Tensor], features: Dict[str, torch.Tensor],
+                   teachers: Dict[str, TeacherFeatures], target: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """The weighted ``loss`` and every unweighted term: the task loss (with ``target``), the feature
+        terms, and logit KD (with ``logits``, when a teacher's logits teach)."""
+        terms = {'task_loss': self.criterion(logits, target)} if logits is not None and target is not None else {}
+        terms.update(features)
+        if self.kd and logits is not None:
+            terms['kd_loss'] = soft_target_kd_loss(logits, self.kd_target(teachers, logits.dtype),
+                                                   self.options.kd_temperature)
+        weights = self.loss_weights(terms)
+        return {'loss': sum(weights[n] * v for n, v in terms.items()), **terms}
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One training forward: ``loss`` (weighted total), ``output`` (student logits) and each term."""
-        teacher = self.teacher_features(input)
-        last_stage = self.teacher.last_stage if self.teacher is not None else None
+        teachers = self.teacher_features(input)
         try:
-            logits, terms = self.trainable_module(input, teacher, last_stage)
+            logits, features = self.trainable_module(input, teachers, self.last_stages())
         except ValueError as e:
             if 'Expected more than 1 value per channel' not in str(e):
                 raise
@@ -323,9 +481,5 @@ class Distiller(TrainingTask):
                             f'{input.shape[0]} image(s) per step and process with a 1x1 map. Train with more '
                             f'images per process (train.batch_size / processes / accum_steps) or with a larger '
                             f'map (data.img_size, or a lower student output_stride)') from None
-        terms = {'task_loss': self.criterion(logits, target), **terms}
-        if self.options.kd:
-            terms['kd_loss'] = logit_kd_loss(logits, teacher.logits, self.options.kd_temperature)
-        weights = self.loss_weights(terms)
-        total = sum(weights[n] * v for n, v in terms.items())
-        return {'loss': total, 'output': logits, **terms}
+        terms = self.loss_terms(logits, features, teachers, target)
+        return {'loss': terms.pop('loss'), 'output': logits, **terms}

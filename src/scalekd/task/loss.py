@@ -10,7 +10,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..method.losses import logit_kd_loss
 from .builder import ModelSpec, build_distiller
 
 __all__ = ['ScaleKDLoss']
@@ -110,21 +109,16 @@ class ScaleKDLoss(nn.Module):
                 raise ValueError(f'{name} must be ({images.shape[0]}, {", ".join(map(str, shape))}) for these '
                                  f'images, got {tuple(given.shape)}')
         d = self.distiller
-        if d.options.kd and logits is None:
+        if d.kd and logits is None:
             raise ValueError('logit KD (the kd option) needs the student logits: pass logits=..., or build the loss '
                              'with kd=False')
         self.slot.given = (s3, s4, logits)
         try:
-            teacher = d.teacher_features(images)
-            _, features = d.trainable_module(images, teacher, d.teacher.last_stage)
+            teachers = d.teacher_features(images)
+            _, features = d.trainable_module(images, teachers, d.last_stages())
         finally:
             self.slot.given = None
-        terms = {'task_loss': d.criterion(logits, targets)} if logits is not None and targets is not None else {}
-        terms.update(features)
-        if d.options.kd:
-            terms['kd_loss'] = logit_kd_loss(logits, teacher.logits, d.options.kd_temperature)
-        weights = d.loss_weights(terms)
-        return {'loss': sum(weights[n] * v for n, v in terms.items()), **terms}
+        return d.loss_terms(logits, features, teachers, targets)
 
     def prepare_distributed(self, **ddp_kwargs) -> 'ScaleKDLoss':
         """Wrap the projectors in DDP (the teacher stays unwrapped); see :meth:`Distiller.prepare_distributed`."""

@@ -106,7 +106,7 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
     """
     device = images.device
     module = unwrap_model(task.trainable_module)
-    last_stage = task.teacher.last_stage
+    last_stages = task.last_stages()
     with torch.no_grad(), autocast(precision, device):
         feats = task.teacher_features(images)
         _, s3, s4 = module.student_pass(images)
@@ -118,36 +118,48 @@ def _isolated_components(task, optimizer, images, targets, precision: str, steps
             loss = task.criterion(logits, targets)
         loss.backward()
 
-    def teacher():
-        with torch.no_grad(), autocast(precision, device):
-            task.teacher_features(images)
-
-    def proxy():
-        with autocast(precision, device):
-            views = module.proxy_views(s3, feats, last_stage)
-            loss = sum(module.tap_losses('proxy', views, feats).values())
-        loss.backward()
-        s3.grad = None
-        return views
-
-    proxy_views = {k: v.detach() for k, v in proxy().items()} if module.proxy is not None else None
-
-    def s4_path():
-        with autocast(precision, device):
-            loss = sum(module.tap_losses('s4', module.s4_views(s4, proxy_views), feats).values())
-        loss.backward()
-        s4.grad = None
-
     def optimizer_step():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     optimizer.zero_grad(set_to_none=True)
-    parts = dict(full=full_step, student=student, teacher=teacher, proxy=proxy, s4=s4_path, optimizer=optimizer_step)
-    for name, path in (('proxy', module.proxy), ('s4', module.s4)):  # switched off by --option
-        if path is None:
-            del parts[name]
+    parts = dict(full=full_step, student=student)
+    for name, branch in module.branches.items():
+        parts.update(_teacher_parts(task, name, branch, images, feats[name], last_stages.get(name), s3, s4, precision,
+                                    module.prefix(name)))
+    parts['optimizer'] = optimizer_step
     return time_interleaved(parts, steps, device)
+
+
+def _teacher_parts(task, name: str, branch, images: torch.Tensor, feats, last_stage, s3: torch.Tensor,
+                   s4: torch.Tensor, precision: str, prefix: str) -> Dict[str, Callable[[], Any]]:
+    """One teacher's parts, named ``{prefix}teacher``, ``{prefix}proxy`` (with TPP) and ``{prefix}s4``."""
+    device = images.device
+
+    def teacher():
+        with torch.no_grad(), autocast(precision, device):
+            task.teacher_forward(name, images)
+
+    def proxy():
+        with autocast(precision, device):
+            views = branch.proxy_views(s3, feats, last_stage)
+            loss = sum(branch.tap_losses('proxy', views, feats).values())
+        loss.backward()
+        s3.grad = None
+        return views
+
+    proxy_views = {k: v.detach() for k, v in proxy().items()} if branch.proxy is not None else None
+
+    def s4_path():
+        with autocast(precision, device):
+            loss = sum(branch.tap_losses('s4', branch.s4_views(s4, proxy_views), feats).values())
+        loss.backward()
+        s4.grad = None
+
+    parts = {f'{prefix}teacher': teacher, f'{prefix}proxy': proxy, f'{prefix}s4': s4_path}
+    if branch.proxy is None:  # switched off by --option
+        del parts[f'{prefix}proxy']
+    return parts
 
 
 def cpu_name() -> str:

@@ -21,7 +21,7 @@ from ...method.options import DistillOptions
 from .config_rules import check_values
 from ..errors import ConfigError
 
-__all__ = ['ConfigError', 'ModelConfig', 'DataConfig', 'OptimConfig', 'SchedConfig', 'TrainConfig',
+__all__ = ['ConfigError', 'ModelConfig', 'TeacherConfig', 'DataConfig', 'OptimConfig', 'SchedConfig', 'TrainConfig',
            'LogConfig', 'RunConfig', 'load_config', 'validate_config', 'config_to_dict', 'save_config']
 
 
@@ -46,6 +46,34 @@ class ModelConfig:
     checkpoint: Optional[str] = None
     mean: Optional[Tuple[float, ...]] = None
     std: Optional[Tuple[float, ...]] = None
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """One of several teachers (``teachers:``): a model as ``teacher`` gives one, and how it teaches.
+
+    Attributes:
+        name: its name in loss terms (``{name}/s4_ori``), logs, ``metrics.jsonl`` and ``inspect``;
+            required, one per teacher.
+        img_size: the size it sees the images at, resized from ``data.img_size`` (antialiased, with its
+            own interpolation; its CAPs map the student's grid onto its own); null: ``data.img_size``.
+        weight: multiplies each of its feature terms, and its share of the logit-KD target (the mean of
+            the labelled teachers' softened distributions, weighted by ``weight``).
+        kd: whether its logits teach (null: ``distill.kd``); a headless teacher, or one of other
+            classes, cannot.
+        tpp: ``true``, ``false`` (its s3 mimicked directly) or ``auto`` (the method's TPP where its last
+            stage replays, else off with a warning).
+    """
+    name: str = ''
+    img_size: Optional[int] = None
+    weight: float = 1.0
+    kd: Optional[bool] = None
+    tpp: Union[bool, str] = 'auto'
+
+    @property
+    def tpp_option(self) -> Optional[bool]:
+        """``tpp`` as the distiller takes it: ``None`` for ``auto``."""
+        return None if self.tpp == 'auto' else self.tpp
 
 
 @dataclass
@@ -249,6 +277,8 @@ class RunConfig:
         output: the run's folder (config, logs, metrics, checkpoints).
         seed: seed of the weights, the data order and every augmentation.
         teacher: the frozen teacher.
+        teachers: several frozen teachers, each with a name, its own image size, weight, kd and tpp
+            (instead of ``teacher``, not with it); the student learns from all of them at once.
         student: the student, trained from scratch unless ``student.checkpoint`` is set.
         distill: the distillation method and its options.
         data: the dataset and its augmentation.
@@ -260,6 +290,7 @@ class RunConfig:
     output: str = 'runs/default'
     seed: int = 0
     teacher: ModelConfig = field(default_factory=ModelConfig)
+    teachers: Optional[List[TeacherConfig]] = None
     student: ModelConfig = field(default_factory=ModelConfig)
     distill: DistillOptions = field(default_factory=DistillOptions)
     data: DataConfig = field(default_factory=DataConfig)
@@ -271,6 +302,15 @@ class RunConfig:
     def distill_options(self) -> DistillOptions:
         """The ``distill`` section, resolved against its method's defaults."""
         return self.distill.resolve()
+
+    def teacher_configs(self) -> List[TeacherConfig]:
+        """The run's teachers: ``teachers``, or the ``teacher`` block as one named ``teacher`` (none
+        when it has no model)."""
+        if self.teachers is not None:
+            return list(self.teachers)
+        if not self.teacher.model:
+            return []
+        return [TeacherConfig(**{f.name: getattr(self.teacher, f.name) for f in fields(ModelConfig)}, name='teacher')]
 
 
 def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:

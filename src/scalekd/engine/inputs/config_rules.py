@@ -146,6 +146,7 @@ def check_values(cfg: Any, where: str, error: Callable[[str], Exception]) -> Non
         if not rule.ok(value):
             raise error(f'{rule.key} in {where} must be {rule.allowed}, got {value!r}')
     _check_normalization(cfg, where, error)
+    _check_teachers(cfg, where, error)
     if cfg.sched.warmup_epochs >= cfg.sched.epochs:
         raise error(f'sched.warmup_epochs in {where} must be less than sched.epochs ({cfg.sched.epochs}), '
                     f'got {cfg.sched.warmup_epochs}')
@@ -154,11 +155,44 @@ def check_values(cfg: Any, where: str, error: Callable[[str], Exception]) -> Non
                     f'Lookahead: set train.zero false or choose an optimizer without lookahead_')
 
 
+def _check_teachers(cfg: Any, where: str, error: Callable[[str], Exception]) -> None:
+    """``teachers``: not with ``teacher``, not empty, each named once, weights finite and >= 0, sizes >= 1,
+    ``tpp`` true, false or auto."""
+    if cfg.teachers is None:
+        return
+    if cfg.teacher.model:
+        raise error(f'teacher and teachers are both given in {where}: give one teacher in teacher, or several in '
+                    f'teachers (a list), not both')
+    if not cfg.teachers:
+        raise error(f'teachers in {where} is an empty list: give at least one teacher, or remove the key')
+    seen = {}
+    for i, t in enumerate(cfg.teachers):
+        key = f'teachers[{i}]'
+        if not t.model:
+            raise error(f'{key}.model in {where} is not set')
+        if not t.name:
+            raise error(f'{key}.name in {where} is not set: each teacher needs a name (its loss terms are '
+                        f'<name>/s4_ori, ...)')
+        if t.name in seen:
+            raise error(f'{key}.name in {where} is {t.name!r}, the name of teachers[{seen[t.name]}] too: each '
+                        f'teacher needs its own name')
+        seen[t.name] = i
+        if not _finite(t.weight) or t.weight < 0:
+            raise error(f'{key}.weight in {where} must be a finite number >= 0, got {t.weight!r}')
+        if t.img_size is not None and t.img_size < 1:
+            raise error(f'{key}.img_size in {where} must be >= 1, got {t.img_size!r}')
+        if t.tpp not in (True, False, 'auto'):
+            raise error(f'{key}.tpp in {where} must be true, false or auto, got {t.tpp!r}')
+
+
 def _check_normalization(cfg: Any, where: str, error: Callable[[str], Exception]) -> None:
-    """``data`` and ``teacher`` ``mean`` / ``std``: given together, one value per input channel, stds > 0."""
+    """``data``, ``teacher`` and each ``teachers`` entry's ``mean`` / ``std``: given together, one value per
+    input channel, stds > 0."""
     channels = cfg.data.in_chans
-    for section in ('data', 'teacher'):
-        mean, std = _get(cfg, f'{section}.mean'), _get(cfg, f'{section}.std')
+    sections = {'data': cfg.data, 'teacher': cfg.teacher,
+                **{f'teachers[{i}]': t for i, t in enumerate(cfg.teachers or [])}}
+    for section, values_of in sections.items():
+        mean, std = values_of.mean, values_of.std
         if (mean is None) != (std is None):
             given, missing = ('mean', 'std') if std is None else ('std', 'mean')
             raise error(f'{section}.{given} in {where} is given without {section}.{missing}: give both or neither')

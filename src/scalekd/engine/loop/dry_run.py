@@ -6,7 +6,7 @@ from typing import Any, Dict
 import torch
 from timm.utils import random_seed
 
-from ...task.report import param_counts, tap_rows
+from ...task.report import param_counts, tap_rows, teacher_rows
 from ..inputs.config import RunConfig
 from ..runtime.distributed import DistEnv
 from ..runtime.optimizer import build_optimizer
@@ -19,16 +19,14 @@ __all__ = ['dry_run']
 
 
 def dry_run(cfg: RunConfig, device: torch.device, batch: int = 2) -> Dict[str, Any]:
-    """Build a config's models at full size, load local weight files (``teacher.checkpoint``, so a file
+    """Build a config's models at full size, load local weight files (each teacher's ``checkpoint``, so a file
     that does not fit is found now; hub weights are not fetched) and run one training step on a
     synthetic batch (no data, no output folder); returns the loss terms, parameter counts and weights."""
     random_seed(cfg.seed, 0)
     task = build_task(cfg, device, random_weights=True)
     weights = {}
-    for role, model_cfg, model in (('teacher', cfg.teacher, task.teacher and task.teacher.model),
-                                   ('student', cfg.student, task.student)):
-        if model is None:
-            continue
+    teachers = [(t.name, t, task.teachers[t.name].model) for t in cfg.teacher_configs() if t.name in task.teachers]
+    for role, model_cfg, model in teachers + [('student', cfg.student, task.student)]:
         if model_cfg.checkpoint:
             load_weights(model, model_cfg.checkpoint, what=f'{role} {model_cfg.model}')
         weights[role] = (f'loaded {model_cfg.checkpoint}' if model_cfg.checkpoint else
@@ -38,4 +36,4 @@ def dry_run(cfg: RunConfig, device: torch.device, batch: int = 2) -> Dict[str, A
     images, targets = synthetic_batch(task, batch, cfg.train.channels_last)
     losses = training_step(task, optimizer, images, targets, precision)
     return dict(losses=losses, finite=all(math.isfinite(v) for v in losses.values()), precision=precision,
-                weights=weights, taps=tap_rows(task), params=param_counts(task))
+                weights=weights, teachers=teacher_rows(task), taps=tap_rows(task), params=param_counts(task))

@@ -11,7 +11,7 @@ from timm.utils import ModelEmaV3, random_seed
 from torch.utils.data import DataLoader
 
 from ...task.distiller import Distiller
-from ...task.report import param_counts, tap_rows
+from ...task.report import param_counts, tap_rows, teacher_rows
 from ..inputs.config import RunConfig
 from ..runtime.cuda_settings import apply_gpu_settings
 from ..inputs.data import Datasets, build_datasets, build_loaders, build_mixup
@@ -44,15 +44,19 @@ class RunParts:
     def summary(self, out_dir: Path) -> str:
         """One screen on the models, taps, parameter counts and recipe."""
         cfg, task, env, data = self.cfg, self.task, self.env, self.data
-        params, teacher = param_counts(task), task.teacher
+        params = param_counts(task)
+        teachers = ', '.join(t['model'] if len(task.teachers) == 1 else
+                             f"{t['name']} {t['model']} ({'x'.join(map(str, t['img_size']))}, weight {t['weight']:g}"
+                             f"{', kd' if t['kd'] else ''}{', tpp' if t['tpp'] else ''})" for t in teacher_rows(task))
         lines = [f'run {out_dir}  ({env.world_size} process(es) on {env.device}, {self.precision}'
                  + (' picked by precision auto' if cfg.train.precision == 'auto' else '') + ')',
-                 f'teacher {teacher.label if teacher else "-"}   student {task.taps.label}   '
+                 f'teacher{"s" if len(task.teachers) > 1 else ""} {teachers or "-"}   student {task.taps.label}   '
                  f'method {task.options.method} at {cfg.data.img_size}px'
                  + (f', teacher forward in {cfg.train.teacher_precision}' if cfg.train.teacher_precision else ''),
                  f"params: student {params['student']:,}  teacher {params['teacher']:,}  distill {params['distill']:,}"]
         for t in tap_rows(task):
-            lines.append(f"  tap {t['name']} ({t['path']}): {'x'.join(map(str, t['student_shape']))} -> "
+            lines.append(f"  tap {t['name']} ({t['path']}{', ' + t['teacher'] if len(task.teachers) > 1 else ''}): "
+                         f"{'x'.join(map(str, t['student_shape']))} -> "
                          f"{'x'.join(map(str, t['target_shape']))}, {t['projector']} x{len(t['views'])}, "
                          f"{t['params']:,} params")
         lines.append(f'data {cfg.data.dataset} {cfg.data.root}: {len(data.train)} train / {len(data.val)} '
@@ -71,10 +75,11 @@ def _build_task(cfg: RunConfig, env: DistEnv, precision: str, note: Callable[[st
     random_seed(cfg.seed, 0)  # identical initial weights (teacher included) on every rank
     task = build_task(cfg, env.device)
     apply_gpu_settings(cfg, env, task, note)
-    if task.teacher is not None:
-        source = cfg.teacher.checkpoint or ('the hub' if cfg.teacher.pretrained else None)
-        note(f'teacher weights: {source}' if source else
-             'teacher weights: none given (random): set teacher.checkpoint or teacher.pretrained')
+    for t in cfg.teacher_configs() if task.teachers else []:
+        source = t.checkpoint or ('the hub' if t.pretrained else None)
+        where, fix = ('teacher', 'teacher.checkpoint or teacher.pretrained') if cfg.teachers is None else \
+            (f'teacher {t.name}', 'checkpoint or pretrained in its teachers entry')
+        note(f'{where} weights: {source}' if source else f'{where} weights: none given (random): set {fix}')
     if env.device.type == 'cpu' and not cpu_has_fast_bf16() and torch.bfloat16 in (
             autocast_dtype(precision), task.teacher_dtype):
         note('bf16 on a CPU without AVX512-BF16 or AMX is emulated: slower than fp32 here')
