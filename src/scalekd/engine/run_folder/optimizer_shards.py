@@ -72,7 +72,8 @@ def _states(entries: Dict[str, torch.Tensor]) -> Dict[int, Dict[str, Any]]:
 def _index(key: str) -> Optional[int]:
     """The parameter index of a DCP entry of :func:`_entries`; ``None`` for another key."""
     parts = key.split('/')
-    valid = (len(parts) == 3 and parts[0] == 'state') or (len(parts) == 4 and parts[0] == 'value' and parts[3] in _VALUES)
+    valid = (len(parts) == 3 and parts[0] == 'state') or \
+        (len(parts) == 4 and parts[0] == 'value' and parts[3] in _VALUES)
     return int(parts[1]) if valid and parts[1].isdigit() else None
 
 
