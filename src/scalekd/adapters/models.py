@@ -44,12 +44,13 @@ def create_timm_model(
         img_size: Tuple[int, int],
         role: str = 'model',
         pretrained: bool = False,
+        size_key: str = 'data.img_size',
         **kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model`` that passes ``img_size`` to fixed-size models (ViT, Swin, Mixer, EVA, ...).
 
     Convolutional models adapt to any input and get no ``img_size``. A keyword the model does not take,
-    and an image size its patches do not tile, are errors naming them.
+    and an image size its patches do not tile, are errors naming them (``size_key``: the setting of the size).
     """
     _check_name(name, role)
     if get_pretrained_cfg_value(name, 'fixed_input_size') and 'img_size' not in kwargs:
@@ -67,7 +68,7 @@ def create_timm_model(
         raise ModelError(f'cannot load the hub weights of the {role} {name!r} ({str(e).splitlines()[0]}): without '
                          f'network, give local weights (teacher.checkpoint in a config, --checkpoint PATH in a '
                          f'command)') from None
-    _check_patches(model, name, role, tuple(img_size))
+    check_patches(model, name, role, tuple(img_size), size_key)
     return model
 
 
@@ -80,8 +81,10 @@ def classes_kwargs(role: str, pretrained: bool, num_classes: Optional[int]) -> D
     return dict(num_classes=num_classes)
 
 
-def _check_patches(model: nn.Module, name: str, role: str, img_size: Tuple[int, int]) -> None:
-    """A patch embedding that would silently drop the pixels past the last whole patch is refused."""
+def check_patches(model: nn.Module, name: str, role: str, img_size: Tuple[int, int],
+                  size_key: str = 'data.img_size') -> None:
+    """A patch embedding that would silently drop the pixels past the last whole patch is refused, in a
+    line naming ``size_key``."""
     embed = getattr(model, 'patch_embed', None)
     patch = getattr(embed, 'patch_size', None)
     if patch is None or getattr(embed, 'dynamic_img_pad', False):
@@ -90,7 +93,7 @@ def _check_patches(model: nn.Module, name: str, role: str, img_size: Tuple[int, 
         if size % step:
             lower, upper = size - size % step, size - size % step + step
             raise ModelError(f'image size {size} is not a multiple of the {role} {name!r} patch size {step}: the '
-                             f'last {size % step} pixel rows and columns would be dropped (data.img_size: use '
+                             f'last {size % step} pixel rows and columns would be dropped ({size_key}: use '
                              f'{lower} or {upper})')
 
 

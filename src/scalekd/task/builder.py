@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..adapters import LogitsTeacher, ScaleKDTeacher
 from ..adapters.common import model_label
-from ..adapters.models import classes_kwargs, create_timm_model, default_img_size
+from ..adapters.models import check_patches, classes_kwargs, create_timm_model, default_img_size
 from ..method.errors import OptionError
 from ..method.options import DistillOptions
 from .distiller import Distiller, Teacher
@@ -173,26 +173,15 @@ def _check_names(specs: Sequence[TeacherSpec]) -> None:
         raise OptionError(f'teacher {bad[0]!r}: weight must be a finite number >= 0')
 
 
-def _check_patches(model: nn.Module, size: Tuple[int, int], name: str) -> None:
-    """A patch-embedding teacher's image size must be a multiple of its patch size (else the last
-    pixels would be dropped silently)."""
-    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
-    if patch is None:
-        return
-    patch = _as_size(patch)
-    if size[0] % patch[0] or size[1] % patch[1]:
-        fit = tuple(max(p, round(s / p) * p) for s, p in zip(size, patch))
-        raise OptionError(f'teacher {name!r}: img_size {size[0]}x{size[1]} is not a multiple of its patch size '
-                          f'{patch[0]}x{patch[1]} ({model_label(model)}): use e.g. {fit[0]}x{fit[1]}')
-
-
 def _teacher(spec: TeacherSpec, opts: DistillOptions, student_size: Tuple[int, int], in_chans: int,
              num_classes: Optional[int], student: nn.Module, device: Optional[torch.device], several: bool) -> Teacher:
     """One teacher built at its own size, as its options ask (feature or logits adapter, its kd and tpp)."""
     size = _as_size(spec.img_size) if spec.img_size is not None else student_size
+    size_key = f'the img_size of teacher {spec.name!r}' if several else 'img_size'
     model = _model(spec.model, size, 'teacher', spec.kwargs, in_chans=in_chans, pretrained=spec.pretrained,
-                   **classes_kwargs('teacher', spec.pretrained, num_classes))
-    _check_patches(model, size, spec.name)
+                   size_key=size_key, **classes_kwargs('teacher', spec.pretrained, num_classes))
+    if isinstance(spec.model, nn.Module):  # (one created by name was checked as it was created)
+        check_patches(model, model_label(model), 'teacher', size, size_key)
     if device is not None:
         model.to(device)
     kd = opts.kd if spec.kd is None else spec.kd

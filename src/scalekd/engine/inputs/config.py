@@ -384,7 +384,8 @@ def _coerce(value: Any, tp, key: str, where: str) -> Any:
                 raise ConfigError(f'{key} in {where} must have {len(args)} items, got {value!r}')
             return tuple(_coerce(v, a, key, where) for v, a in zip(value, args))
         item = args[0] if args else Any
-        items = [_coerce(v, item, key, where) for v in value]
+        items = [_coerce(v, item, f'{key}[{i}]' if dataclasses.is_dataclass(item) else key, where)
+                 for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin in (dict, Dict):
         if not isinstance(value, dict):

@@ -24,14 +24,14 @@ def normalization_from_config(cfg: RunConfig) -> Tuple[Tuple[float, ...], Tuple[
 
 
 def _create(model_cfg: ModelConfig, data_cfg: DataConfig, role: str, random_weights: bool,
-            img_size: Optional[int] = None) -> nn.Module:
+            img_size: Optional[int] = None, size_key: str = 'data.img_size') -> nn.Module:
     if not model_cfg.model:
         raise RunError(f'{role}.model is not set')
     size = img_size or data_cfg.img_size
     classes = {} if 'num_classes' in model_cfg.kwargs else \
         classes_kwargs(role, model_cfg.pretrained, data_cfg.num_classes)
     model = create_timm_model(model_cfg.model, (size, size), role=role,
-                              pretrained=model_cfg.pretrained and not random_weights,
+                              pretrained=model_cfg.pretrained and not random_weights, size_key=size_key,
                               in_chans=data_cfg.in_chans, **classes, **model_cfg.kwargs)
     if model_cfg.checkpoint and not random_weights:
         load_weights(model, model_cfg.checkpoint, what=f'{role} {model_cfg.model}')
@@ -40,9 +40,11 @@ def _create(model_cfg: ModelConfig, data_cfg: DataConfig, role: str, random_weig
 
 def teacher_specs(cfg: RunConfig, random_weights: bool = False) -> List[TeacherSpec]:
     """The config's teachers, created (weights loaded unless ``random_weights``), as the builder takes them."""
-    return [TeacherSpec(_create(t, cfg.data, 'teacher', random_weights, t.img_size), name=t.name,
-                        img_size=t.img_size, weight=t.weight, kd=t.kd, tpp=t.tpp_option, mean=t.mean, std=t.std)
-            for t in cfg.teacher_configs()]
+    return [TeacherSpec(_create(t, cfg.data, 'teacher', random_weights, t.img_size,
+                                f'teachers[{i}].img_size' if t.img_size else 'data.img_size'),
+                        name=t.name, img_size=t.img_size, weight=t.weight, kd=t.kd, tpp=t.tpp_option, mean=t.mean,
+                        std=t.std)
+            for i, t in enumerate(cfg.teacher_configs())]
 
 
 def build_task(cfg: RunConfig, device: torch.device, random_weights: bool = False) -> Distiller:
