@@ -245,17 +245,24 @@ def _run_import_mmcls(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_PAIR = ('swin_small_patch4_window7_224', 'resnet50')  # bench's teacher and student when none is named
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser('bench', help='training-step time and peak memory of each ScaleKD component '
                                      '(the paper\'s Table 15b), side by side')
-    p.add_argument('--teacher', default='swin_small_patch4_window7_224', help='timm teacher name (default %(default)s)')
-    p.add_argument('--student', default='resnet50', help='timm student name (default %(default)s)')
-    p.add_argument('--img-size', type=int, default=224, help='input resolution (default 224)')
+    p.add_argument('--teacher', help=f'timm teacher name (default {BENCH_PAIR[0]})')
+    p.add_argument('--student', help=f'timm student name (default {BENCH_PAIR[1]})')
+    p.add_argument('--config', help='a run config (YAML) instead of --teacher / --student: its method beside the '
+                                    'student alone, its teachers (several too) and student with random weights, its '
+                                    'image size, distill and train settings unless given here; per teacher, the '
+                                    'time and peak memory of its forward and projectors')
+    p.add_argument('--img-size', type=int, help='input resolution (default 224; with --config: data.img_size)')
     p.add_argument('--batch', type=int, help="images per training step (default 8; with --loader: the config's "
                                              'batch per process on one process)')
     p.add_argument('--steps', type=int, default=3, help='timed steps per variant, after one warm-up step')
-    p.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16', 'auto'),
-                   help='the step\'s precision, as train.precision (default fp32)')
+    p.add_argument('--precision', choices=('fp32', 'bf16', 'fp16', 'auto'),
+                   help='the step\'s precision, as train.precision (default fp32; with --config: train.precision)')
     p.add_argument('--teacher-precision', choices=('fp32', 'bf16', 'fp16', 'auto'),
                    help="the teacher forward's own precision (train.teacher_precision; default: --precision)")
     p.add_argument('--channels-last', action='store_true', help='channels-last memory format, as train.channels_last')
@@ -263,15 +270,18 @@ def _add_bench(sub) -> None:
     p.add_argument('--compile-backend', default='inductor', help='torch.compile backend of --compile (default '
                                                                  'inductor; eager only traces: a check of the graphs)')
     _add_device(p)
-    p.add_argument('--variants', help=f'comma-separated subset of: {", ".join(ABLATIONS)}')
-    p.add_argument('--option', action='append', metavar='KEY=VALUE', help='distillation option for every variant')
+    p.add_argument('--variants', help=f'comma-separated subset of: {", ".join(ABLATIONS)} (with --config: student '
+                                      "and the config's method)")
+    p.add_argument('--option', action='append', metavar='KEY=VALUE', help='distillation option for every variant '
+                                                                          '(with --config: distill.KEY)')
     p.add_argument('--in-process', action='store_true', help='measure the variants one after the other in this '
                    'process, not each in its own (quicker to start; the same peak memory on CUDA, but on CPU a '
                    "variant's peak then includes what the earlier ones left)")
     p.add_argument('--loader', metavar='CONFIG', help='time the training data loader of this run config alone, in '
                                                       'images/s for each number of --workers, instead of the step')
     p.add_argument('-o', '--override', action='append', metavar='KEY=VALUE',
-                   help='with --loader: dotted override of the config, repeatable (e.g. data.root=/data/imagenet)')
+                   help='with --loader or --config: dotted override of the config, repeatable (e.g. '
+                        'data.root=/data/imagenet)')
     p.add_argument('--workers', help='with --loader: comma-separated numbers of loader workers (default 0, then '
                                      'powers of two up to the CPU count)')
     p.add_argument('--batches', type=int, default=20, help='with --loader: batches timed per number of workers, '
@@ -550,14 +560,22 @@ def _run_feature_distance(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     if args.loader:
         return _run_loader_bench(args)
-    from .tools.bench import format_table, run_bench
-    device = resolve_device(args.device)
-    report = run_bench(args.teacher, args.student, args.img_size, args.batch or 8, args.steps, args.precision,
-                       args.channels_last, str(device), args.variants.split(',') if args.variants else None,
-                       _key_values(args.option, '--option'),
-                       progress=None if args.json else lambda m: print(m, file=sys.stderr),
-                       teacher_precision=args.teacher_precision, compile=args.compile,
-                       compile_backend=args.compile_backend, isolate=not args.in_process)
+    from .tools.bench import format_table, run_bench, run_config_bench
+    if args.config and (args.teacher or args.student):
+        raise UserError('give either --config or --teacher/--student, not both')
+    common = dict(batch=args.batch or 8, steps=args.steps, device=str(resolve_device(args.device)),
+                  variants=args.variants.split(',') if args.variants else None,
+                  progress=None if args.json else lambda m: print(m, file=sys.stderr),
+                  teacher_precision=args.teacher_precision, compile_backend=args.compile_backend,
+                  isolate=not args.in_process)
+    if args.config:  # the config's settings unless given here
+        report = run_config_bench(args.config, [*(args.override or []), *(f'distill.{o}' for o in args.option or [])],
+                                  img_size=args.img_size, precision=args.precision,
+                                  channels_last=args.channels_last or None, compile=args.compile or None, **common)
+    else:
+        report = run_bench(args.teacher or BENCH_PAIR[0], args.student or BENCH_PAIR[1], args.img_size or 224,
+                           precision=args.precision or 'fp32', channels_last=args.channels_last,
+                           options=_key_values(args.option, '--option'), compile=args.compile, **common)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
 
