@@ -141,6 +141,31 @@ exp('table4/beit_l-eva02_s14_336', 'Table 4: EVA02-S/14 at 336, BEiT-L/14 teache
 for teacher in ('dinov2_l', 'eva02_l'):
     exp(f'feature_only/{teacher}-resnet50', f'{teacher} -> ResNet-50-D, feature-only ScaleKD (no paper number)',
         'advanced_cnn', teacher, 'resnet50d', dict(method='scalekd'), data=dict(img_size=224))
+# ---- several teachers at once, each at its own resolution (beyond the paper: no published number) -----
+# The distance D sums over a target's positions, so a teacher's weight also balances grid sizes: DINOv2-L at
+# 448 px (32x32 patches of 14) has 21x the positions of Swin-L's 7x7 map; EVA-02-L at 448 px 4x SigLIP-L's 16x16.
+# Heads shared by every branch must divide each teacher's widths (Swin-L 768 / 1536, ViT-L 1024): 16.
+def _teacher_entry(name, key, **how):
+    return dict(name=name, model=TEACHERS[key][1] if key in TEACHERS else key, pretrained=True, **how)
+
+
+MULTI = {
+    'swin_l+dinov2_l-resnet50': (
+        'Swin-L (labelled, 224 px) + DINOv2-L/14 (headless, 448 px) -> ResNet-50-D at 224 px', 'resnet50d',
+        [_teacher_entry('swin_l', 'swin_l'), _teacher_entry('dinov2_l', 'dinov2_l', img_size=448, weight=0.05, kd=False)],
+        dict(s3_heads=16, s4_heads=16)),
+    'eva02_l+siglip_l-convnext_t': (
+        'EVA-02-L/14 (labelled, 448 px) + SigLIP-L/16 image tower (headless, 256 px) -> ConvNeXt-T at 224 px',
+        'convnext_t',
+        [_teacher_entry('eva02_l', 'eva02_large_patch14_448.mim_m38m_ft_in22k_in1k', img_size=448, weight=0.25),
+         _teacher_entry('siglip_l', 'vit_large_patch16_siglip_256.webli', img_size=256, kd=False)],
+        dict(s3_heads=16, s4_heads=16, w_ori=0.016, w_alt=0.008)),
+}
+for path, (note, short, teachers, distill) in MULTI.items():
+    _, _, recipe, data = STUDENTS[short]
+    row(f'multi_teacher/{path}', f'{note}; several teachers: no published number', [f'recipes/{recipe}'], short,
+        dict(method='scalekd', teacher_norm='standardize', **distill), teachers=teachers,
+        data=dict(data, img_size=224))
 row('table7/swin_l-resnet50-600ep', 'Table 7: ResNet-50, 600 epochs, 82.55', ['table3/swin_l-resnet50'],
     sched=dict(epochs=600))
 

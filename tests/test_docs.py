@@ -32,12 +32,15 @@ def test_every_cli_option_has_a_description():
 
 
 def test_the_config_reference_lists_every_key_with_type_default_and_rule():
-    from scalekd.engine.inputs.config import RunConfig, config_to_dict
+    from scalekd.engine.inputs.config import RunConfig, TeacherConfig, config_to_dict
     keys = {k.key: k for rows in reference.config_keys().values() for k in rows}
     defaults = config_to_dict(RunConfig())
     expected = {section for section, value in defaults.items() if not isinstance(value, dict)}
     expected |= {f'{section}.{key}' for section, value in defaults.items() if isinstance(value, dict) for key in value}
+    expected = (expected - {'teachers'}) | {f'teachers[].{f.name}' for f in dataclasses.fields(TeacherConfig)}
     assert set(keys) == expected
+    assert keys['teachers[].name'].description.startswith('its name in loss terms')
+    assert keys['teachers[].checkpoint'].description.startswith('weights to start from')  # ModelConfig's, inherited
     assert keys['train.precision'].default == 'fp32' and 'auto' in keys['train.precision'].allowed
     assert keys['data.scale'].type == '[float, float]' and keys['data.scale'].default == '[0.08, 1.0]'
     assert keys['distill.s3_heads'].type == 'int' and keys['distill.s3_heads'].default == '8'

@@ -225,3 +225,37 @@ def test_data_scale_trains_its_rows_at_each_subset_and_shares_the_components_run
     table = (tmp_path / 'out' / 'data_scale.md').read_text()
     assert table == format_study(study, summary) + '\n' and 'Does CAP overtake FD as data grows?' in table
     assert not (tmp_path / 'out' / 'data_scale_gain.png').exists()
+
+
+@pytest.mark.slow
+def test_the_teachers_study_trains_from_each_teacher_and_from_both(tiny, tmp_path, monkeypatch):
+    """The ``teachers`` study: KD and ScaleKD from the ViT, from the CNN teacher and from both at once; the
+    two-teacher rows log each teacher's terms under its name, their configs list both teachers, and the
+    analysis pairs the two-teacher row with each one-teacher row."""
+    torch.manual_seed(0)
+    cnn = create_timm_model('resnet18', (28, 28), role='teacher', num_classes=10, in_chans=1,
+                            channels=[8, 16, 32, 64], stem_width=8, output_stride=16)
+    export_student(cnn, tmp_path / 'cnn', dict(input_size=(1, 28, 28), mean=(0.286,), std=(0.353,),
+                                              interpolation='bilinear', crop_pct=1.0), dtype='float16')
+    monkeypatch.setitem(DEMO_TEACHERS, 'cnn', dict(DEMO_TEACHERS['cnn'], asset=tmp_path / 'cnn'))
+    study = STUDIES['teachers']
+    summary = run_study(study, tiny, seeds=(0,), students=('cnn',), say=lambda line: None)
+    rows = summary['students']['cnn']['rows']
+    assert list(rows) == ['student', 'kd', 'scalekd', 'kd_cnn', 'scalekd_cnn', 'kd_vit+cnn', 'scalekd_vit+cnn']
+    runs = Path(tiny.output) / 'runs' / 'cnn'
+    both = {f'{t}/{term}' for t in ('vit', 'cnn') for term in ('proxy_ori', 'proxy_alt', 's4_ori', 's4_alt')}
+    assert _terms(runs / 'scalekd_vit+cnn' / 'seed0') == both | {'kd_loss'}
+    assert _terms(runs / 'kd_vit+cnn' / 'seed0') == {'kd_loss'}
+    assert _terms(runs / 'scalekd_cnn' / 'seed0') == TERMS['scalekd']
+    cfg = load_config(runs / 'scalekd_vit+cnn' / 'seed0' / 'config.yaml')
+    assert cfg.teacher.model == '' and [(t.name, t.model, t.checkpoint) for t in cfg.teachers] == [
+        ('vit', 'vit_tiny_patch16_224', str(DEMO_TEACHERS['vit']['asset'] / 'model.safetensors')),
+        ('cnn', 'resnet18', str(tmp_path / 'cnn' / 'model.safetensors'))]
+    analysis = summary['analysis']['cnn']
+    for method in ('kd', 'scalekd'):
+        for teacher in ('vit', 'cnn'):
+            one = rows[method if teacher == 'vit' else f'{method}_{teacher}']['top1'][0]
+            assert analysis[method][teacher]['mean'] == pytest.approx(rows[f'{method}_vit+cnn']['top1'][0] - one)
+    assert rows['scalekd_vit+cnn']['vs_kd'] == pytest.approx(rows['scalekd_vit+cnn']['mean'] - rows['kd_vit+cnn']['mean'])
+    table = (Path(tiny.output) / 'teachers.md').read_text()
+    assert '| cnn | scalekd |' in table and 'both - cnn' in table

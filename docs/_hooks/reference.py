@@ -54,6 +54,23 @@ def attribute_docs(cls: type) -> Dict[str, str]:
     return docs
 
 
+def inherited_docs(cls: type) -> Dict[str, str]:
+    """:func:`attribute_docs` of ``cls`` and of the dataclasses it derives from (its own win)."""
+    docs: Dict[str, str] = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        docs.update(attribute_docs(base))
+    return docs
+
+
+def list_item(tp: Any) -> Optional[type]:
+    """The dataclass of a ``list of dataclass`` (or null) type hint, else ``None``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+    if len(args) == 1 and typing.get_origin(args[0]) is list:
+        item = typing.get_args(args[0])[0]
+        return item if dataclasses.is_dataclass(item) else None
+    return None
+
+
 def _type_name(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:
@@ -97,7 +114,7 @@ def config_keys(root: Optional[type] = None) -> Dict[str, List[ConfigKey]]:
     sections: Dict[str, List[ConfigKey]] = {'': []}
 
     def rows(cls: type, prefix: str) -> List[ConfigKey]:
-        hints, docs = typing.get_type_hints(cls), attribute_docs(cls)
+        hints, docs = typing.get_type_hints(cls), inherited_docs(cls)
         return [ConfigKey(prefix + f.name, _type_name(hints[f.name]), _default(f), allowed.get(prefix + f.name, ''),
                           docs.get(f.name, '')) for f in dataclasses.fields(cls)]
 
@@ -105,6 +122,8 @@ def config_keys(root: Optional[type] = None) -> Dict[str, List[ConfigKey]]:
     for f in dataclasses.fields(root):
         if dataclasses.is_dataclass(hints[f.name]):
             sections[f.name] = rows(hints[f.name], f'{f.name}.')
+        elif list_item(hints[f.name]) is not None:  # a list of sections (``teachers``): its items' keys
+            sections[f.name] = rows(list_item(hints[f.name]), f'{f.name}[].')
         else:
             sections[''].append(ConfigKey(f.name, _type_name(hints[f.name]), _default(f), allowed.get(f.name, ''),
                                           docs.get(f.name, '')))
@@ -118,7 +137,7 @@ def config_key_faults(root: Optional[type] = None) -> List[str]:
     faults = [f'{k.key}: no description' for rows in sections.values() for k in rows if not k.description]
     faults += [f'{s}: no description' for s in sections if s and not attribute_docs(root).get(s)]
     hints = typing.get_type_hints(root)
-    for cls, prefix in [(root, '')] + [(hints[s], f'{s}.') for s in sections if s]:
+    for cls, prefix in [(root, '')] + [(list_item(hints[s]) or hints[s], f'{s}.') for s in sections if s]:
         names = {f.name for f in dataclasses.fields(cls)}
         faults += [f'{prefix}{name}: described in {cls.__name__} but not a key' for name in attribute_docs(cls)
                    if name not in names]

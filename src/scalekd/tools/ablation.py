@@ -28,12 +28,14 @@ from .plots import pyplot, save_figure
 from .run_pool import train_runs
 from .scale_studies import DATA_ROWS, ROW_KEYS, Analysis, DataScale, TeacherScale, row_label, scale_row
 from .seed_stats import paired, spread
+from .teachers_study import SeveralTeachers
 
 __all__ = ['Study', 'STUDIES', 'REFERENCES', 'TEACHER_SCALE', 'LARGE_SUBSET', 'data_scale_study', 'row_settings',
            'run_study', 'format_study']
 
 REFERENCES = ('student', 'kd')  # every row is compared with these (of its own setting), seed by seed
 TEACHER_SCALE = ('vit_small', 'vit', 'vit_large')  # the teacher_scale study's teachers, weakest first
+SEVERAL_TEACHERS = ('vit', 'cnn')  # the teachers study's teachers (both at once: 'vit+cnn')
 LARGE_SUBSET = 3000  # the data_scale study's larger subset (training images), by default
 
 
@@ -104,6 +106,12 @@ STUDIES: Dict[str, Study] = {s.name: s for s in (
           for teacher, paper in zip(TEACHER_SCALE, (79.62, 79.80, 80.10)) for method in ('kd', 'scalekd'))),
         (), TeacherScale(TEACHER_SCALE)),
     data_scale_study(),
+    Study('teachers', 'several teachers at once (beyond the paper): the shipped ViT, the CNN teacher, both',
+          ('cnn', 'mlp', 'vit'), (
+        scale_row('student'),
+        *(scale_row(method, teacher=teacher) for teacher in (*SEVERAL_TEACHERS, '+'.join(SEVERAL_TEACHERS))
+          for method in ('kd', 'scalekd'))),
+        (), SeveralTeachers(SEVERAL_TEACHERS)),
 )}
 
 

@@ -109,11 +109,21 @@ class DemoSettings:
         return ['none', 'kd', 'scalekd'] if self.baselines else ['none', 'scalekd']
 
     @property
+    def teacher_keys(self) -> List[str]:
+        """The demo teachers the students learn from: ``teacher`` split at ``+`` (``vit+cnn``: both at once)."""
+        return self.teacher.split('+')
+
+    @property
     def teacher_model(self) -> Dict[str, Any]:
         """The teacher's timm ``model``, ``kwargs``, input ``mean`` / ``std`` and ``checkpoint`` (its weights)."""
-        teacher = demo_teacher(self.teacher)
-        weights = teacher.pop('weights')
-        return dict(teacher, checkpoint=self.teacher_weights or weights)
+        return _teacher_block(self.teacher, self.teacher_weights)
+
+
+def _teacher_block(key: str, weights: Optional[str] = None) -> Dict[str, Any]:
+    """The config block of the demo teacher ``key`` (with other ``weights`` of its architecture if given)."""
+    teacher = demo_teacher(key)
+    shipped = teacher.pop('weights')
+    return dict(teacher, checkpoint=weights or shipped)
 
 
 def run_config(settings: DemoSettings, student: str, method: str, options: Optional[Dict[str, Any]] = None,
@@ -126,12 +136,15 @@ def run_config(settings: DemoSettings, student: str, method: str, options: Optio
                 train_subset=s.subset, val_subset=s.test_sample, img_size=28, in_chans=1, num_classes=10,
                 mean=list(FASHION_MNIST_MEAN), std=list(FASHION_MNIST_STD), scale=[0.75, 1.0], ratio=[0.9, 1.1],
                 hflip=0.5, interpolation='bilinear', crop_pct=1.0, workers=0, val_batch_size=500, check_images=False)
-    teacher = s.teacher_model if method != 'none' else {}
-    if teacher:
-        teacher.update(mean=list(teacher['mean']), std=list(teacher['std']))
+    several = method != 'none' and len(s.teacher_keys) > 1
+    teacher = {} if method == 'none' or several else s.teacher_model
+    teachers = [dict(_teacher_block(key), name=key) for key in s.teacher_keys] if several else []
+    for block in [teacher] + teachers if teacher else teachers:
+        block.update(mean=list(block['mean']), std=list(block['std']))
+    models = dict(teachers=teachers) if several else dict(teacher=teacher)
     return validate_config(config_from_dict(dict(
         output=output or str(Path(s.output) / f'{student}-{METHOD_LABELS[method]}'), seed=s.seed,
-        teacher=teacher, student=STUDENTS[student],
+        **models, student=STUDENTS[student],
         distill=dict(options, method=method), data=data,
         optim=dict(opt='adamw', lr=s.lr, weight_decay=0.05, clip_grad=5.0),
         sched=dict(sched='cosine', epochs=s.epochs, warmup_epochs=min(1, s.epochs - 1), min_lr=1e-5),
