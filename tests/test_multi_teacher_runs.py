@@ -140,3 +140,10 @@ def test_a_checkpoint_of_the_one_teacher_layout_resumes(straight, data_root, tmp
     cfg = tiny_config(tmp_path, data_root, train=dict(checkpoint_every_steps=1, keep_checkpoints=20))
     assert main(['train', str(cfg), '--resume', str(legacy), '--deterministic']) == 0
     _same_final(straight, tmp_path / 'run')
+
+
+def test_a_teachers_config_with_method_none_builds_the_student_alone(tmp_path, data_root):
+    from scalekd.engine.inputs.task_build import build_task
+    cfg = load_config(_two_teacher_config(tmp_path, data_root, distill=dict(method='none')))
+    task = build_task(cfg, torch.device('cpu'), random_weights=True)
+    assert len(task.teachers) == 0 and task.options.method == 'none'

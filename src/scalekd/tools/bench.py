@@ -16,8 +16,6 @@ teacher's forward.
 alone, and per teacher the parts of its step (forward, projectors), the peak memory each adds and its
 parameters.
 """
-import ctypes
-import ctypes.util
 import dataclasses
 import gc
 import json
@@ -30,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from timm.utils import unwrap_model
 
-from ..engine.runtime.allocator import keep_freed_memory
+from ..engine.runtime.allocator import give_back_free_heap, keep_freed_memory
 from ..engine.inputs.config import RunConfig, TrainConfig, load_config
 from ..engine.inputs.task_build import build_task
 from ..engine.runtime.cuda_settings import configure_backends
@@ -88,8 +86,8 @@ def _build_variant(spec: Dict[str, Any], device: torch.device) -> Tuple[Distille
     switches: those of the run config ``spec['config']``, or the spec's for a named pair."""
     if 'config' in spec:
         cfg = load_config(spec['config'], spec['overrides'])
-        if spec['variant'] == 'student':  # no teacher at all (an empty teachers list is refused)
-            cfg = dataclasses.replace(cfg, teachers=None, distill=DistillOptions(**ablation('student')))
+        if spec['variant'] == 'student':  # method none: no teacher is built
+            cfg = dataclasses.replace(cfg, distill=DistillOptions(**ablation('student')))
         configure_backends(cfg.train)
         return (build_task(cfg, device, random_weights=True),
                 resolve_precision(cfg.train.precision, device, 'train.precision'), cfg.train.channels_last,
@@ -182,23 +180,13 @@ def _added_peak_mb(fn: Callable[[], Any], device: torch.device) -> Optional[floa
     mark cannot be reset."""
     gc.collect()
     if device.type == 'cpu':
-        _give_back_free_heap()
+        give_back_free_heap()
     if not reset_peak_memory(device):
         return None
     held = peak_memory_mb(device)  # the mark was just reset to what is held now
     fn()
     _sync(device)
     return round(peak_memory_mb(device) - held, 2)
-
-
-def _give_back_free_heap() -> None:
-    """glibc's ``malloc_trim``: the free pages that :func:`keep_freed_memory` keeps go back to the kernel,
-    so that the next call's allocations count in the resident set instead of reusing them. No-op without glibc."""
-    name = ctypes.util.find_library('c')
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
 
 
 def _teacher_parts(task, name: str, branch, images: torch.Tensor, feats, last_stage, s3: torch.Tensor,

@@ -59,8 +59,9 @@ def build_task(cfg: RunConfig, device: torch.device, random_weights: bool = Fals
     criterion = create_classification_loss(loss_type='bce' if cfg.data.bce_loss else 'ce',
                                            smoothing=cfg.data.label_smoothing, soft_targets=soft_targets)
     single = cfg.teachers is None  # the teacher block: one teacher, as before there were several
+    teacher = (teachers[0].model if single else teachers) if teachers else None
     distiller = build_distiller(
-        (teachers[0].model if teachers else None) if single else teachers, student, img_size=cfg.data.img_size,
+        teacher, student, img_size=cfg.data.img_size,
         in_chans=cfg.data.in_chans, criterion=criterion, input_mean=mean, input_std=std,
         teacher_mean=cfg.teacher.mean if single else None, teacher_std=cfg.teacher.std if single else None,
         teacher_dtype=resolve_teacher_dtype(cfg.train.teacher_precision, device),

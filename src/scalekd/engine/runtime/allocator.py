@@ -9,7 +9,7 @@ documentation's training cost page (docs/cost.md).
 import ctypes
 import ctypes.util
 
-__all__ = ['keep_freed_memory']
+__all__ = ['keep_freed_memory', 'give_back_free_heap']
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
@@ -28,3 +28,13 @@ def keep_freed_memory() -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)   # do not give the heap top back after each step
     ok &= mallopt(_M_TOP_PAD, 256 * 2 ** 20)
     return bool(ok)
+
+
+def give_back_free_heap() -> None:
+    """glibc's ``malloc_trim``: the free pages that :func:`keep_freed_memory` keeps go back to the kernel,
+    so that what is allocated next counts in the resident set instead of reusing them. No-op without glibc."""
+    name = ctypes.util.find_library('c')
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
