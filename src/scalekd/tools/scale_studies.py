@@ -23,7 +23,7 @@ from .demo import DEFAULT_TEACHER, STUDENTS, DemoSettings, run_config, teacher_t
 from .plots import pyplot, save_figure
 from .seed_stats import paired
 
-__all__ = ['ROW_KEYS', 'row_setting', 'row_label', 'scale_row', 'Analysis', 'TeacherScale', 'DataScale',
+__all__ = ['ROW_KEYS', 'row_setting', 'row_label', 'scale_row', 'Analysis', 'TeacherStudy', 'TeacherScale', 'DataScale',
            'teacher_accuracies', 'gain_slopes']
 
 ROW_KEYS = ('teacher', 'subset', 'epochs')  # row options that set the run's demo settings, not its distillation
@@ -122,7 +122,16 @@ def gain_slopes(points: Sequence[Dict[str, float]]) -> Dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class TeacherScale(Analysis):
+class TeacherStudy(Analysis):
+    """A study of demo teachers: it measures each one's own test top-1 first (:func:`teacher_accuracies`)."""
+    teachers: Tuple[str, ...]
+
+    def measure(self, settings: DemoSettings, say: Callable[[str], None]) -> Dict[str, Any]:
+        return teacher_accuracies(settings, self.teachers, say)
+
+
+@dataclass(frozen=True)
+class TeacherScale(TeacherStudy):
     """The paper's Table 2: KD and ScaleKD from teachers of increasing accuracy.
 
     Claim tested (per student): ScaleKD's gain grows with the teacher, and grows more than KD's.
@@ -131,11 +140,7 @@ class TeacherScale(Analysis):
     holds when ScaleKD's slope is above zero and above KD's (undecided when the teachers' accuracies are
     all equal).
     """
-    teachers: Tuple[str, ...]
     claim = "ScaleKD's gain grows with the teacher, and more than KD's"
-
-    def measure(self, settings: DemoSettings, say: Callable[[str], None]) -> Dict[str, Any]:
-        return teacher_accuracies(settings, self.teachers, say)
 
     def analyse(self, summary: Dict[str, Any]) -> Dict[str, Any]:
         verdicts = {}

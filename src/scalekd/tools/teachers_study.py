@@ -7,26 +7,21 @@ another architecture over the better of the two alone? Reported per student and 
 difference (same seed, same batches) of the two-teacher row to each one-teacher row.
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Dict
 
-from .demo import DemoSettings
-from .scale_studies import Analysis, row_label, teacher_accuracies
+from .scale_studies import TeacherStudy, row_label
 from .seed_stats import paired
 
 __all__ = ['SeveralTeachers']
 
 
 @dataclass(frozen=True)
-class SeveralTeachers(Analysis):
+class SeveralTeachers(TeacherStudy):
     """Two teachers against each alone: ``both`` is their ``+``-joined key (``vit+cnn``)."""
-    teachers: Tuple[str, ...]
 
     @property
     def both(self) -> str:
         return '+'.join(self.teachers)
-
-    def measure(self, settings: DemoSettings, say: Callable[[str], None]) -> Dict[str, Any]:
-        return teacher_accuracies(settings, self.teachers, say)
 
     def analyse(self, summary: Dict[str, Any]) -> Dict[str, Any]:
         verdicts = {}
