@@ -19,10 +19,10 @@ from scalekd.tools.scale_studies import DataScale, TeacherScale, row_label
 from test_ablation import TERMS, _terms
 
 FIXTURE = Path(__file__).parent / 'fixtures' / 'demo_run_configs.jsonl'  # the run configs before the registry
-TERMS = dict(TERMS, **{f'kd_{t}': {'kd_loss'} for t in ('vit_small', 'vit_large')},
-             **{f'scalekd_{t}': TERMS['scalekd'] for t in ('vit_small', 'vit_large')},
+TERMS = dict(TERMS, **{f'kd_{t}': {'kd_loss'} for t in ('vit_2k', 'vit_6k')},
+             **{f'scalekd_{t}': TERMS['scalekd'] for t in ('vit_2k', 'vit_6k')},
              **{f'{r}_n32_e3': TERMS[r] for r in ('student', 'kd', 'fd', 'fd_kd', 'cap_dfm_tpp', 'scalekd')})
-TINY_TEACHERS = {'vit_small': dict(embed_dim=32, depth=4, num_heads=2), 'vit_large': dict(embed_dim=64, depth=4, num_heads=4)}
+TINY_TEACHERS = {'vit_2k': dict(embed_dim=32, depth=4, num_heads=2), 'vit_6k': dict(embed_dim=64, depth=4, num_heads=4)}
 
 
 def _export_teacher(folder: Path, **kwargs) -> torch.nn.Module:
@@ -54,22 +54,22 @@ def test_the_runs_of_every_earlier_study_and_demo_keep_their_config():
 
 
 def test_a_demo_teacher_is_built_from_its_config_json(tmp_path, monkeypatch):
-    model = _export_teacher(tmp_path / 'small', **TINY_TEACHERS['vit_small'])
-    monkeypatch.setitem(DEMO_TEACHERS, 'vit_small', dict(DEMO_TEACHERS['vit_small'], asset=tmp_path / 'small'))
-    spec = demo_teacher('vit_small')
-    assert spec == dict(model='vit_tiny_patch16_224', kwargs=dict(patch_size=7, **TINY_TEACHERS['vit_small']),
+    model = _export_teacher(tmp_path / 'small', **TINY_TEACHERS['vit_2k'])
+    monkeypatch.setitem(DEMO_TEACHERS, 'vit_2k', dict(DEMO_TEACHERS['vit_2k'], asset=tmp_path / 'small'))
+    spec = demo_teacher('vit_2k')
+    assert spec == dict(model='vit_tiny_patch16_224', kwargs=dict(patch_size=7, **TINY_TEACHERS['vit_2k']),
                         mean=(0.286,), std=(0.353,), weights=str(tmp_path / 'small' / 'model.safetensors'))
-    loaded = demo.load_teacher(teacher='vit_small')
+    loaded = demo.load_teacher(teacher='vit_2k')
     x = torch.randn(2, 1, 28, 28)
     assert torch.allclose(loaded(x), model.half().float().eval()(x), atol=1e-5)  # the fp16 weights, loaded
     assert demo.TEACHER == {k: v for k, v in demo_teacher('vit').items() if k != 'weights'}
     assert demo.TEACHER['kwargs'] == dict(patch_size=7, embed_dim=160, depth=6, num_heads=5)  # configs/demo/teacher_vit.yaml
-    monkeypatch.setitem(DEMO_TEACHERS, 'vit_large', dict(DEMO_TEACHERS['vit_large'], asset=tmp_path / 'none'))
-    with pytest.raises(UserError, match=r"demo teacher 'vit_large' is not in .*none: train configs/demo/teacher_vit_"
-                                        r"large.yaml with scalekd train, then scalekd export --dtype float16"):
-        run_config(DemoSettings(teacher='vit_large'), 'cnn', 'kd')
-    assert run_config(DemoSettings(teacher='vit_large'), 'cnn', 'none').teacher.model == ''  # the student needs none
-    with pytest.raises(UserError, match="unknown demo teacher 'big'; choose from vit, vit_small, vit_large, cnn"):
+    monkeypatch.setitem(DEMO_TEACHERS, 'vit_6k', dict(DEMO_TEACHERS['vit_6k'], asset=tmp_path / 'none'))
+    with pytest.raises(UserError, match=r"demo teacher 'vit_6k' is not in .*none: train configs/demo/teacher_vit_"
+                                        r"6k.yaml with scalekd train, then scalekd export --dtype float16"):
+        run_config(DemoSettings(teacher='vit_6k'), 'cnn', 'kd')
+    assert run_config(DemoSettings(teacher='vit_6k'), 'cnn', 'none').teacher.model == ''  # the student needs none
+    with pytest.raises(UserError, match="unknown demo teacher 'big'; choose from vit, vit_2k, vit_6k, cnn"):
         demo_teacher('big')
 
 
@@ -92,13 +92,13 @@ def test_the_teacher_scale_claim_on_a_hand_made_summary(scalekd, slope, holds):
     rise by 0.2 per point (holds), fall (does not), rise by 0.05 per point, less than KD's (does not)."""
     student = [70.0, 71.0, 72.0]
     rows = {'student': student}
-    for teacher, kd, skd in zip(('vit_small', 'vit', 'vit_large'), (0.5, 1.0, 1.5), scalekd):
+    for teacher, kd, skd in zip(('vit_2k', 'vit', 'vit_6k'), (0.5, 1.0, 1.5), scalekd):
         rows[row_label('kd', teacher=teacher)] = [s + kd for s in student]
         rows[row_label('scalekd', teacher=teacher)] = [s + skd for s in student]
-    summary = _summary(STUDIES['teacher_scale'], rows, measured={'vit_small': dict(top1=80.0), 'vit': dict(top1=85.0),
-                                                                 'vit_large': dict(top1=90.0)})
-    verdict = TeacherScale(('vit', 'vit_large', 'vit_small')).analyse(summary)['cnn']  # in the teachers' order
-    assert [p['teacher'] for p in verdict['points']] == ['vit_small', 'vit', 'vit_large']
+    summary = _summary(STUDIES['teacher_scale'], rows, measured={'vit_2k': dict(top1=80.0), 'vit': dict(top1=85.0),
+                                                                 'vit_6k': dict(top1=90.0)})
+    verdict = TeacherScale(('vit', 'vit_6k', 'vit_2k')).analyse(summary)['cnn']  # in the teachers' order
+    assert [p['teacher'] for p in verdict['points']] == ['vit_2k', 'vit', 'vit_6k']
     assert [p['scalekd'] for p in verdict['points']] == pytest.approx(scalekd)
     assert verdict['kd_slope'] == pytest.approx(0.1) and verdict['scalekd_slope'] == pytest.approx(slope)
     assert verdict['holds'] is holds
@@ -147,7 +147,7 @@ def test_ablate_data_scale_trains_the_larger_subset_it_is_given(monkeypatch, tmp
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    """The ablation tests' budget, with tiny random teachers for vit_small and vit_large."""
+    """The ablation tests' budget, with tiny random teachers for vit_2k and vit_6k."""
     tmp = tmp_path_factory.mktemp('scale')
     data = make_fashion_mnist(tmp / 'fm', n_train=40, n_test=20)
     with pytest.MonkeyPatch.context() as mp:
@@ -164,8 +164,7 @@ def test_teacher_scale_trains_each_row_from_its_teacher_and_measures_each_teache
     summary = run_study(study, tiny, seeds=(0,), students=('cnn',), say=lambda line: None)
     out = Path(tiny.output)
     rows = summary['students']['cnn']['rows']
-    assert list(rows) == ['student', 'kd_vit_small', 'scalekd_vit_small', 'kd', 'scalekd', 'kd_vit_large',
-                          'scalekd_vit_large']
+    assert list(rows) == ['student', 'kd_vit_2k', 'scalekd_vit_2k', 'kd_vit_6k', 'scalekd_vit_6k', 'kd', 'scalekd']
     for label in rows:
         folder = out / 'runs' / 'cnn' / label / 'seed0'
         assert _terms(folder) == TERMS[label], label
@@ -179,17 +178,17 @@ def test_teacher_scale_trains_each_row_from_its_teacher_and_measures_each_teache
         assert rows[label]['vs_kd'] == pytest.approx(rows[label]['mean'] - rows[row_label(
             'kd', teacher=key)]['mean'])  # paired with KD from the same teacher
     measured = json.loads((out / 'teachers.json').read_text())
-    assert list(measured) == ['vit_small', 'vit', 'vit_large'] and summary['measured'] == measured
-    settings = dataclasses.replace(tiny, teacher='vit_large')
+    assert list(measured) == ['vit_2k', 'vit_6k', 'vit'] and summary['measured'] == measured
+    settings = dataclasses.replace(tiny, teacher='vit_6k')
     test = demo.test_loader(run_config(settings, 'cnn', 'none'))
-    assert measured['vit_large']['top1'] == pytest.approx(
+    assert measured['vit_6k']['top1'] == pytest.approx(
         demo.teacher_top1(settings, test, demo.DistEnv(device=torch.device('cpu'))))
     verdict = summary['analysis']['cnn']
     assert sorted(p['teacher_top1'] for p in verdict['points']) == [p['teacher_top1'] for p in verdict['points']]
     assert set(verdict) == {'points', 'kd_slope', 'scalekd_slope', 'holds'}
     table = (out / 'teacher_scale.md').read_text()
     assert table == format_study(study, summary) + '\n'
-    assert f'| vit_large | {measured["vit_large"]["top1"]:.2f} |' in table and 'the claim' in table
+    assert f'| vit_6k | {measured["vit_6k"]["top1"]:.2f} |' in table and 'the claim' in table
     for name in ('teacher_scale.png', 'teacher_scale_gain.png'):
         assert (out / name).read_bytes()[:4] == b'\x89PNG'
     calls = []

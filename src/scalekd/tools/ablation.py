@@ -34,7 +34,7 @@ __all__ = ['Study', 'STUDIES', 'REFERENCES', 'TEACHER_SCALE', 'LARGE_SUBSET', 'd
            'run_study', 'format_study']
 
 REFERENCES = ('student', 'kd')  # every row is compared with these (of its own setting), seed by seed
-TEACHER_SCALE = ('vit_small', 'vit', 'vit_large')  # the teacher_scale study's teachers, weakest first
+TEACHER_SCALE = ('vit_2k', 'vit_6k', 'vit')  # the teacher_scale study's teachers, weakest first
 SEVERAL_TEACHERS = ('vit', 'cnn')  # the teachers study's teachers (both at once: 'vit+cnn')
 LARGE_SUBSET = 3000  # the data_scale study's larger subset (training images), by default
 

@@ -42,8 +42,8 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 # that gives the architecture) and the config `scalekd train` trained it from, all on the 60,000 training images
 DEMO_TEACHERS: Dict[str, Dict[str, Any]] = {
     'vit': dict(asset=ASSETS / 'fashion_mnist_vit_teacher', config='configs/demo/teacher_vit.yaml'),
-    'vit_small': dict(asset=ASSETS / 'fashion_mnist_vit_small_teacher', config='configs/demo/teacher_vit_small.yaml'),
-    'vit_large': dict(asset=ASSETS / 'fashion_mnist_vit_large_teacher', config='configs/demo/teacher_vit_large.yaml'),
+    'vit_2k': dict(asset=ASSETS / 'fashion_mnist_vit_2k_teacher', config='configs/demo/teacher_vit_2k.yaml'),
+    'vit_6k': dict(asset=ASSETS / 'fashion_mnist_vit_6k_teacher', config='configs/demo/teacher_vit_6k.yaml'),
     'cnn': dict(asset=ASSETS / 'fashion_mnist_cnn_teacher', config='configs/demo/teacher_cnn.yaml'),
 }
 DEFAULT_TEACHER = 'vit'

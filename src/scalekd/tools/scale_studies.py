@@ -40,7 +40,7 @@ def row_setting(base: str, teacher: Optional[str] = None, subset: Optional[int] 
 
 
 def row_label(base: str, **setting: Any) -> str:
-    """The label of preset ``base`` at a setting (see :func:`row_setting`): ``kd_vit_small``, ``fd_n3000``,
+    """The label of preset ``base`` at a setting (see :func:`row_setting`): ``kd_vit_2k``, ``fd_n3000``,
     ``fd_n3000_e30``; ``kd`` for the shipped teacher at the study's subset and epochs."""
     s = row_setting(base, **setting)
     return base + (f'_{s["teacher"]}' if 'teacher' in s else '') + (f'_n{s["subset"]}' if 'subset' in s else '') \
