@@ -1,5 +1,6 @@
 """One loader for a training checkpoint, an export folder or a weight file, each read once."""
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -69,6 +70,21 @@ def test_an_export_folder_round_trips_and_is_not_exported_again(run_files, tmp_p
     with pytest.raises(WeightsError, match='is an export already'):
         export_checkpoint(tmp_path / 'export', tmp_path / 'again')
     assert not (tmp_path / 'again').exists()
+
+
+def test_an_export_has_the_mode_the_umask_gives_not_owner_only(run_files, tmp_path):
+    """safetensors writes owner-only files: an export another user (a serving account) reads gets 0644."""
+    _, path, _, _ = run_files
+    old = os.umask(0o022)
+    try:
+        export_checkpoint(path, tmp_path / 'export')
+        os.umask(0o077)
+        export_checkpoint(path, tmp_path / 'private')
+    finally:
+        os.umask(old)
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / 'export').iterdir()} == {
+        'model.safetensors': 0o644, 'config.json': 0o644}
+    assert (tmp_path / 'private' / 'model.safetensors').stat().st_mode & 0o777 == 0o600
 
 
 def test_plain_weights_need_the_model_name(run_files, tmp_path, monkeypatch):

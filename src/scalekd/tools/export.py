@@ -12,7 +12,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
-from ..engine.run_folder.checkpoint import out_of_space, save_checkpoint
+from ..engine.run_folder.checkpoint import created_mode, out_of_space, save_checkpoint
 from ..engine.run_folder.files import check_output_path
 from ..engine.inputs.weights import WeightsError
 from .model_files import load_model
@@ -56,6 +56,7 @@ def export_student(student: nn.Module, out_dir: Union[str, Path], data_config: D
         writing = weights
         try:  # both files or neither
             save_file(state, str(partial[0]), metadata={'format': 'pt'})
+            os.chmod(partial[0], created_mode())  # safetensors writes owner-only files
             writing = config
             save_config_for_hf(student, str(partial[1]), data_config=data_config)
             _not_from_the_hub(partial[1])

@@ -87,14 +87,20 @@ def set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     torch.cuda.set_rng_state(cuda, device)
 
 
+def created_mode(full: int = 0o666) -> int:
+    """The mode ``open()`` (``full`` 0o666) or ``mkdir()`` (0o777) gives under the process's umask: what a
+    file written through a temporary one (owner-only, as ``mkstemp`` and safetensors make them) gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
+
+
 def save_checkpoint(state: Dict[str, Any], path: Union[str, Path]) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.fchmod(fd, 0o666 & ~umask)  # what open() would give, not mkstemp's owner-only mode
+        os.fchmod(fd, created_mode())
         with os.fdopen(fd, 'wb') as f:
             torch.save(state, f)
             f.flush()

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .checkpoint import checkpoint_position, checkpoints_by_age, is_optimizer_folder, optimizer_folder
+from .checkpoint import checkpoint_position, checkpoints_by_age, created_mode, is_optimizer_folder, optimizer_folder
 from ..errors import UserError
 
 __all__ = ['RunFolder', 'RunFolderError', 'MARKER', 'RUN_FILES', 'holding']
@@ -234,9 +234,7 @@ class RunFolder:
     def shard_folder(self, name: str) -> Path:
         """A new temporary folder for the optimizer shards of checkpoint ``name`` (mode as ``mkdir`` gives)."""
         temp = Path(tempfile.mkdtemp(prefix=f'.{optimizer_folder(name).name}.', suffix='.tmp', dir=self.path))
-        umask = os.umask(0)
-        os.umask(umask)
-        temp.chmod(0o777 & ~umask)
+        temp.chmod(created_mode(0o777))
         return temp
 
     def place_shards(self, temp: Path, name: str) -> None:
