@@ -10,7 +10,8 @@ statistics: the projectors at s3 and s4 learn to predict ``z(t)``, and the proxy
 comes out of the teacher's own last stage, in its raw feature space) is standardised alike. A teacher
 whose features are another's up to a per-channel scale and offset then gives the same terms.
 The statistics are estimated from the first ``batches`` training batches, then frozen; they are
-buffers, so they are saved with the task state (checkpoints) and restored on resume.
+buffers, so they are saved with the task state (checkpoints) and restored on resume. Under DDP, which
+broadcasts the trainable module's buffers from rank 0 at every forward, they are rank 0's batches'.
 """
 from typing import Tuple
 
