@@ -20,6 +20,7 @@ from engine_fixtures import tiny_config
 from run_tools import computed, metrics, step_lines
 from scalekd import build_distiller
 from scalekd.cli import main
+from scalekd.engine.run_folder.optimizer_shards import optimizer_state_of
 from scalekd.engine.run_folder.checkpoint import load_checkpoint, save_checkpoint
 from scalekd.engine.inputs.config import OptimConfig, TrainConfig
 from scalekd.engine.runtime.cuda_settings import configure_backends
@@ -235,6 +236,8 @@ def _state_tensors(state, prefix: str = '') -> Dict[str, torch.Tensor]:
 def _assert_same_training(a: Path, b: Path) -> None:
     """Two runs with bitwise-equal final weights, task state and optimizer state, and the same logged numbers."""
     states = [load_checkpoint(run / 'checkpoint-0001.pth') for run in (a, b)]
+    states = [dict(s, optimizer=optimizer_state_of(s, run / 'checkpoint-0001.pth', None))  # train.zero's shards, whole
+              for s, run in zip(states, (a, b))]
     tensors = [_state_tensors({k: s[k] for k in ('student', 'task_state', 'optimizer')}) for s in states]
     assert tensors[0].keys() == tensors[1].keys()
     for key, value in tensors[0].items():

@@ -335,11 +335,13 @@ def test_compile_compiles_the_teacher_and_each_piece_and_keeps_weights_and_keys(
     keys = list(compiled.state_dict())
     module = compiled.compile(backend='eager')
     assert module is compiled.trainable_module and list(compiled.state_dict()) == keys
-    compiled_fns = [compiled.teacher.extract, compiled.teacher.last_stage] + [
-        getattr(module, n) for n in ('student_pass', 'proxy_views', 's4_views', 'tap_losses')]
+    branch = module.branches['teacher']
+    compiled_fns = [compiled.teacher.extract, compiled.teacher.last_stage, module.student_pass] + [
+        getattr(branch, n) for n in ('proxy_views', 's4_views', 'tap_losses')]
     assert all(hasattr(fn, '_torchdynamo_orig_callable') for fn in compiled_fns)
     clone = copy.deepcopy(compiled)  # (timm's setup_ema copies the task's module): plain pieces, its own
-    assert not {'student_pass', 'proxy_views', 's4_views', 'tap_losses'} & set(vars(clone.trainable_module))
+    assert 'student_pass' not in vars(clone.trainable_module)
+    assert not {'proxy_views', 's4_views', 'tap_losses'} & set(vars(clone.trainable_module.branches['teacher']))
     assert not {'extract', 'last_stage'} & set(vars(clone.teacher))
     _assert_same_step(plain, compiled, images, rtol=0, atol=0)
     plain.zero_grad(set_to_none=True)
