@@ -194,3 +194,21 @@ def test_a_headless_teacher_teaches_features_beside_a_labelled_one():
     out = two(X, Y)
     assert {'kd_loss', 'labelled/s4_ori', 'dino/s4_ori', 'dino/proxy_alt'} <= set(out)
     assert all(torch.isfinite(v).all() for k, v in out.items() if k != 'output')
+
+
+def test_compile_and_the_teacher_precision_apply_to_every_teacher():
+    torch.manual_seed(0)
+    two = build_distiller([TeacherSpec(make_teacher('vit', IMG), name='a'), TeacherSpec(make_teacher('deit', IMG), name='b')],
+                          make_student('resnet', IMG), img_size=IMG, teacher_dtype=torch.bfloat16)
+    feats = two.teacher_features(X)
+    for name, teacher in two.teachers.items():
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            expected = teacher.extract(two.teacher_input(name, X))
+        assert feats[name].final.dtype == torch.float32
+        torch.testing.assert_close(feats[name].final, expected.final.float(), rtol=0, atol=0)
+    module = two.compile(backend='eager')
+    for name, teacher in two.teachers.items():
+        assert hasattr(teacher.extract, '_torchdynamo_orig_callable'), name
+        assert all(hasattr(getattr(module.branches[name], piece), '_torchdynamo_orig_callable')
+                   for piece in ('proxy_views', 's4_views', 'tap_losses')), name
+    assert torch.isfinite(two(X, Y)['loss'])
