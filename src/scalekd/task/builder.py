@@ -1,6 +1,5 @@
 """``build_distiller``: a ready :class:`~scalekd.Distiller` from timm names or modules, with one
 teacher or several (:class:`TeacherSpec`)."""
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -14,7 +13,7 @@ from ..adapters.common import model_label
 from ..adapters.models import check_patches, classes_kwargs, create_timm_model, default_img_size
 from ..method.errors import OptionError
 from ..method.options import DistillOptions
-from .distiller import Distiller, Teacher
+from .distiller import Distiller, Teacher, check_teachers, needs_teachers, teaches_logits
 from .kernels import use_cpu_kernels
 
 __all__ = ['build_distiller', 'resolve_img_size', 'TeacherSpec']
@@ -148,10 +147,10 @@ def build_distiller(
     size = resolve_img_size(img_size, specs[0].model if specs else None, student)
     student_model = _model(student, size, 'student', student_kwargs, num_classes=num_classes, in_chans=in_chans)
     teachers = []
-    if opts.method != 'none' and (opts.kd or opts.uses_features or any(t.kd for t in specs)):
+    if needs_teachers(opts, [t.kd for t in specs]):
         if not specs:
             raise OptionError(f'method {method!r} needs a teacher')
-        _check_names(specs)
+        check_teachers(specs)  # before any teacher is built
         teachers = [_teacher(spec, opts, size, in_chans, num_classes, student_model, device, several) for spec in specs]
     if device is not None:
         student_model.to(device)
@@ -160,17 +159,6 @@ def build_distiller(
     if device is None or torch.device(device).type == 'cpu':  # built without a device: on the CPU
         use_cpu_kernels(distiller.distill_modules())
     return distiller.to(device) if device is not None else distiller
-
-
-def _check_names(specs: Sequence[TeacherSpec]) -> None:
-    names = [s.name for s in specs]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise OptionError(f'teacher name {", ".join(map(repr, twice))} is given to more than one teacher: each '
-                          f'teacher needs its own name (its loss terms are {twice[0]}/s4_ori, ...)')
-    bad = [s.name for s in specs if not isinstance(s.weight, (int, float)) or not math.isfinite(s.weight) or s.weight < 0]
-    if bad:
-        raise OptionError(f'teacher {bad[0]!r}: weight must be a finite number >= 0')
 
 
 def _teacher(spec: TeacherSpec, opts: DistillOptions, student_size: Tuple[int, int], in_chans: int,
@@ -184,7 +172,7 @@ def _teacher(spec: TeacherSpec, opts: DistillOptions, student_size: Tuple[int, i
         check_patches(model, model_label(model), 'teacher', size, size_key)
     if device is not None:
         model.to(device)
-    kd = opts.kd if spec.kd is None else spec.kd
+    kd = teaches_logits(opts, spec.kd)
     tpp = spec.tpp
     if opts.uses_features:
         auto = several and tpp is None and opts.tpp

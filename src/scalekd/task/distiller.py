@@ -13,6 +13,7 @@ With several teachers each feature term is named ``{teacher}/{tap}_{view}`` and 
 ``weight`` more.
 """
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Collection, Dict, Optional, Sequence, Set, Tuple, Union
@@ -241,6 +242,31 @@ class DistillationModule(nn.Module):
         return logits, losses
 
 
+def teaches_logits(options: DistillOptions, kd: Optional[bool]) -> bool:
+    """Whether a teacher whose own ``kd`` is ``kd`` (null: the options') teaches through its logits."""
+    return options.kd if kd is None else kd
+
+
+def needs_teachers(options: DistillOptions, kds: Sequence[Optional[bool]] = ()) -> bool:
+    """Whether a distiller of these (resolved) options, with teachers of these own ``kd``, uses its teachers:
+    never for ``method='none'``, else for features or for logit KD."""
+    return options.method != 'none' and (options.kd or options.uses_features or any(kds))
+
+
+def check_teachers(entries: Sequence[Any]) -> None:
+    """Each teacher (a :class:`Teacher`, or a spec with a ``name`` and a ``weight``) named once, each weight a
+    finite number >= 0."""
+    names = [t.name for t in entries]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise OptionError(f'teacher name {", ".join(map(repr, twice))} is given to more than one teacher: each '
+                          f'teacher needs its own name (its loss terms are {twice[0]}/s4_ori, ...)')
+    bad = [t.name for t in entries if not isinstance(t.weight, (int, float)) or not math.isfinite(t.weight)
+           or t.weight < 0]
+    if bad:
+        raise OptionError(f'teacher {bad[0]!r}: weight must be a finite number >= 0')
+
+
 def _migrated_task_state(given: Dict[str, Any], branches: Sequence[str]) -> Dict[str, Any]:
     """A one-teacher task state of the layout before several teachers (``proxy.*``, ``s3.*``, ``s4.*`` at
     the top) under the one branch's name; any other state unchanged."""
@@ -293,17 +319,14 @@ class Distiller(TrainingTask):
         self.img_size = tuple(img_size)
         self.in_chans = in_chans
         entries = [Teacher(teacher)] if isinstance(teacher, FrozenTeacher) else list(teacher or [])
-        self.needs_teacher = self.options.method != 'none' and (
-            self.options.kd or self.options.uses_features or any(t.kd for t in entries))
+        self.needs_teacher = needs_teachers(self.options, [t.kd for t in entries])
         if self.needs_teacher and not entries:
             raise OptionError(f'method {self.options.method!r} needs a teacher')
         entries = entries if self.needs_teacher else []
-        names = [t.name for t in entries]
-        if len(set(names)) != len(names):
-            raise OptionError(f'teacher names must differ, got {", ".join(names)}')
+        check_teachers(entries)
         self.teachers = nn.ModuleDict({t.name: t.adapter for t in entries})
         self.entries: Dict[str, Teacher] = {t.name: t for t in entries}
-        self.kd_teachers = [t.name for t in entries if (self.options.kd if t.kd is None else t.kd)]
+        self.kd_teachers = [t.name for t in entries if teaches_logits(self.options, t.kd)]
         if self.kd_teachers and not sum(self.entries[n].weight for n in self.kd_teachers) > 0:
             raise OptionError(f'the teachers whose logits teach ({", ".join(self.kd_teachers)}) all have weight 0: '
                               f'give one a weight > 0, or turn their kd off')

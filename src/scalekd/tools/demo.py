@@ -39,7 +39,8 @@ __all__ = ['DemoSettings', 'STUDENTS', 'DEMO_TEACHERS', 'DEFAULT_TEACHER', 'TEAC
 ASSETS = Path(__file__).parents[1] / 'assets'
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 # the demo's teachers: the folder `scalekd export --dtype float16` wrote (model.safetensors, timm's config.json
-# that gives the architecture) and the config `scalekd train` trained it from, all on the 60,000 training images
+# that gives the architecture) and the config `scalekd train` trained it from (on all 60,000 training images,
+# or on 2,000 / 6,000 of them for the teacher_scale study's weaker teachers)
 DEMO_TEACHERS: Dict[str, Dict[str, Any]] = {
     'vit': dict(asset=ASSETS / 'fashion_mnist_vit_teacher', config='configs/demo/teacher_vit.yaml'),
     'vit_2k': dict(asset=ASSETS / 'fashion_mnist_vit_2k_teacher', config='configs/demo/teacher_vit_2k.yaml'),
