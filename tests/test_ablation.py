@@ -161,12 +161,14 @@ def _wait_until(condition, timeout: float, what: str):
 
 @pytest.mark.skipif(not Path(f'/proc/{os.getpid()}/task/{os.getpid()}/children').exists(),
                     reason='reads the process tree from /proc (CONFIG_PROC_CHILDREN)')
-@pytest.mark.parametrize('stop', ['ctrl-c', 'sigterm to the study', 'a run process killed', 'the study killed'])
+@pytest.mark.parametrize('stop', ['ctrl-c', 'ctrl-c while the run processes start', 'sigterm to the study',
+                                  'a run process killed', 'the study killed'])
 def test_a_study_stopped_while_runs_train_in_processes_leaves_no_process_and_keeps_finished_runs(tmp_path, stop):
-    """``ablate --jobs 2`` stopped mid-way: Ctrl-C (exit 130), SIGTERM (143) or a run's process killed (the
-    out-of-memory killer; 1) end with one line that says how to go on, and no run starts after it; a
-    killed study takes its run processes with it. No run process outlives the study, a finished run's
-    result.json is whole and the output is free for the rerun."""
+    """``ablate --jobs 2`` stopped mid-way: Ctrl-C (exit 130; also while the run processes still import,
+    before they could ignore it), SIGTERM (143) or a run's process killed (the out-of-memory killer; 1)
+    end with one line that says how to go on, and no run starts after it; a killed study takes its run
+    processes with it. No run process outlives the study, a finished run's result.json is whole and the
+    output is free for the rerun."""
     data = make_fashion_mnist(tmp_path / 'fm', n_train=40, n_test=2000)
     out = tmp_path / 'out'
     study = subprocess.Popen(
@@ -177,10 +179,14 @@ def test_a_study_stopped_while_runs_train_in_processes_leaves_no_process_and_kee
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C live (a background shell ignores it)
     workers = []
     try:
-        _wait_until(lambda: len(_pool_processes(study.pid)) == 2 and any(
-            p.stat().st_size for p in out.glob('runs/cnn/*/seed0/metrics.jsonl')), 120, 'two runs training')
+        starting = stop == 'ctrl-c while the run processes start'
+        _wait_until(lambda: len(_pool_processes(study.pid)) == 2 and (starting or any(
+            p.stat().st_size for p in out.glob('runs/cnn/*/seed0/metrics.jsonl'))), 120, 'two runs training')
         workers = _pool_processes(study.pid)
-        if stop == 'ctrl-c':
+        if starting:  # (importing torch takes seconds: the signal comes before a run process's first line)
+            assert not list(out.glob('runs/cnn/*/seed0/metrics.jsonl'))
+            os.killpg(study.pid, signal.SIGINT)
+        elif stop == 'ctrl-c':
             os.killpg(study.pid, signal.SIGINT)  # the terminal sends it to every process of the group
         elif stop == 'sigterm to the study':
             study.send_signal(signal.SIGTERM)
@@ -199,7 +205,8 @@ def test_a_study_stopped_while_runs_train_in_processes_leaves_no_process_and_kee
     if stop == 'the study killed':
         assert code == -signal.SIGKILL
     else:
-        expected = {'ctrl-c': (130, 'stopped by SIGINT'), 'sigterm to the study': (143, 'stopped by SIGTERM'),
+        expected = {'ctrl-c': (130, 'stopped by SIGINT'), 'ctrl-c while the run processes start': (
+            130, 'stopped by SIGINT'), 'sigterm to the study': (143, 'stopped by SIGTERM'),
                     'a run process killed': (1, "a run's process ended abruptly")}[stop]
         assert code == expected[0] and f'scalekd ablate: {expected[1]}' in err and 'Traceback' not in err, err
         assert err.rstrip().endswith('the same command trains the rest'), err

@@ -12,6 +12,7 @@ core). However the command stops, no run process outlives it and no queued run s
 - the command's process killed: Linux's parent-death signal stops each run process, and a run process
   whose command is gone ends once its run has stopped.
 """
+import contextlib
 import ctypes
 import dataclasses
 import multiprocessing
@@ -21,7 +22,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -55,6 +56,8 @@ def _start_worker(study: int, stop, threads: int, setup: Setup, first: RunConfig
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     _exit_if_orphaned()  # the study died before the line above
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the study's to act on (a run's trainer still takes it)
+    if hasattr(signal, 'pthread_sigmask'):  # blocked since the spawn (_spawning): a Ctrl-C pending from then is dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     torch.set_num_threads(threads)
     keep_freed_memory()
     try:
@@ -83,6 +86,22 @@ def _train_in_worker(cfg: RunConfig) -> Optional[Dict[str, Any]]:
         return _worker['train'](cfg, _worker['shared'], _worker['env'])
     finally:
         _exit_if_orphaned()
+
+
+@contextlib.contextmanager
+def _spawning() -> Iterator[None]:
+    """SIGINT blocked in this thread while it starts run processes: each inherits the mask, so a Ctrl-C
+    to the terminal's process group while it still imports (before :func:`_start_worker` ignores it) stays
+    pending instead of printing a traceback; here it is raised once the mask is restored (the resource
+    tracker of :mod:`multiprocessing` starts the same way)."""
+    if not hasattr(signal, 'pthread_sigmask'):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _end_processes(processes: Sequence[multiprocessing.process.BaseProcess], grace_s: float = 60) -> None:
@@ -140,8 +159,9 @@ def _train_in_pool(pending: Sequence[Tuple[Run, RunConfig]], jobs: int, device: 
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
                              initargs=(os.getpid(), stop, threads, setup, pending[0][1], train, str(device))) as pool:
         try:
-            futures = {pool.submit(_train_in_worker, dataclasses.replace(  # (bars of parallel runs would interleave)
-                cfg, log=dataclasses.replace(cfg.log, progress=False))): run for run, cfg in pending}
+            with _spawning():  # (the pool starts its processes as runs are submitted)
+                futures = {pool.submit(_train_in_worker, dataclasses.replace(  # (bars of parallel runs would interleave)
+                    cfg, log=dataclasses.replace(cfg.log, progress=False))): run for run, cfg in pending}
             for future in as_completed(futures):
                 record(futures[future], future.result())
         except BaseException:
