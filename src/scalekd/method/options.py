@@ -96,6 +96,9 @@ class DistillOptions:
             1x1: cheaper, beyond the paper).
         activation_checkpointing: recompute the projectors and the teacher stage in backward (less
             memory, more time).
+        projector_lr_scale: the projectors' learning rate as a multiple of ``optim.lr`` (timm's
+            ``lr_scale`` of their parameter groups, followed by its schedulers); 1: the release's one
+            learning rate for the student and the projectors.
         student_s3_block: plain students (ViT, Mixer): the 1-based block whose output is s3 (null:
             three quarters deep).
         teacher_last_blocks: plain-ViT teachers: the blocks of the last stage (null: depth / 4).
@@ -128,6 +131,7 @@ class DistillOptions:
     softmax_scale: float = 5.0
     cap_conv: str = 'full'
     activation_checkpointing: bool = False
+    projector_lr_scale: float = 1.0
     # taps
     student_s3_block: Optional[int] = None
     teacher_last_blocks: Optional[int] = None
@@ -207,7 +211,12 @@ class DistillOptions:
             raise OptionError(f'unknown teacher_norm {self.teacher_norm!r}; choose one of {", ".join(TEACHER_NORMS)}')
         if self.teacher_norm_batches < 1:
             raise OptionError(f'teacher_norm_batches must be >= 1, got {self.teacher_norm_batches}')
+        if self.projector_lr_scale <= 0:
+            raise OptionError(f'projector_lr_scale must be > 0, got {self.projector_lr_scale}')
         if not self.uses_features:
+            if self.projector_lr_scale != 1:
+                raise OptionError(f'projector_lr_scale needs a feature method (fd or scalekd): method '
+                                  f'{self.method!r} has no projectors')
             return
         if self.projector not in PROJECTORS:
             raise OptionError(f'unknown projector {self.projector!r}; choose one of {", ".join(PROJECTORS)}')

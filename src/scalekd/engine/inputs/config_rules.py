@@ -58,10 +58,14 @@ def _weight() -> Tuple[Callable[[Any], bool], str]:
     return _optional(((lambda v: v >= 0), '>= 0 (a negative loss weight pushes the student away from its target)'))
 
 
+def _base_optimizer(name: str) -> str:
+    """The optimizer ``name`` names, without a ``lookahead_`` prefix, in lower case."""
+    return name.lower().split('_', 1)[1] if name.lower().startswith('lookahead_') else name.lower()
+
+
 def _optimizer(name: str) -> bool:
     """A name timm's ``create_optimizer_v2`` knows (optionally ``lookahead_``-prefixed)."""
-    base = name.lower().split('_', 1)[1] if name.lower().startswith('lookahead_') else name.lower()
-    return base in list_optimizers()
+    return _base_optimizer(name) in list_optimizers()
 
 
 RULES = tuple(Rule(key, *check) for key, check in (
@@ -137,7 +141,8 @@ def _get(cfg: Any, key: str) -> Any:
 
 def check_values(cfg: Any, where: str, error: Callable[[str], Exception]) -> None:
     """Raise ``error(message)`` for the first value of ``cfg`` outside its rule, an input normalisation
-    that is not one value per channel, a warmup that does not end before the run, or a sharded optimizer
+    that is not one value per channel, a warmup that does not end before the run, Nesterov SGD without
+    momentum, or a sharded optimizer
     (``train.zero``) asked of one that wraps another."""
     for rule in RULES:
         value = _get(cfg, rule.key)
@@ -150,6 +155,9 @@ def check_values(cfg: Any, where: str, error: Callable[[str], Exception]) -> Non
     if cfg.sched.warmup_epochs >= cfg.sched.epochs:
         raise error(f'sched.warmup_epochs in {where} must be less than sched.epochs ({cfg.sched.epochs}), '
                     f'got {cfg.sched.warmup_epochs}')
+    if _base_optimizer(cfg.optim.opt) in ('sgd', 'nesterov') and cfg.optim.momentum == 0:
+        raise error(f'optim.momentum in {where} is 0, and optim.opt {cfg.optim.opt!r} is timm\'s Nesterov SGD, which '
+                    f'needs a momentum > 0: set one, or use optim.opt momentum for SGD without Nesterov')
     if cfg.train.zero and cfg.optim.opt.lower().startswith('lookahead_'):
         raise error(f'train.zero in {where} shards a plain optimizer, and optim.opt {cfg.optim.opt!r} wraps one in '
                     f'Lookahead: set train.zero false or choose an optimizer without lookahead_')

@@ -32,7 +32,8 @@ def dry_run(cfg: RunConfig, device: torch.device, batch: int = 2) -> Dict[str, A
         weights[role] = (f'loaded {model_cfg.checkpoint}' if model_cfg.checkpoint else
                          'hub weights (not fetched by --dry-run)' if model_cfg.pretrained else 'random')
     precision = resolve_precision(cfg.train.precision, device)
-    optimizer = build_optimizer(task.trainable_module, cfg.optim, DistEnv(device=device))
+    optimizer = build_optimizer(task.trainable_module, cfg.optim, DistEnv(device=device),
+                                projector_lr_scale=cfg.distill_options().projector_lr_scale)
     images, targets = synthetic_batch(task, batch, cfg.train.channels_last)
     losses = training_step(task, optimizer, images, targets, precision)
     return dict(losses=losses, finite=all(math.isfinite(v) for v in losses.values()), precision=precision,

@@ -100,7 +100,8 @@ def build_run_parts(cfg: RunConfig, env: DistEnv, precision: str, batch_per_rank
     task = _build_task(cfg, env, precision, note)
     data = build_datasets(cfg.data, *normalization_from_config(cfg), seed=cfg.seed)
     train_loader, val_loader = build_loaders(data, cfg.data, batch_per_rank, env, cfg.seed)
-    optimizer = build_optimizer(task.trainable_module, cfg.optim, env, tcfg.zero)
+    optimizer = build_optimizer(task.trainable_module, cfg.optim, env, tcfg.zero,
+                                cfg.distill_options().projector_lr_scale)
     if tcfg.zero and not env.distributed:
         note('train.zero: one process, nothing to shard: the optimizer state is whole')
     updates_per_epoch = len(train_loader) // tcfg.accum_steps

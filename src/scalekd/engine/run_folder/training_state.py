@@ -166,6 +166,11 @@ class TrainingState:
                            f'{cfg.train.batch_size}: a run\'s data order, steps and schedule are those of its '
                            f'global batch; resume with train.batch_size {old.train.batch_size} (on any number of '
                            f'processes and accumulation steps that divide it) or start a new run')
+        if (old.distill.projector_lr_scale == 1) != (cfg.distill.projector_lr_scale == 1):
+            raise RunError(f'{path} was trained with distill.projector_lr_scale {old.distill.projector_lr_scale}, '
+                           f'this run asks for {cfg.distill.projector_lr_scale}: one of them is 1, which keeps the '
+                           f'student and the projectors in the same optimizer groups; resume with a scale other '
+                           f'than 1 only from a run that had one, or start a new run')
         if _student_of(old) != _student_of(cfg):
             raise RunError(f'{path} holds a student {_student_of(old)}; this config asks for {_student_of(cfg)}: '
                            f'resume with the checkpoint\'s student (student.model and kwargs, data.num_classes, '

@@ -17,21 +17,38 @@ from typing import Any, Dict, List, Optional, Set
 
 import torch
 import torch.nn as nn
-from timm.optim import Lookahead, create_optimizer_v2
+from timm.optim import Lookahead, create_optimizer_v2, param_groups_weight_decay
 
 from ..inputs.config import OptimConfig
 from .distributed import DistEnv
 from ..errors import ConfigError
 
-__all__ = ['build_optimizer', 'gather_optimizer_state', 'load_optimizer_state', 'optimizer_step', 'is_sharded',
+__all__ = ['build_optimizer', 'projector_param_groups', 'gather_optimizer_state', 'load_optimizer_state', 'optimizer_step', 'is_sharded',
            'local_optimizer_state', 'owned_indices', 'plain_param_groups']
 
 
-def build_optimizer(module: nn.Module, cfg: OptimConfig, env: DistEnv, zero: bool = False) -> torch.optim.Optimizer:
-    """timm's optimizer of ``module``'s trainable parameters (its weight-decay groups); with ``zero`` on
-    several processes, the same optimizer sharded over them."""
+def projector_param_groups(module: nn.Module, weight_decay: float, projector_lr_scale: float) -> List[Dict[str, Any]]:
+    """timm's weight-decay groups of a :class:`~scalekd.task.distiller.DistillationModule`, each split into
+    the student's parameters and the projectors' (every other one), the latter with ``lr_scale``."""
+    student = {id(p) for p in module.student.parameters()}
+    groups = []
+    for group in param_groups_weight_decay(module, weight_decay, no_weight_decay_list=module.no_weight_decay()):
+        for own, scale in ((True, 1.0), (False, projector_lr_scale)):
+            params = [p for p in group['params'] if (id(p) in student) == own]
+            if params:
+                groups.append(dict(group, params=params, lr_scale=scale))
+    return groups
+
+
+def build_optimizer(module: nn.Module, cfg: OptimConfig, env: DistEnv, zero: bool = False,
+                    projector_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """timm's optimizer of ``module``'s trainable parameters (its weight-decay groups; with a
+    ``projector_lr_scale`` other than 1, the student's and the projectors' apart, see
+    :func:`projector_param_groups`); with ``zero`` on several processes, the same optimizer sharded over them."""
+    groups = None if projector_lr_scale == 1 else (  # (1: timm's own groups, as checkpoints index them)
+        lambda m: projector_param_groups(m, cfg.weight_decay, projector_lr_scale))
     optimizer = create_optimizer_v2(module, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum)
+                                    momentum=cfg.momentum, param_group_fn=groups)
     if not (zero and env.distributed):
         return optimizer
     from torch.distributed.optim import ZeroRedundancyOptimizer
