@@ -213,6 +213,9 @@ class TrainConfig:
         ema: keep an exponential moving average of the student (evaluated and exported too).
         ema_decay: decay of the EMA.
         eval_every: evaluate every N epochs (and after the last).
+        eval_terms: each evaluation also averages the loss terms over the validation images
+            (``val_<term>`` and ``val_total_loss`` in the metrics): the feature terms on held-out
+            images, at the cost of a teacher forward per validation image.
         keep_checkpoints: newest checkpoints of the run kept (0: all; ``best.pth`` is kept apart).
         checkpoint_every_steps: also checkpoint within epochs, every N optimizer steps (0: at epoch
             ends only).
@@ -238,6 +241,7 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.9999
     eval_every: int = 1
+    eval_terms: bool = False
     keep_checkpoints: int = 2
     checkpoint_every_steps: int = 0
     max_nan_skips: int = 0

@@ -1,14 +1,17 @@
-"""Top-1 / top-5 and mean cross entropy of a model over a loader, summed over every rank's shard."""
-from typing import Dict
+"""Top-1 / top-5 and mean cross entropy of a model over a loader, and the mean of a task's loss terms,
+summed over every rank's shard."""
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
 from timm.utils import accuracy
 
+import torch.distributed as dist
+
 from ..runtime.distributed import DistEnv, all_reduce_sum
 from ..runtime.precision import autocast
 
-__all__ = ['evaluate']
+__all__ = ['evaluate', 'evaluate_terms']
 
 
 @torch.no_grad()
@@ -35,3 +38,37 @@ def evaluate(model: nn.Module, loader, env: DistEnv, precision: str, channels_la
     count = max(sums['count'], 1.0)
     return dict(top1=100 * sums['correct1'] / count, top5=100 * sums['correct5'] / count,
                 loss=sums['loss'] / count, count=int(sums['count']))
+
+
+@torch.no_grad()
+def evaluate_terms(task: nn.Module, loader, env: DistEnv, precision: str, channels_last: bool = False) -> Dict[str, float]:
+    """The mean of each loss term the task returns (``loss``: the weighted total) over every rank's shard
+    of ``loader`` (a collective), with the trainable module and the teachers in eval mode: nothing they
+    keep (BatchNorm statistics, the teacher-norm statistics) changes."""
+    was_training = task.training
+    task.train(False)
+    sums: Dict[str, float] = {}
+    count = 0
+    for images, targets in loader:
+        images, targets = images.to(env.device), targets.to(env.device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(precision, env.device):
+            terms = task(images, targets)
+        for name, value in terms.items():
+            if name != 'output':
+                sums[name] = sums.get(name, 0.0) + float(value) * targets.shape[0]
+        count += targets.shape[0]
+    task.train(was_training)
+    names = _every_ranks_names(sorted(sums), env)  # (a rank whose shard is empty saw no term)
+    totals = all_reduce_sum(dict({n: sums.get(n, 0.0) for n in names}, _count=float(count)), env)
+    return {n: totals[n] / max(totals['_count'], 1.0) for n in names}
+
+
+def _every_ranks_names(names: List[str], env: DistEnv) -> List[str]:
+    """The names any rank has, in one order on every rank (a collective)."""
+    if not env.distributed:
+        return names
+    gathered: List[List[str]] = [[] for _ in range(env.world_size)]
+    dist.all_gather_object(gathered, names)
+    return sorted(set().union(*gathered))

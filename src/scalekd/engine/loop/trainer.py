@@ -10,7 +10,7 @@ from ..runtime.distributed import DistEnv, barrier, on_main
 from .epoch_loop import EpochLoop
 from .epoch_losses import EpochLosses
 from ..errors import RunError, RunInterrupted
-from .evaluation import evaluate
+from .evaluation import evaluate, evaluate_terms
 from ..runtime.memory import reset_peak_memory
 from ..runtime.precision import resolve_precision, resolve_teacher_dtype
 from ..run_folder.files import check_output_path
@@ -168,6 +168,9 @@ class Trainer:
             return False
         val = evaluate(self.task.student, self.parts.val_loader, self.env, self.precision, cfg.train.channels_last)
         record.update({f'val_{k}': v for k, v in val.items()})
+        if cfg.train.eval_terms:
+            terms = evaluate_terms(self.task, self.parts.val_loader, self.env, self.precision, cfg.train.channels_last)
+            record.update({f'val_{"total_loss" if k == "loss" else k}': v for k, v in terms.items()})
         if self.parts.ema is not None:
             ema = evaluate(self.parts.ema.module, self.parts.val_loader, self.env, self.precision,
                            cfg.train.channels_last)
