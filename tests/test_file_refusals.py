@@ -8,6 +8,8 @@ from safetensors import SafetensorError
 
 import scalekd.tools.export as export
 from scalekd.cli import main
+from scalekd.engine.inputs.weights import WeightsError, read_state_dict
+from scalekd.engine.run_folder.checkpoint import CheckpointError, load_checkpoint
 from test_model_files import run_files  # noqa: F401 (a fixture)
 
 # what safetensors raises when the disk fills up under save_file
@@ -68,3 +70,21 @@ def test_a_checkpoint_that_names_a_refused_global_says_which(tmp_path):
     with pytest.raises(CheckpointError) as e:
         read_training_checkpoint(path)
     assert f'The file names {os.getcwd.__module__}.getcwd, which a weights-only load never runs' in str(e.value)
+
+
+@pytest.mark.parametrize('content', [b'student: resnet50\n', bytes(range(256))], ids=['text', 'binary'])
+def test_a_file_that_is_no_torch_file_says_so_for_checkpoints_and_weights(tmp_path, capsys, content):
+    """Neither torch.save's zip archive nor a pickle: said in one line, not torch's unpickler detail."""
+    path = tmp_path / 'checkpoint-0001.pth'
+    path.write_bytes(content)
+    said = f'it is not a PyTorch file (neither the zip archive torch.save writes nor a pickle; it starts with {content[:8]!r})'
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value) == f'checkpoint {path} cannot be loaded safely: {said}'
+    with pytest.raises(WeightsError) as e:
+        read_state_dict(path)
+    assert str(e.value) == f'{path} cannot be loaded safely (weights_only): {said}'
+    assert main(['eval', str(path), '--data', str(tmp_path), '--device', 'cpu']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and said in err, err
+    assert path.read_bytes() == content  # never touched

@@ -51,7 +51,7 @@ def read_torch_file(path: Union[str, Path]) -> Any:
     except pickle.UnpicklingError:
         return _load_with_inert_objects(path)
     except Exception as e:  # RuntimeError / EOFError for truncated or foreign files
-        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e)}') from None
+        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e, path)}') from None
 
 
 class _Inert:
@@ -74,7 +74,7 @@ def _load_with_inert_objects(path: Path) -> Any:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e)}') from None
+        raise WeightsError(f'{path} cannot be loaded safely (weights_only): {load_error(e, path)}') from None
 
 
 def state_dict_of(data: Any, path: Union[str, Path]) -> Dict[str, torch.Tensor]:

@@ -132,16 +132,21 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise CheckpointError(f'checkpoint {path} cannot be loaded safely: {load_error(e)}') from None
+        raise CheckpointError(f'checkpoint {path} cannot be loaded safely: {load_error(e, path)}') from None
 
 
 _GLOBAL = re.compile(r'GLOBAL ([\w.]+)')  # the class or function torch's weights-only unpickler refused
 
 
-def load_error(e: Exception) -> str:
-    """Why a weights-only ``torch.load`` failed: the first sentence of its error (not its advice to load
-    unsafely) and, for a pickle that names a class or function torch does not allow, that name and how
-    to go on."""
+def load_error(e: Exception, path: Union[str, Path, None] = None) -> str:
+    """Why a weights-only ``torch.load`` of ``path`` failed: that it is no torch file at all (neither
+    ``torch.save``'s zip archive nor a pickle), or the first sentence of torch's error (not its advice to
+    load unsafely) and, for a pickle that names a class or function torch does not allow, that name and
+    how to go on."""
+    head = _head(path) if path is not None else None
+    if head is not None and not head.startswith((b'PK\x03\x04', b'\x80')):
+        return (f'it is not a PyTorch file (neither the zip archive torch.save writes nor a pickle; it starts '
+                f'with {head!r})')
     reason = re.split(r'(?<=\.) ', str(e).splitlines()[0])[0] if str(e).strip() else type(e).__name__
     refused = _GLOBAL.search(str(e))
     if refused:
@@ -149,6 +154,15 @@ def load_error(e: Exception) -> str:
                    f'convert it: load it once with torch.load(path, weights_only=False), torch.save its state dict of '
                    f'tensors, and give that file')
     return reason
+
+
+def _head(path: Union[str, Path], size: int = 8) -> Optional[bytes]:
+    """The first ``size`` bytes of a file; ``None`` when it cannot be read."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read(size)
+    except OSError:
+        return None
 
 
 def _from_format_1(state: Dict[str, Any]) -> Dict[str, Any]:
