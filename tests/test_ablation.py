@@ -30,6 +30,7 @@ TERMS = {
     'scalekd': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'},
     'scalekd_separable': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'},
     **{f'beta_{b}': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'} for b in (0.0, 0.25, 0.5, 0.75, 1.0)},
+    **{f'scalekd_plr_{s}': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'} for s in ('0.25', '4')},
 }
 
 
@@ -47,7 +48,7 @@ def _terms(folder):
     return {k for k in step if k.endswith(('_ori', '_alt')) or k == 'kd_loss'}
 
 
-@pytest.mark.parametrize('name', ['components', 'views', 'pilot', 'beta', 'projector'])
+@pytest.mark.parametrize('name', ['components', 'views', 'pilot', 'beta', 'projector', 'projector_lr'])
 def test_every_row_of_a_study_trains_with_its_options(tiny, name):
     study = STUDIES[name]
     summary = run_study(study, tiny, seeds=(0,), students=('cnn',), say=lambda line: None)
@@ -72,6 +73,7 @@ def test_every_row_of_a_study_trains_with_its_options(tiny, name):
             assert (options.w_ori, options.w_alt) == pytest.approx((0.14 * beta, 0.14 * (1 - beta)))
         if label == 'scalekd_separable':
             assert options.cap_conv == 'separable'
+        assert options.projector_lr_scale == (float(label.split('_')[-1]) if label.startswith('scalekd_plr_') else 1.0)
     out = Path(tiny.output)
     assert (out / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
     table = (out / f'{name}.md').read_text()

@@ -13,6 +13,7 @@ from scalekd.engine.errors import UserError
 from scalekd.engine.inputs.config import config_from_dict, load_config
 from scalekd.tools import ablation, demo, scale_studies
 from scalekd.tools.ablation import STUDIES, data_scale_study, format_study, run_study
+from scalekd.tools.diagnosis import diagnose, main as diagnosis_main
 from scalekd.tools.demo import DEMO_TEACHERS, METHOD_LABELS, STUDENTS, DemoSettings, decisive, demo_teacher, run_config
 from scalekd.tools.export import export_student
 from scalekd.tools.scale_studies import DataScale, TeacherScale, row_label
@@ -258,3 +259,29 @@ def test_the_teachers_study_trains_from_each_teacher_and_from_both(tiny, tmp_pat
     assert rows['scalekd_vit+cnn']['vs_kd'] == pytest.approx(rows['scalekd_vit+cnn']['mean'] - rows['kd_vit+cnn']['mean'])
     table = (Path(tiny.output) / 'teachers.md').read_text()
     assert '| cnn | scalekd |' in table and 'both - cnn' in table
+
+
+@pytest.mark.slow
+def test_the_curves_study_logs_every_term_on_the_test_sample_each_epoch_for_the_diagnosis(tiny, tmp_path):
+    settings = dataclasses.replace(tiny, output=str(tmp_path / 'out'))
+    summary = run_study(STUDIES['curves'], settings, seeds=(0,), students=('vit',), say=lambda line: None)
+    rows = summary['students']['vit']['rows']
+    assert list(rows) == ['student_curves', 'kd_curves', 'fd_curves', 'cap_dfm_tpp_curves']
+    for label in rows:
+        base = label[:-len('_curves')]
+        folder = tmp_path / 'out' / 'runs' / 'vit' / label / 'seed0'
+        assert _terms(folder) == TERMS[base], label
+        cfg = load_config(folder / 'config.yaml')
+        assert cfg.train.eval_terms and cfg.train.eval_every == 1
+        epochs = [json.loads(line) for line in (folder / 'metrics.jsonl').read_text().splitlines()
+                  if 'train_task_loss' in line]
+        assert len(epochs) == 2 and all({'val_top1', 'val_task_loss', *(f'val_{t}' for t in TERMS[base])} <= set(e)
+                                        for e in epochs), label
+        assert rows[label]['vs_student'] == pytest.approx(rows[label]['mean'] - rows['student_curves']['mean'])
+    result = diagnose(tmp_path / 'out', ['vit'], ['fd_curves', 'cap_dfm_tpp_curves'])
+    cap = result['vit']['cap_dfm_tpp_curves']
+    assert set(cap['test_terms']) == {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'}
+    assert [e for e, _ in cap['curves']['s4_ori']['test']] == [1, 2]
+    assert (diagnosis_main(['--output', str(tmp_path / 'out'), '--students', 'vit', '--rows',
+                            'fd_curves,cap_dfm_tpp_curves', '--plot', str(tmp_path / 'c.png')]) == 0)
+    assert (tmp_path / 'c.png').read_bytes()[:4] == b'\x89PNG'

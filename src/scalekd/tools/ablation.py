@@ -37,6 +37,7 @@ REFERENCES = ('student', 'kd')  # every row is compared with these (of its own s
 TEACHER_SCALE = ('vit_2k', 'vit_6k', 'vit')  # the teacher_scale study's teachers, weakest first
 SEVERAL_TEACHERS = ('vit', 'cnn')  # the teachers study's teachers (both at once: 'vit+cnn')
 LARGE_SUBSET = 3000  # the data_scale study's larger subset (training images), by default
+PROJECTOR_LR_SCALES = (0.25, 4.0)  # the projector_lr study's distill.projector_lr_scale values beside 1
 
 
 def _references(options: Dict[str, Any]) -> Dict[str, str]:
@@ -106,6 +107,14 @@ STUDIES: Dict[str, Study] = {s.name: s for s in (
           for teacher, paper in zip(TEACHER_SCALE, (79.62, 79.80, 80.10)) for method in ('kd', 'scalekd'))),
         (), TeacherScale(TEACHER_SCALE)),
     data_scale_study(),
+    Study('projector_lr', "the projectors' learning rate, a multiple of the student's (scalekd's option, not in the "
+                          "paper: the release trains both at one rate)", ('cnn', 'mlp', 'vit'), (
+        ('student', ablation('student'), None), ('kd', ablation('kd'), None), ('scalekd', ablation('scalekd'), None),
+        *((f'scalekd_plr_{s:g}', dict(ablation('scalekd'), projector_lr_scale=s), None) for s in PROJECTOR_LR_SCALES)),
+        ()),
+    Study('curves', 'every loss term on the train batches and the test sample, per epoch, for FD and CAP+DFM+TPP '
+                    '(the CAP-vs-FD diagnosis, python -m scalekd.tools.diagnosis --plot)', ('vit',),
+          tuple(scale_row(row, eval_terms=True) for row in ('student', 'kd', 'fd', 'cap_dfm_tpp')), ()),
     Study('teachers', 'several teachers at once (beyond the paper): the shipped ViT, the CNN teacher, both',
           ('cnn', 'mlp', 'vit'), (
         scale_row('student'),
@@ -120,17 +129,19 @@ Run = Tuple[str, str, int]  # (student, row label, seed)
 
 def row_settings(settings: DemoSettings, options: Dict[str, Any]) -> Tuple[DemoSettings, Dict[str, Any]]:
     """A row's demo settings and distillation options: its options under
-    :data:`~scalekd.tools.scale_studies.ROW_KEYS` (teacher, subset, epochs) replace the study's settings."""
+    :data:`~scalekd.tools.scale_studies.ROW_KEYS` (teacher, subset, epochs, eval_terms) replace the study's settings."""
     options = dict(options)
     return dataclasses.replace(settings, **{k: options.pop(k) for k in ROW_KEYS if k in options}), options
 
 
 def _run_config(settings: DemoSettings, student: str, label: str, options: Dict[str, Any], seed: int) -> RunConfig:
-    """The config of one row's run for one student and seed (evaluated once, after the last epoch)."""
+    """The config of one row's run for one student and seed (evaluated once, after the last epoch; every
+    epoch where the row logs its terms on the test sample)."""
     folder = Path(settings.output) / 'runs' / student / label / f'seed{seed}'
     settings, options = row_settings(dataclasses.replace(settings, seed=seed), options)
     cfg = run_config(settings, student, options.pop('method', 'scalekd'), options, output=str(folder))
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=cfg.sched.epochs))  # no curve
+    every = 1 if settings.eval_terms else cfg.sched.epochs
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=every))
 
 
 def _finished(cfg: RunConfig, label: str) -> Optional[Dict[str, Any]]:

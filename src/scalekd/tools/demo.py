@@ -98,6 +98,7 @@ class DemoSettings:
     teacher_weights: Optional[str] = None  # other weights of that teacher's architecture than its shipped ones
     progress: bool = True         # per-step progress (a bar on a terminal, a line now and then otherwise)
     distill: Dict[str, Any] = field(default_factory=dict)  # extra distill options (w_ori, cap_conv, ...)
+    eval_terms: bool = False      # the loss terms on the test sample too (train.eval_terms; ablate: every epoch)
     device: torch.device = field(default_factory=resolve_device)  # CUDA when available, else CPU
 
     def quick(self) -> 'DemoSettings':
@@ -149,7 +150,7 @@ def run_config(settings: DemoSettings, student: str, method: str, options: Optio
         distill=dict(options, method=method), data=data,
         optim=dict(opt='adamw', lr=s.lr, weight_decay=0.05, clip_grad=5.0),
         sched=dict(sched='cosine', epochs=s.epochs, warmup_epochs=min(1, s.epochs - 1), min_lr=1e-5),
-        train=dict(batch_size=s.batch_size, precision='auto', keep_checkpoints=1),
+        train=dict(batch_size=s.batch_size, precision='auto', keep_checkpoints=1, eval_terms=s.eval_terms),
         log=dict(tensorboard=False, progress=None if s.progress else False, console=False)), where='demo settings'),
         'demo settings')
 

@@ -26,25 +26,28 @@ from .seed_stats import paired
 __all__ = ['ROW_KEYS', 'row_setting', 'row_label', 'scale_row', 'Analysis', 'TeacherStudy', 'TeacherScale', 'DataScale',
            'teacher_accuracies', 'gain_slopes']
 
-ROW_KEYS = ('teacher', 'subset', 'epochs')  # row options that set the run's demo settings, not its distillation
+ROW_KEYS = ('teacher', 'subset', 'epochs', 'eval_terms')  # row options that set the run's demo settings, not its distillation
 TEACHERS_FILE = 'teachers.json'  # the teachers' own accuracy, in the study's output
 
 
 def row_setting(base: str, teacher: Optional[str] = None, subset: Optional[int] = None,
-                epochs: Optional[int] = None) -> Dict[str, Any]:
-    """The row options (of :data:`ROW_KEYS`) of preset ``base`` at a setting: none for the shipped teacher or
-    the study's subset and epochs (``None``), and no teacher for the student alone."""
+                epochs: Optional[int] = None, eval_terms: bool = False) -> Dict[str, Any]:
+    """The row options (of :data:`ROW_KEYS`) of preset ``base`` at a setting: none for the shipped teacher,
+    the study's subset and epochs (``None``) and no per-epoch curves of the terms, and no teacher for the
+    student alone."""
     if base == 'student' or teacher == DEFAULT_TEACHER:
         teacher = None
-    return {k: v for k, v in dict(teacher=teacher, subset=subset, epochs=epochs).items() if v is not None}
+    return {k: v for k, v in dict(teacher=teacher, subset=subset, epochs=epochs, eval_terms=eval_terms or None).items()
+            if v is not None}
 
 
 def row_label(base: str, **setting: Any) -> str:
     """The label of preset ``base`` at a setting (see :func:`row_setting`): ``kd_vit_2k``, ``fd_n3000``,
-    ``fd_n3000_e30``; ``kd`` for the shipped teacher at the study's subset and epochs."""
+    ``fd_n3000_e30``, ``fd_curves`` (the terms on the test sample every epoch); ``kd`` for the shipped
+    teacher at the study's subset and epochs."""
     s = row_setting(base, **setting)
     return base + (f'_{s["teacher"]}' if 'teacher' in s else '') + (f'_n{s["subset"]}' if 'subset' in s else '') \
-        + (f'_e{s["epochs"]}' if 'epochs' in s else '')
+        + (f'_e{s["epochs"]}' if 'epochs' in s else '') + ('_curves' if 'eval_terms' in s else '')
 
 
 def scale_row(base: str, paper: Optional[float] = None, **setting: Any) -> Tuple[str, Dict[str, Any], Optional[float]]:
