@@ -30,7 +30,7 @@ TERMS = {
     'scalekd': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'},
     'scalekd_separable': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'},
     **{f'beta_{b}': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'} for b in (0.0, 0.25, 0.5, 0.75, 1.0)},
-    **{f'scalekd_plr_{s}': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'} for s in ('0.25', '4')},
+    **{f'scalekd_plr_{s}': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'} for s in ('0.05', '0.25', '4')},
 }
 
 

@@ -16,7 +16,7 @@ from scalekd.tools.ablation import STUDIES, data_scale_study, format_study, run_
 from scalekd.tools.diagnosis import diagnose, main as diagnosis_main
 from scalekd.tools.demo import DEMO_TEACHERS, METHOD_LABELS, STUDENTS, DemoSettings, decisive, demo_teacher, run_config
 from scalekd.tools.export import export_student
-from scalekd.tools.scale_studies import DataScale, TeacherScale, row_label
+from scalekd.tools.scale_studies import AgainstDefault, DataScale, TeacherScale, row_label
 from test_ablation import TERMS, _terms
 
 FIXTURE = Path(__file__).parent / 'fixtures' / 'demo_run_configs.jsonl'  # the run configs before the registry
@@ -285,3 +285,21 @@ def test_the_curves_study_logs_every_term_on_the_test_sample_each_epoch_for_the_
     assert (diagnosis_main(['--output', str(tmp_path / 'out'), '--students', 'vit', '--rows',
                             'fd_curves,cap_dfm_tpp_curves', '--plot', str(tmp_path / 'c.png')]) == 0)
     assert (tmp_path / 'c.png').read_bytes()[:4] == b'\x89PNG'
+
+
+@pytest.mark.parametrize('vit, ahead', [(0.5, True), (-0.5, False)])
+def test_a_setting_changes_the_default_only_ahead_for_every_student(vit, ahead):
+    """Paired differences to the default row per student, by hand; one student behind: no."""
+    base = [70.0, 71.0, 73.0]
+    students = {}
+    for student, diff in (('cnn', 1.0), ('mlp', 0.25), ('vit', vit)):
+        rows = {'scalekd': base, 'scalekd_plr_0.25': [b + diff + d for b, d in zip(base, (-0.1, 0.0, 0.1))]}
+        students[student] = dict(model='m', rows={k: dict(top1=v) for k, v in rows.items()})
+    analysis = AgainstDefault('scalekd', ('scalekd_plr_0.25',))
+    summary = dict(students=students)
+    summary['analysis'] = verdict = analysis.analyse(summary)
+    assert verdict['diffs']['mlp']['scalekd_plr_0.25'] == pytest.approx((0.25, 0.1))
+    assert verdict['diffs']['vit']['scalekd_plr_0.25'][0] == pytest.approx(vit)
+    assert verdict['ahead'] == {'scalekd_plr_0.25': ahead}
+    assert f'| scalekd_plr_0.25 | +1.00 +- 0.10 | +0.25 +- 0.10 | {vit:+.2f} +- 0.10 | {"yes" if ahead else "no"} |' \
+        in analysis.format(summary)

@@ -26,7 +26,8 @@ from ..method.options import ablation
 from .demo import STUDENTS, DemoSettings, decisive, earlier_result, run_config, test_loader, train_and_test
 from .plots import pyplot, save_figure
 from .run_pool import train_runs
-from .scale_studies import DATA_ROWS, ROW_KEYS, Analysis, DataScale, TeacherScale, row_label, scale_row
+from .scale_studies import (DATA_ROWS, ROW_KEYS, AgainstDefault, Analysis, DataScale, TeacherScale, row_label,
+                            scale_row)
 from .seed_stats import paired, spread
 from .teachers_study import SeveralTeachers
 
@@ -37,7 +38,7 @@ REFERENCES = ('student', 'kd')  # every row is compared with these (of its own s
 TEACHER_SCALE = ('vit_2k', 'vit_6k', 'vit')  # the teacher_scale study's teachers, weakest first
 SEVERAL_TEACHERS = ('vit', 'cnn')  # the teachers study's teachers (both at once: 'vit+cnn')
 LARGE_SUBSET = 3000  # the data_scale study's larger subset (training images), by default
-PROJECTOR_LR_SCALES = (0.25, 4.0)  # the projector_lr study's distill.projector_lr_scale values beside 1
+PROJECTOR_LR_SCALES = (0.05, 0.25, 4.0)  # the projector_lr study's distill.projector_lr_scale values beside 1
 
 
 def _references(options: Dict[str, Any]) -> Dict[str, str]:
@@ -111,7 +112,7 @@ STUDIES: Dict[str, Study] = {s.name: s for s in (
                           "paper: the release trains both at one rate)", ('cnn', 'mlp', 'vit'), (
         ('student', ablation('student'), None), ('kd', ablation('kd'), None), ('scalekd', ablation('scalekd'), None),
         *((f'scalekd_plr_{s:g}', dict(ablation('scalekd'), projector_lr_scale=s), None) for s in PROJECTOR_LR_SCALES)),
-        ()),
+        (), AgainstDefault('scalekd', tuple(f'scalekd_plr_{s:g}' for s in PROJECTOR_LR_SCALES))),
     Study('curves', 'every loss term on the train batches and the test sample, per epoch, for FD and CAP+DFM+TPP '
                     '(the CAP-vs-FD diagnosis, python -m scalekd.tools.diagnosis --plot)', ('vit',),
           tuple(scale_row(row, eval_terms=True) for row in ('student', 'kd', 'fd', 'cap_dfm_tpp')), ()),

@@ -6,7 +6,8 @@ Their rows are the component presets (:data:`~scalekd.method.options.ABLATIONS`)
 options under :data:`ROW_KEYS` and named by :func:`row_label`. A row at the study's own setting (the shipped
 teacher, the demo's subset and epochs) keeps the plain label, so it is the same run as in the other studies.
 Each study's :class:`Analysis` adds what it measures beyond the rows (the teachers' own accuracy), its
-verdict on the paper's claim, a table and a figure.
+verdict on the paper's claim, a table and a figure; :class:`AgainstDefault` serves the studies of one option
+(``projector_lr``).
 """
 import dataclasses
 import hashlib
@@ -24,7 +25,7 @@ from .plots import pyplot, save_figure
 from .seed_stats import paired
 
 __all__ = ['ROW_KEYS', 'row_setting', 'row_label', 'scale_row', 'Analysis', 'TeacherStudy', 'TeacherScale', 'DataScale',
-           'teacher_accuracies', 'gain_slopes']
+           'AgainstDefault', 'teacher_accuracies', 'gain_slopes']
 
 ROW_KEYS = ('teacher', 'subset', 'epochs', 'eval_terms')  # row options that set the run's demo settings, not its distillation
 TEACHERS_FILE = 'teachers.json'  # the teachers' own accuracy, in the study's output
@@ -250,4 +251,32 @@ class DataScale(Analysis):
                 d = [at[f'{a}-{b}'][0] for at in verdict['at']]
                 lines.append(f'{a} - {b}: {d[0]:+.2f} at {verdict["at"][0]["subset"]}, {d[-1]:+.2f} at '
                              f'{verdict["at"][-1]["subset"]}: {"overtakes" if verdict["overtakes"][f"{a}-{b}"] else "does not overtake"}')
+        return '\n'.join(lines)
+
+
+@dataclass(frozen=True)
+class AgainstDefault(Analysis):
+    """Other settings of one option against its default, for every student.
+
+    Each of ``rows`` is paired seed by seed with ``default`` (the row of the default setting). A row
+    would change the default only if it is ahead for every student: its mean paired difference above
+    zero for each (the bar the diagnosis of CAP vs FD sets for a default).
+    """
+    default: str
+    rows: Tuple[str, ...]
+
+    def analyse(self, summary: Dict[str, Any]) -> Dict[str, Any]:
+        diffs = {student: {row: paired(result['rows'][row]['top1'], result['rows'][self.default]['top1'])
+                           for row in self.rows} for student, result in summary['students'].items()}
+        return dict(diffs=diffs, ahead={row: all(d[row][0] > 0 for d in diffs.values()) for row in self.rows})
+
+    def format(self, summary: Dict[str, Any]) -> str:
+        verdict = summary['analysis']
+        students = list(verdict['diffs'])
+        lines = [f'#### Against {self.default}', '', f'mean paired difference to {self.default} (same seed) +- its '
+                 f'spread; a row ahead for every student would change the default.', '',
+                 '| row | ' + ' | '.join(students) + ' | ahead for every student |', '|---' * (len(students) + 2) + '|']
+        for row in self.rows:
+            diffs = ' | '.join(f'{verdict["diffs"][s][row][0]:+.2f} +- {verdict["diffs"][s][row][1]:.2f}' for s in students)
+            lines.append(f'| {row} | {diffs} | {"yes" if verdict["ahead"][row] else "no"} |')
         return '\n'.join(lines)
