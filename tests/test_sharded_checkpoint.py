@@ -199,6 +199,55 @@ def test_force_deletes_the_optimizer_folders_of_its_run_and_refuses_anothers(tmp
     stranger.release()
 
 
+def _full_disk_rank(rank: int, port: int, out: Path) -> None:
+    """Rank ``rank`` of 2: checkpoint step 1 (ZeRO), then step 2 with rank 1's shard write failing for want
+    of space; each rank records the error it got."""
+    import errno
+    import torch.distributed.checkpoint.filesystem as dcp_files
+    from scalekd.engine.run_folder.checkpoint import CheckpointError
+    env = _join(rank, 2, port)
+    module = _mlp()
+    optimizer = build_optimizer(module, OptimConfig(opt='adamw', lr=1e-2), env, zero=True)
+    output = None
+    if env.is_main:
+        output = RunOutput(str(out / 'run'), keep=0, note=print, writes=())
+        output.open(None, False)
+        output.start(fresh=True)
+    for step in (1, 2):
+        _step(module, optimizer, step)
+        name = f'checkpoint-0000-00000{step}.pth'
+        if step == 2 and rank == 1:
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            dcp_files._write_item = full
+        try:
+            entry = checkpoint_optimizer_state(optimizer, env, output, name, step)
+        except CheckpointError as e:
+            (out / f'error{rank}').write_text(str(e))
+            break
+        if output is not None:
+            output.write(dict(optimizer=entry, model=module.state_dict()), name, step, False)
+    if output is not None:
+        output.release()
+    cleanup(env)
+    exit_process(0)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_the_shards_are_written_is_one_line_on_every_rank(tmp_path):
+    torch.multiprocessing.spawn(_full_disk_rank, args=(29731, tmp_path), nprocs=2)
+    errors = [(tmp_path / f'error{r}').read_text() for r in (0, 1)]
+    assert errors[0] == errors[1] and '\n' not in errors[0]
+    assert re.fullmatch(r'writing the optimizer shards of checkpoint-0000-000002.pth failed: the disk is full '
+                        r'\(\d+ MB free once the partial shards were removed\); the previous checkpoint is intact',
+                        errors[0]), errors[0]
+    run = tmp_path / 'run'
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith('.')) == [
+        'checkpoint-0000-000001.pth', 'checkpoint-0000-000001.pth.optim', 'scalekd-run.json']
+    state = load_checkpoint(run / 'checkpoint-0000-000001.pth')
+    assert optimizer_state_of(state, run / 'checkpoint-0000-000001.pth', None)['state']  # the previous one reads
+
+
 def test_unfinished_shard_writes_are_removed_and_a_set_aside_checkpoint_takes_its_folder(tmp_path):
     folder = _series(tmp_path, ['checkpoint-0001.pth', 'checkpoint-0002.pth'])
     (folder.path / 'checkpoint-0002.pth').unlink()  # killed after its shards, before its file

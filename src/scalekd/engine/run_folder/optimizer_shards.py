@@ -20,6 +20,7 @@ of them for a plain optimizer). DCP's metadata is a pickle: it is read with an u
 DCP's own record classes, sizes, dtypes and paths (no pickled code runs, as for the checkpoint file).
 """
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Set, Tuple
@@ -29,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
-from .checkpoint import CheckpointError, is_optimizer_folder, optimizer_folder, read_training_checkpoint
+from .checkpoint import CheckpointError, is_optimizer_folder, optimizer_folder, out_of_space, read_training_checkpoint
 from ..runtime.distributed import DistEnv, any_rank, on_main
 from ..runtime.optimizer import gather_optimizer_state, is_sharded, local_optimizer_state, plain_param_groups
 
@@ -191,6 +192,20 @@ def optimizer_state_of(state: Dict[str, Any], path: Path, wanted: Optional[Set[i
     return dict(param_groups=state['optimizer']['param_groups'], state=_states(entries))
 
 
+def _shards_error(failures: Dict[int, Any], name: str, folder: Path) -> CheckpointError:
+    """One line for a failed shard write (DCP gives each failed rank's error, with its frames): a full
+    disk, or the first rank's error."""
+    rank, failure = min(failures.items())
+    error = failure[0] if isinstance(failure, tuple) else failure
+    if any(out_of_space(f[0] if isinstance(f, tuple) else f) for f in failures.values()):
+        return CheckpointError(f'writing the optimizer shards of {name} failed: the disk is full '
+                               f'({shutil.disk_usage(folder).free / 2 ** 20:.0f} MB free once the partial shards '
+                               f'were removed); the previous checkpoint is intact')
+    detail = str(error).splitlines()[0] if str(error).strip() else ''
+    return CheckpointError(f'writing the optimizer shards of {name} failed (rank {rank}): {type(error).__name__}'
+                           + (f': {detail}' if detail else ''))
+
+
 def checkpoint_optimizer_state(optimizer: torch.optim.Optimizer, env: DistEnv, output: Optional['RunOutput'],
                                name: str, step: int) -> Optional[Dict[str, Any]]:
     """What checkpoint ``name`` of ``step`` holds of the optimizer, on the main process (``None`` on the
@@ -205,10 +220,13 @@ def checkpoint_optimizer_state(optimizer: torch.optim.Optimizer, env: DistEnv, o
         return gather_optimizer_state(optimizer, env)
     try:
         dcp.save(_entries(local_optimizer_state(optimizer)), storage_writer=FileSystemWriter(temp))
-    except BaseException:
+    except BaseException as e:
         if output is not None:
             output.drop_shards(temp)
-        raise
+        failures = getattr(e, 'failures', None)  # DCP's CheckpointException (a BaseException): every rank's error
+        if not failures:
+            raise
+        raise _shards_error(failures, name, temp.parent) from None
     if output is None:
         return None
     output.commit_shards(temp, name)
