@@ -1,4 +1,6 @@
 """``train.eval_terms``: each evaluation logs every loss term over the validation images, and changes nothing."""
+import math
+
 import pytest
 import torch
 
@@ -84,3 +86,17 @@ def _flat(state, prefix=''):
         else:
             out[f'{prefix}{key}'] = value
     return out
+
+
+@pytest.mark.slow
+def test_two_processes_one_without_validation_images_log_the_others_terms(data_root, tmp_path):
+    """One validation image on two processes: rank 1's shard is empty. The terms' evaluation runs no
+    collective per batch (DDP's forward would sync buffers), and the ranks agree on the terms' names."""
+    from run_tools import finish, start_torchrun
+    cfg = tiny_config(tmp_path, data_root, data=dict(img_size=64, val_subset=1),
+                      train=dict(eval_terms=True, dist_timeout_s=60), sched=dict(epochs=1))
+    finish(start_torchrun(cfg, port=29763), timeout=300)
+    line = epoch_lines(tmp_path / 'run')[-1]
+    assert line['val_count'] == 1
+    assert all(math.isfinite(line[f'val_{t}']) for t in ('task_loss', 'kd_loss', 's4_ori', 's4_alt', 'proxy_ori',
+                                                         'total_loss'))

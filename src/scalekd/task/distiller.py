@@ -495,8 +495,11 @@ class Distiller(TrainingTask):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One training forward: ``loss`` (weighted total), ``output`` (student logits) and each term."""
         teachers = self.teacher_features(input)
+        # in eval mode the plain module: DDP's forward syncs buffers, a collective that a rank with fewer
+        # validation batches than another would leave unmatched
+        module = self.trainable_module if self.training else unwrap_model(self.trainable_module)
         try:
-            logits, features = self.trainable_module(input, teachers, self.last_stages())
+            logits, features = module(input, teachers, self.last_stages())
         except ValueError as e:
             if 'Expected more than 1 value per channel' not in str(e):
                 raise
