@@ -109,27 +109,26 @@ def format_diagnosis(result: Dict[str, Dict[str, Any]]) -> str:
     return '\n'.join(lines)
 
 
-def plot_term_curves(result: Dict[str, Dict[str, Any]], path: Path) -> Path:
-    """Every loss term per epoch, mean over seeds: a row of panels per student, one panel per term, one colour
-    per row of the diagnosis; train solid, test sample dashed (where the runs logged it)."""
+def plot_term_curves(result: Dict[str, Dict[str, Any]], path: Path, columns: int = 3) -> Path:
+    """Every loss term per epoch, mean over seeds: one panel per student and term (``columns`` to a line),
+    one colour per row of the diagnosis; train solid, test sample dashed (where the runs logged it)."""
     plt = pyplot()
-    terms = {s: sorted({t for r in rows.values() for t in r['curves']}, key=lambda t: (t != 'task_loss', t))
-             for s, rows in result.items()}
-    width = max(len(t) for t in terms.values())
-    fig, axes = plt.subplots(len(result), width, figsize=(3.2 * width, 2.9 * len(result)), squeeze=False)
-    for line, (student, rows) in zip(axes, result.items()):
-        for ax, term in zip(line, terms[student]):
-            for colour, (row, r) in enumerate(rows.items()):
-                curve = r['curves'].get(term)
-                for part, style in (('train', '-'), ('test', '--')):
-                    if curve and curve[part]:
-                        ax.plot(*zip(*curve[part]), style, color=f'C{colour}', label=f'{row} {part}')
-            ax.set_title(f'{student}: {term}', fontsize=9)
-            ax.set_xlabel('epoch', fontsize=8)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
-        for ax in line[len(terms[student]):]:
-            ax.set_visible(False)
+    panels = [(student, term) for student, rows in result.items()
+              for term in sorted({t for r in rows.values() for t in r['curves']}, key=lambda t: (t != 'task_loss', t))]
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.0 * lines), squeeze=False)
+    for ax, (student, term) in zip(axes.flat, panels):
+        for colour, (row, r) in enumerate(result[student].items()):
+            curve = r['curves'].get(term)
+            for part, style in (('train', '-'), ('test', '--')):
+                if curve and curve[part]:
+                    ax.plot(*zip(*curve[part]), style, color=f'C{colour}', label=f'{row} {part}')
+        ax.set_title(f'{student}: {term}', fontsize=9)
+        ax.set_xlabel('epoch', fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle('loss terms per epoch, mean over seeds: train (solid), test sample (dashed)', fontsize=9)
     return save_figure(fig, path)
 
