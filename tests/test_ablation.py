@@ -28,7 +28,8 @@ TERMS = {
     'cap_dir_alt': {'s4_ori', 's4_alt'}, 'cap_tpp': {'proxy_ori', 's4_ori'},
     'cap_dfm_tpp': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt'},
     'scalekd': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'},
-    'scalekd_separable': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'},
+    **{label: {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'}
+       for label in ('scalekd_separable', 'scalekd_ffn_0.25', 'scalekd_small')},
     **{f'beta_{b}': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'} for b in (0.0, 0.25, 0.5, 0.75, 1.0)},
     **{f'scalekd_plr_{s}': {'proxy_ori', 'proxy_alt', 's4_ori', 's4_alt', 'kd_loss'} for s in ('0.05', '0.25', '4')},
 }
@@ -71,13 +72,14 @@ def test_every_row_of_a_study_trains_with_its_options(tiny, name):
         if label.startswith('beta_'):
             beta = float(label[len('beta_'):])
             assert (options.w_ori, options.w_alt) == pytest.approx((0.14 * beta, 0.14 * (1 - beta)))
-        if label == 'scalekd_separable':
-            assert options.cap_conv == 'separable'
+        assert options.cap_conv == ('separable' if label in ('scalekd_separable', 'scalekd_small') else 'full')
+        assert options.cap_mlp_ratio == (0.25 if label in ('scalekd_ffn_0.25', 'scalekd_small') else 4.0)
         assert options.projector_lr_scale == (float(label.split('_')[-1]) if label.startswith('scalekd_plr_') else 1.0)
     out = Path(tiny.output)
     assert (out / f'{name}.png').read_bytes()[:4] == b'\x89PNG'
     table = (out / f'{name}.md').read_text()
-    assert table.count('\n| ') == len(rows) + 1 and format_study(study, summary) + '\n' == table
+    rows_table = table.split('\n#### ')[0]  # (an analysis adds its own tables after it)
+    assert rows_table.count('\n| ') == len(rows) + 1 and format_study(study, summary) + '\n' == table
     if study.paper_order:
         assert 'paper order: ' + ' < '.join(study.paper_order) in table
 

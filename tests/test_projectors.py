@@ -114,6 +114,19 @@ def test_cap_layernorm_student_branch_for_convnext():
     assert cap(torch.randn(2, 8, 4, 4)).shape == (2, 16, 2, 2)
 
 
+@pytest.mark.parametrize('mlp_ratio, hidden', [(4.0, 640), (0.25, 40)])
+def test_cap_parameters_counted_by_hand_with_its_ffn_width(mlp_ratio, hidden):
+    """The demo ViT student's s4 CAP (96 channels on a 4x4 grid -> the teacher's 160): every weight
+    counted layer by layer; the FFN's hidden width is ``mlp_ratio`` x 160."""
+    cap = CrossAttentionProjector(96, 160, (4, 4), (4, 4), num_heads=8, mlp_ratio=mlp_ratio)
+    student = 96 * 96 * 9 + 96 + 2 * 96 + 96 * 16            # 3x3 conv, BatchNorm, positional embedding
+    queries = 16 * 160 + 160 * 160 + 160                      # learned table, 1x1 conv
+    attention = (160 * 160 + 160) + (96 * 320 + 320) + (160 * 160 + 160) + 2 * 160  # q, kv, proj, LayerNorm
+    ffn = 160 * hidden + hidden + hidden * 160 + 160
+    assert sum(p.numel() for p in cap.parameters()) == student + queries + attention + ffn
+    assert cap.mlp.fc1.out_features == hidden and cap(torch.randn(2, 96, 4, 4)).shape == (2, 160, 4, 4)
+
+
 def test_cap_errors_name_the_problem():
     with pytest.raises(OptionError, match='num_heads=5 does not divide the teacher width 16'):
         CrossAttentionProjector(8, 16, (4, 4), (2, 2), num_heads=5)

@@ -94,6 +94,8 @@ class DistillOptions:
         softmax_scale: extra temperature multiplying the CAP's attention logits.
         cap_conv: ``full`` (the CAP's C x C 3x3 convolution) or ``separable`` (depthwise 3x3 then
             1x1: cheaper, beyond the paper).
+        cap_mlp_ratio: the CAP's FFN hidden width as a multiple of the teacher's width (the release:
+            4); smaller gives a lighter CAP, beyond the paper.
         activation_checkpointing: recompute the projectors and the teacher stage in backward (less
             memory, more time).
         projector_lr_scale: the projectors' learning rate as a multiple of ``optim.lr`` (timm's
@@ -130,6 +132,7 @@ class DistillOptions:
     s4_heads: int = 8
     softmax_scale: float = 5.0
     cap_conv: str = 'full'
+    cap_mlp_ratio: float = 4.0
     activation_checkpointing: bool = False
     projector_lr_scale: float = 1.0
     # taps
@@ -235,5 +238,7 @@ class DistillOptions:
             raise OptionError('adaptive_queries come from the TPP proxy path: they need tpp')
         if self.cap_conv not in ('full', 'separable'):
             raise OptionError(f"cap_conv must be 'full' or 'separable', got {self.cap_conv!r}")
+        if self.cap_mlp_ratio <= 0:
+            raise OptionError(f'cap_mlp_ratio must be > 0 (the FFN needs a hidden layer), got {self.cap_mlp_ratio}')
         if self.adaptive_queries and self.projector != 'cap':
             raise OptionError(f'adaptive_queries need the cap projector, not {self.projector!r}')

@@ -51,7 +51,7 @@ class CrossAttentionProjector(nn.Module):
         softmax_scale: extra temperature on the attention logits (5 in the release).
         query_chs: width of queries given at call time; ``None`` learns a query table instead.
         student_norm: ``'bn'`` or ``'ln'`` for the student branch.
-        mlp_ratio: FFN hidden width as a multiple of ``out_chs``.
+        mlp_ratio: FFN hidden width as a multiple of ``out_chs`` (4 in the release; smaller: a lighter CAP).
         student_conv: ``'full'`` (the paper's C_s x C_s 3x3 convolution) or ``'separable'`` (a
             depthwise 3x3 then a 1x1: about 9x fewer weights and FLOPs in the branch that dominates
             CAP's cost; an efficiency option beyond the paper, off by default).
@@ -102,7 +102,7 @@ class CrossAttentionProjector(nn.Module):
         self.kv = nn.Linear(in_chs, 2 * out_chs)
         self.proj = nn.Linear(out_chs, out_chs)
         self.norm = nn.LayerNorm(out_chs)
-        self.mlp = Mlp(out_chs, int(out_chs * mlp_ratio), act_layer=nn.ReLU)
+        self.mlp = Mlp(out_chs, max(1, int(out_chs * mlp_ratio)), act_layer=nn.ReLU)
 
     def student_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Student map -> (N, H_s*W_s, C_s) tokens with positional embedding."""

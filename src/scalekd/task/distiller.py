@@ -108,7 +108,8 @@ class TeacherBranch(nn.Module):
                                   f'projects to: set distill.{option} to a divisor of {dst[0]} '
                                   f'(e.g. {fitting_heads(dst[0], heads)})')
             cap_kwargs = dict(num_heads=heads, softmax_scale=options.softmax_scale,
-                              student_norm=taps.projector_norm, query_chs=query_chs, student_conv=options.cap_conv)
+                              student_norm=taps.projector_norm, query_chs=query_chs, student_conv=options.cap_conv,
+                              mlp_ratio=options.cap_mlp_ratio)
             kwargs = cap_kwargs if options.projector == 'cap' else {}
             return lambda: build_projector(options.projector, src[0], dst[0], src[1:], dst[1:], **kwargs)
 

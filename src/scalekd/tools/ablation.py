@@ -96,10 +96,13 @@ STUDIES: Dict[str, Study] = {s.name: s for s in (
         ('student', ablation('student'), None), ('kd', ablation('kd'), None),
         *((f'beta_{b}', dict(alpha=0.14, beta=b), None) for b in (0.0, 0.25, 0.5, 0.75, 1.0))),
         ()),
-    Study('projector', "the CAP's convolution: faithful vs separable (scalekd's option, not in the paper)",
+    Study('projector', "the CAP's size: faithful, a separable convolution, an FFN of a quarter of the teacher's "
+                       "width, both (scalekd's options, not in the paper)",
           ('cnn', 'mlp', 'vit'), (
         ('student', ablation('student'), None), ('kd', ablation('kd'), None),
-        ('scalekd', ablation('scalekd'), None), ('scalekd_separable', dict(cap_conv='separable'), None)),
+        ('scalekd', ablation('scalekd'), None), ('scalekd_separable', dict(cap_conv='separable'), None),
+        ('scalekd_ffn_0.25', dict(cap_mlp_ratio=0.25), None),
+        ('scalekd_small', dict(cap_conv='separable', cap_mlp_ratio=0.25), None)),
         ()),
     Study('teacher_scale', 'Table 2 (Swin-S / B / L, 83.02 / 85.16 / 86.24, -> ResNet-50, traditional recipe, '
                            'ImageNet; here the shipped ViT trained on 2k / 6k / 60k images)', ('cnn', 'mlp', 'vit'), (
