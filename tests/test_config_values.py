@@ -135,13 +135,14 @@ def test_a_sharded_lookahead_optimizer_is_refused_before_anything_is_built(tmp_p
     assert not (tmp_path / 'run').exists()
 
 
-@pytest.mark.parametrize('opt', ['sgd', 'nesterov', 'lookahead_SGD'])
+@pytest.mark.parametrize('opt', ['sgd', 'nesterov', 'lookahead_SGD', 'sgdw', 'nlars'])
 def test_nesterov_sgd_without_momentum_is_refused_in_one_line(tmp_path, data_root, capsys, opt):
-    """timm's ``sgd`` is Nesterov SGD, which torch refuses without momentum (a traceback from the optimizer)."""
+    """timm's ``sgd`` (and ``sgdw``, ``nlars``, ...) is Nesterov SGD, which its optimizer refuses without
+    momentum (a traceback from the optimizer)."""
     cfg = tiny_config(tmp_path, data_root, optim=dict(opt=opt, momentum=0.0))
     assert main(['train', str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert f"optim.momentum in {cfg} is 0, and optim.opt '{opt}' is timm's Nesterov SGD" in err and 'Traceback' not in err
+    assert f"optim.momentum in {cfg} is 0, and optim.opt '{opt}' is timm's Nesterov variant" in err and 'Traceback' not in err
     assert not (tmp_path / 'run').exists()
     assert main(['train', str(tiny_config(tmp_path, data_root, optim=dict(opt='momentum', momentum=0.0))),
                  '--dry-run']) == 0

@@ -35,3 +35,10 @@ def test_the_diagnosis_averages_each_rows_seeds(tmp_path, data_root, capsys):
     assert '| fd | 2 |' in format_diagnosis(result) and 's4_ori 50 -> 15 (0.30) | s4_ori 18 (1.20) |' in format_diagnosis(result)
     assert main(['--output', str(tmp_path / 'out'), '--students', 'vit', '--rows', 'fd']) == 0
     assert '| +0.400 | 71.00 |' in capsys.readouterr().out
+
+
+def test_no_finished_runs_is_one_line(tmp_path, capsys):
+    assert main(['--output', str(tmp_path), '--students', 'vit', '--rows', 'fd', '--plot', str(tmp_path / 'c.png')]) == 2
+    err = capsys.readouterr().err
+    assert err == f'python -m scalekd.tools.diagnosis: no finished runs of the rows fd under {tmp_path}/runs/<student>/\n'
+    assert not (tmp_path / 'c.png').exists()

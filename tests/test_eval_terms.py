@@ -100,3 +100,13 @@ def test_two_processes_one_without_validation_images_log_the_others_terms(data_r
     assert line['val_count'] == 1
     assert all(math.isfinite(line[f'val_{t}']) for t in ('task_loss', 'kd_loss', 's4_ori', 's4_alt', 'proxy_ori',
                                                          'total_loss'))
+
+
+def test_a_mixup_run_logs_its_task_loss_on_the_labels(data_root, tmp_path):
+    """Mixup trains on class distributions (timm's SoftTargetCrossEntropy); on the validation labels the
+    task term is then the plain cross entropy of the student, which evaluation logs as val_loss."""
+    cfg = tiny_config(tmp_path, data_root, data=dict(img_size=64, mixup=0.2, val_batch_size=5),
+                      train=dict(DETERMINISTIC, eval_terms=True), sched=dict(epochs=1))
+    assert main(['train', str(cfg)]) == 0
+    line = epoch_lines(tmp_path / 'run')[-1]
+    assert line['val_task_loss'] == pytest.approx(line['val_loss'], rel=1e-5)

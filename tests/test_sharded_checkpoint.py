@@ -238,9 +238,8 @@ def test_a_full_disk_while_the_shards_are_written_is_one_line_on_every_rank(tmp_
     torch.multiprocessing.spawn(_full_disk_rank, args=(29731, tmp_path), nprocs=2)
     errors = [(tmp_path / f'error{r}').read_text() for r in (0, 1)]
     assert errors[0] == errors[1] and '\n' not in errors[0]
-    assert re.fullmatch(r'writing the optimizer shards of checkpoint-0000-000002.pth failed: the disk is full '
-                        r'\(\d+ MB free once the partial shards were removed\); the previous checkpoint is intact',
-                        errors[0]), errors[0]
+    assert errors[0] == ('writing the optimizer shards of checkpoint-0000-000002.pth failed: the disk is full (the '
+                         'partial shards are removed); the previous checkpoint is intact')
     run = tmp_path / 'run'
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith('.')) == [
         'checkpoint-0000-000001.pth', 'checkpoint-0000-000001.pth.optim', 'scalekd-run.json']

@@ -95,7 +95,8 @@ class DistillOptions:
         cap_conv: ``full`` (the CAP's C x C 3x3 convolution) or ``separable`` (depthwise 3x3 then
             1x1: cheaper, beyond the paper).
         cap_mlp_ratio: the CAP's FFN hidden width as a multiple of the teacher's width (the release:
-            4); smaller gives a lighter CAP, beyond the paper.
+            4); smaller gives a lighter CAP, beyond the paper. Like ``cap_conv``, it shapes the CAP
+            only (the linear and conv projectors have neither).
         activation_checkpointing: recompute the projectors and the teacher stage in backward (less
             memory, more time).
         projector_lr_scale: the projectors' learning rate as a multiple of ``optim.lr`` (timm's

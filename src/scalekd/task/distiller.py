@@ -494,7 +494,8 @@ class Distiller(TrainingTask):
         return {'loss': sum(weights[n] * v for n, v in terms.items()), **terms}
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """One training forward: ``loss`` (weighted total), ``output`` (student logits) and each term."""
+        """One forward (training, or in eval mode on held-out images): ``loss`` (weighted total), ``output``
+        (student logits) and each term."""
         teachers = self.teacher_features(input)
         # in eval mode the plain module: DDP's forward syncs buffers, a collective that a rank with fewer
         # validation batches than another would leave unmatched

@@ -15,6 +15,7 @@ For each student and row (default: FD and CAP+DFM+TPP, without and with logit KD
 """
 import argparse
 import json
+import sys
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -45,7 +46,7 @@ def diagnose_run(run: Path) -> Dict[str, Any]:
     names = sorted(k[len('train_'):] for k in last if k.startswith('train_') and k.endswith(('_ori', '_alt', '_loss')))
     terms = [t for t in names if t.endswith(('_ori', '_alt'))]
     curves = {t: dict(train=[(r['epoch'], r[f'train_{t}']) for r in epochs],
-                      test=[(r['epoch'], r[f'val_{t}']) for r in epochs if f'val_{t}' in r]) for t in names if t != 'loss'}
+                      test=[(r['epoch'], r[f'val_{t}']) for r in epochs if f'val_{t}' in r]) for t in names}
     return dict(terms={t: (first[f'train_{t}'], last[f'train_{t}']) for t in terms},
                 test_terms={t: last[f'val_{t}'] for t in terms if f'val_{t}' in last},
                 train_task=last['train_task_loss'], test_loss=last.get('val_loss'),
@@ -141,6 +142,10 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument('--plot', default=None, help='also draw every term\'s train and test curves to this file')
     args = parser.parse_args(argv)
     result = diagnose(Path(args.output), args.students.split(','), args.rows.split(','))
+    if not any(result.values()):
+        print(f'{parser.prog}: no finished runs of the rows {args.rows} under {args.output}/runs/<student>/',
+              file=sys.stderr)
+        return 2
     print(format_diagnosis(result))
     if args.plot:
         print(f'curves: {plot_term_curves(result, Path(args.plot))}')

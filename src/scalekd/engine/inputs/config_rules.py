@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple
 
-from timm.optim import list_optimizers
+from timm.optim import get_optimizer_info, list_optimizers
 
 from ..runtime.precision import PRECISIONS
 
@@ -141,9 +141,8 @@ def _get(cfg: Any, key: str) -> Any:
 
 def check_values(cfg: Any, where: str, error: Callable[[str], Exception]) -> None:
     """Raise ``error(message)`` for the first value of ``cfg`` outside its rule, an input normalisation
-    that is not one value per channel, a warmup that does not end before the run, Nesterov SGD without
-    momentum, or a sharded optimizer
-    (``train.zero``) asked of one that wraps another."""
+    that is not one value per channel, a warmup that does not end before the run, a Nesterov optimizer
+    without momentum, or a sharded optimizer (``train.zero``) asked of one that wraps another."""
     for rule in RULES:
         value = _get(cfg, rule.key)
         if not _finite(value):  # inf passes every lower bound, and the first step's loss is not finite
@@ -155,9 +154,9 @@ def check_values(cfg: Any, where: str, error: Callable[[str], Exception]) -> Non
     if cfg.sched.warmup_epochs >= cfg.sched.epochs:
         raise error(f'sched.warmup_epochs in {where} must be less than sched.epochs ({cfg.sched.epochs}), '
                     f'got {cfg.sched.warmup_epochs}')
-    if _base_optimizer(cfg.optim.opt) in ('sgd', 'nesterov') and cfg.optim.momentum == 0:
-        raise error(f'optim.momentum in {where} is 0, and optim.opt {cfg.optim.opt!r} is timm\'s Nesterov SGD, which '
-                    f'needs a momentum > 0: set one, or use optim.opt momentum for SGD without Nesterov')
+    if cfg.optim.momentum == 0 and (get_optimizer_info(_base_optimizer(cfg.optim.opt)).defaults or {}).get('nesterov'):
+        raise error(f'optim.momentum in {where} is 0, and optim.opt {cfg.optim.opt!r} is timm\'s Nesterov variant, '
+                    f'which needs a momentum > 0: set one, or use optim.opt momentum for SGD without Nesterov')
     if cfg.train.zero and cfg.optim.opt.lower().startswith('lookahead_'):
         raise error(f'train.zero in {where} shards a plain optimizer, and optim.opt {cfg.optim.opt!r} wraps one in '
                     f'Lookahead: set train.zero false or choose an optimizer without lookahead_')

@@ -4,6 +4,7 @@ from typing import Dict, List
 
 import torch
 import torch.nn as nn
+from timm.loss import SoftTargetCrossEntropy
 from timm.utils import accuracy
 
 import torch.distributed as dist
@@ -47,6 +48,8 @@ def evaluate_terms(task: nn.Module, loader, env: DistEnv, precision: str, channe
     keep (BatchNorm statistics, the teacher-norm statistics) changes."""
     was_training = task.training
     task.train(False)
+    # mixup / cutmix runs train on class distributions: their criterion takes the labels as one-hot rows
+    classes = task.student.num_classes if isinstance(task.criterion, SoftTargetCrossEntropy) else None
     sums: Dict[str, float] = {}
     count = 0
     for images, targets in loader:
@@ -54,7 +57,7 @@ def evaluate_terms(task: nn.Module, loader, env: DistEnv, precision: str, channe
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(precision, env.device):
-            terms = task(images, targets)
+            terms = task(images, targets if classes is None else nn.functional.one_hot(targets, classes).float())
         for name, value in terms.items():
             if name != 'output':
                 sums[name] = sums.get(name, 0.0) + float(value) * targets.shape[0]

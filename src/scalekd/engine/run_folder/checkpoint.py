@@ -138,12 +138,12 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
 _GLOBAL = re.compile(r'GLOBAL ([\w.]+)')  # the class or function torch's weights-only unpickler refused
 
 
-def load_error(e: Exception, path: Union[str, Path, None] = None) -> str:
+def load_error(e: Exception, path: Union[str, Path]) -> str:
     """Why a weights-only ``torch.load`` of ``path`` failed: that it is no torch file at all (neither
     ``torch.save``'s zip archive nor a pickle), or the first sentence of torch's error (not its advice to
     load unsafely) and, for a pickle that names a class or function torch does not allow, that name and
     how to go on."""
-    head = _head(path) if path is not None else None
+    head = _head(path)
     if head is not None and not head.startswith((b'PK\x03\x04', b'\x80')):
         return (f'it is not a PyTorch file (neither the zip archive torch.save writes nor a pickle; it starts '
                 f'with {head!r})')

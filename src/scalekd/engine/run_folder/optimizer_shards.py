@@ -20,7 +20,6 @@ of them for a plain optimizer). DCP's metadata is a pickle: it is read with an u
 DCP's own record classes, sizes, dtypes and paths (no pickled code runs, as for the checkpoint file).
 """
 import pickle
-import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Set, Tuple
@@ -192,15 +191,14 @@ def optimizer_state_of(state: Dict[str, Any], path: Path, wanted: Optional[Set[i
     return dict(param_groups=state['optimizer']['param_groups'], state=_states(entries))
 
 
-def _shards_error(failures: Dict[int, Any], name: str, folder: Path) -> CheckpointError:
+def _shards_error(failures: Dict[int, Any], name: str) -> CheckpointError:
     """One line for a failed shard write (DCP gives each failed rank's error, with its frames): a full
     disk, or the first rank's error."""
     rank, failure = min(failures.items())
     error = failure[0] if isinstance(failure, tuple) else failure
     if any(out_of_space(f[0] if isinstance(f, tuple) else f) for f in failures.values()):
-        return CheckpointError(f'writing the optimizer shards of {name} failed: the disk is full '
-                               f'({shutil.disk_usage(folder).free / 2 ** 20:.0f} MB free once the partial shards '
-                               f'were removed); the previous checkpoint is intact')
+        return CheckpointError(f'writing the optimizer shards of {name} failed: the disk is full (the partial '
+                               f'shards are removed); the previous checkpoint is intact')
     detail = str(error).splitlines()[0] if str(error).strip() else ''
     return CheckpointError(f'writing the optimizer shards of {name} failed (rank {rank}): {type(error).__name__}'
                            + (f': {detail}' if detail else ''))
@@ -226,7 +224,7 @@ def checkpoint_optimizer_state(optimizer: torch.optim.Optimizer, env: DistEnv, o
         failures = getattr(e, 'failures', None)  # DCP's CheckpointException (a BaseException): every rank's error
         if not failures:
             raise
-        raise _shards_error(failures, name, temp.parent) from None
+        raise _shards_error(failures, name) from None
     if output is None:
         return None
     output.commit_shards(temp, name)
