@@ -103,7 +103,7 @@ STUDIES: Dict[str, Study] = {s.name: s for s in (
         ('scalekd', ablation('scalekd'), None), ('scalekd_separable', dict(cap_conv='separable'), None),
         ('scalekd_ffn_0.25', dict(cap_mlp_ratio=0.25), None),
         ('scalekd_small', dict(cap_conv='separable', cap_mlp_ratio=0.25), None)),
-        ()),
+        (), AgainstDefault('scalekd', ('scalekd_separable', 'scalekd_ffn_0.25', 'scalekd_small'))),
     Study('teacher_scale', 'Table 2 (Swin-S / B / L, 83.02 / 85.16 / 86.24, -> ResNet-50, traditional recipe, '
                            'ImageNet; here the shipped ViT trained on 2k / 6k / 60k images)', ('cnn', 'mlp', 'vit'), (
         scale_row('student', 76.55),
