@@ -103,7 +103,7 @@ STUDIES: Dict[str, Study] = {s.name: s for s in (
         ('scalekd', ablation('scalekd'), None), ('scalekd_separable', dict(cap_conv='separable'), None),
         ('scalekd_ffn_0.25', dict(cap_mlp_ratio=0.25), None),
         ('scalekd_small', dict(cap_conv='separable', cap_mlp_ratio=0.25), None)),
-        (), AgainstDefault('scalekd', ('scalekd_separable', 'scalekd_ffn_0.25', 'scalekd_small'))),
+        (), AgainstDefault('scalekd')),
     Study('teacher_scale', 'Table 2 (Swin-S / B / L, 83.02 / 85.16 / 86.24, -> ResNet-50, traditional recipe, '
                            'ImageNet; here the shipped ViT trained on 2k / 6k / 60k images)', ('cnn', 'mlp', 'vit'), (
         scale_row('student', 76.55),
@@ -115,7 +115,7 @@ STUDIES: Dict[str, Study] = {s.name: s for s in (
                           "paper: the release trains both at one rate)", ('cnn', 'mlp', 'vit'), (
         ('student', ablation('student'), None), ('kd', ablation('kd'), None), ('scalekd', ablation('scalekd'), None),
         *((f'scalekd_plr_{s:g}', dict(ablation('scalekd'), projector_lr_scale=s), None) for s in PROJECTOR_LR_SCALES)),
-        (), AgainstDefault('scalekd', tuple(f'scalekd_plr_{s:g}' for s in PROJECTOR_LR_SCALES))),
+        (), AgainstDefault('scalekd')),
     Study('curves', 'every loss term on the train batches and the test sample, per epoch, for FD and CAP+DFM+TPP '
                     '(the CAP-vs-FD diagnosis, python -m scalekd.tools.diagnosis --plot)', ('vit',),
           tuple(scale_row(row, eval_terms=True) for row in ('student', 'kd', 'fd', 'cap_dfm_tpp')), ()),

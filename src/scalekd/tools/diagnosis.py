@@ -15,8 +15,8 @@ For each student and row (default: FD and CAP+DFM+TPP, without and with logit KD
 """
 import argparse
 import json
-import sys
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 

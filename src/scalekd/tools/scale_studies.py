@@ -258,19 +258,20 @@ class DataScale(Analysis):
 class AgainstDefault(Analysis):
     """Other settings of one option against its default, for every student.
 
-    Each of ``rows`` is paired seed by seed with ``default`` (the row of the default setting). A row
-    would change the default only if it wins every pair: ahead of the default on every seed of every
-    student (the bar the CAP-vs-FD diagnosis sets for a default).
+    Each row after ``default`` (the row of the default setting) in the study is paired seed by seed with
+    it. A row would change the default only if it wins every pair: ahead of the default on every seed of
+    every student (the bar the CAP-vs-FD diagnosis sets for a default).
     """
     default: str
-    rows: Tuple[str, ...]
 
     def analyse(self, summary: Dict[str, Any]) -> Dict[str, Any]:
         top1 = {student: result['rows'] for student, result in summary['students'].items()}
-        return dict(diffs={s: {row: paired(rows[row]['top1'], rows[self.default]['top1']) for row in self.rows}
+        labels = list(next(iter(top1.values())))
+        others = labels[labels.index(self.default) + 1:]
+        return dict(diffs={s: {row: paired(rows[row]['top1'], rows[self.default]['top1']) for row in others}
                            for s, rows in top1.items()},
                     ahead={row: all(a > b for rows in top1.values()
-                                    for a, b in zip(rows[row]['top1'], rows[self.default]['top1'])) for row in self.rows})
+                                    for a, b in zip(rows[row]['top1'], rows[self.default]['top1'])) for row in others})
 
     def format(self, summary: Dict[str, Any]) -> str:
         verdict = summary['analysis']
@@ -278,7 +279,7 @@ class AgainstDefault(Analysis):
         lines = [f'#### Against {self.default}', '', f'mean paired difference to {self.default} (same seed) +- its '
                  f'spread; a row ahead on every seed of every student would change the default.', '',
                  '| row | ' + ' | '.join(students) + ' | ahead on every seed |', '|---' * (len(students) + 2) + '|']
-        for row in self.rows:
+        for row, ahead in verdict['ahead'].items():
             diffs = ' | '.join(f'{verdict["diffs"][s][row][0]:+.2f} +- {verdict["diffs"][s][row][1]:.2f}' for s in students)
-            lines.append(f'| {row} | {diffs} | {"yes" if verdict["ahead"][row] else "no"} |')
+            lines.append(f'| {row} | {diffs} | {"yes" if ahead else "no"} |')
         return '\n'.join(lines)

@@ -1,18 +1,24 @@
 """Top-1 / top-5 and mean cross entropy of a model over a loader, and the mean of a task's loss terms,
 summed over every rank's shard."""
-from typing import Dict, List
+from typing import Dict, Iterator, List, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import accuracy
-
-import torch.distributed as dist
 
 from ..runtime.distributed import DistEnv, all_reduce_sum
 from ..runtime.precision import autocast
 
 __all__ = ['evaluate', 'evaluate_terms']
+
+
+def _batches(loader, env: DistEnv, channels_last: bool) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's (images, targets) on the run's device, the images channels-last if asked."""
+    for images, targets in loader:
+        images, targets = images.to(env.device), targets.to(env.device)
+        yield (images.contiguous(memory_format=torch.channels_last) if channels_last else images), targets
 
 
 @torch.no_grad()
@@ -21,10 +27,7 @@ def evaluate(model: nn.Module, loader, env: DistEnv, precision: str, channels_la
     was_training = model.training
     model.eval()
     sums = dict(correct1=0.0, correct5=0.0, loss=0.0, count=0.0)
-    for images, targets in loader:
-        images, targets = images.to(env.device), targets.to(env.device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for images, targets in _batches(loader, env, channels_last):
         with autocast(precision, env.device):
             logits = model(images)
         logits = logits.float()
@@ -52,10 +55,7 @@ def evaluate_terms(task: nn.Module, loader, env: DistEnv, precision: str, channe
     classes = task.student.num_classes if isinstance(task.criterion, SoftTargetCrossEntropy) else None
     sums: Dict[str, float] = {}
     count = 0
-    for images, targets in loader:
-        images, targets = images.to(env.device), targets.to(env.device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for images, targets in _batches(loader, env, channels_last):
         with autocast(precision, env.device):
             terms = task(images, targets if classes is None else nn.functional.one_hot(targets, classes).float())
         for name, value in terms.items():

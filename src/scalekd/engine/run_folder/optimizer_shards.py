@@ -194,9 +194,9 @@ def optimizer_state_of(state: Dict[str, Any], path: Path, wanted: Optional[Set[i
 def _shards_error(failures: Dict[int, Any], name: str) -> CheckpointError:
     """One line for a failed shard write (DCP gives each failed rank's error, with its frames): a full
     disk, or the first rank's error."""
-    rank, failure = min(failures.items())
-    error = failure[0] if isinstance(failure, tuple) else failure
-    if any(out_of_space(f[0] if isinstance(f, tuple) else f) for f in failures.values()):
+    errors = {rank: failure[0] if isinstance(failure, tuple) else failure for rank, failure in failures.items()}
+    rank, error = min(errors.items())
+    if any(out_of_space(e) for e in errors.values()):
         return CheckpointError(f'writing the optimizer shards of {name} failed: the disk is full (the partial '
                                f'shards are removed); the previous checkpoint is intact')
     detail = str(error).splitlines()[0] if str(error).strip() else ''

@@ -23,8 +23,8 @@ from ..inputs.config import OptimConfig
 from .distributed import DistEnv
 from ..errors import ConfigError
 
-__all__ = ['build_optimizer', 'projector_param_groups', 'gather_optimizer_state', 'load_optimizer_state', 'optimizer_step', 'is_sharded',
-           'local_optimizer_state', 'owned_indices', 'plain_param_groups']
+__all__ = ['build_optimizer', 'projector_param_groups', 'gather_optimizer_state', 'load_optimizer_state',
+           'optimizer_step', 'is_sharded', 'local_optimizer_state', 'owned_indices', 'plain_param_groups']
 
 
 def projector_param_groups(module: nn.Module, weight_decay: float, projector_lr_scale: float) -> List[Dict[str, Any]]:
